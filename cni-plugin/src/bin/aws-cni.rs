@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    aws_cni::cli::main()
+}

@@ -1,0 +1,418 @@
+//! The CNI commands: each turns (environment, config) into stdout or a `CniError`.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::net::Ipv4Addr;
+
+use serde_json::Value;
+use tracing::{info, warn};
+
+use crate::config::{Attachment, CniEnv, NetConf};
+use crate::error::{CniError, Code, Result};
+use crate::ipam::IpamClient;
+use crate::naming::host_veth_name;
+use crate::netlink::{link_mac, mac_string, Netlink, MAIN_TABLE};
+use crate::pod::{self, PodNet};
+use crate::result::{AddResult, PrevResult};
+use crate::state::{SandboxState, StateStore};
+use crate::version::Version;
+
+/// Run one command; `Ok(Some(json))` is printed on stdout.
+pub async fn run(env: &CniEnv, conf: &NetConf) -> Result<Option<String>> {
+    match env.command.as_str() {
+        "ADD" => add(env, conf).await.map(|v| Some(v.to_string())),
+        "DEL" => del(env, conf).await.map(|_| None),
+        "CHECK" => check(env, conf).await.map(|_| None),
+        "STATUS" => status(conf).await.map(|_| None),
+        "GC" => gc(conf).await.map(|_| None),
+        other => Err(CniError::new(
+            Code::InvalidEnv,
+            format!("CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, STATUS, GC, VERSION"),
+        )),
+    }
+}
+
+fn open_netns(path: &str) -> Result<File> {
+    File::open(path).map_err(|e| {
+        CniError::new(
+            Code::UnknownContainer,
+            format!("cannot open network namespace {path}: {e}"),
+        )
+    })
+}
+
+fn host_netlink() -> Result<Netlink> {
+    Netlink::current().map_err(|e| CniError::new(Code::Io, format!("open netlink socket: {e}")))
+}
+
+fn pod_netlink(ns: &File, path: &str) -> Result<Netlink> {
+    Netlink::in_netns(ns).map_err(|e| {
+        CniError::new(
+            Code::Io,
+            format!("open netlink socket in network namespace {path}: {e}"),
+        )
+    })
+}
+
+/// ipamd's table for the address: the primary ENI (device 0) routes through main.
+fn route_table(ip: &cni_proto::IpAddress) -> u32 {
+    if ip.device_number <= 0 {
+        MAIN_TABLE
+    } else if ip.route_table_id > 0 {
+        ip.route_table_id as u32
+    } else {
+        ip.device_number as u32 + 1
+    }
+}
+
+fn parse_v4(s: &str) -> Option<Ipv4Addr> {
+    s.split('/').next()?.parse().ok()
+}
+
+async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value> {
+    env.require(true)?;
+    env.require_pod()?;
+    let ns = open_netns(&env.netns)?;
+    let store = StateStore::new(&conf.state_dir, &conf.name);
+    let veth = host_veth_name(
+        &conf.veth_prefix,
+        &env.args.pod_namespace,
+        &env.args.pod_name,
+    );
+
+    // A repeated ADD for an attachment that is already fully wired answers the same result.
+    if let Some(st) = store.load(&env.container_id, &env.ifname) {
+        if st.netns == env.netns && st.host_veth == veth {
+            let host = host_netlink()?;
+            let podnl = pod_netlink(&ns, &env.netns)?;
+            let p = pod_net(&st, conf.mtu);
+            if pod::check(&host, &podnl, &p).await.is_ok() {
+                info!(ip = %st.ip, "attachment already wired; returning it again");
+                return rendered(&host, &podnl, &st, conf).await;
+            }
+        }
+    }
+
+    let mut client = IpamClient::connect(&conf.ipamd_socket).await?;
+    let reply = client
+        .add(cni_proto::AddNetworkRequest {
+            client_version: cni_proto::PROTOCOL_VERSION.into(),
+            k8s_pod_name: env.args.pod_name.clone(),
+            k8s_pod_namespace: env.args.pod_namespace.clone(),
+            k8s_pod_infra_container_id: env.args.infra_container_id.clone(),
+            container_id: env.container_id.clone(),
+            if_name: env.ifname.clone(),
+            network_name: conf.name.clone(),
+            netns: env.netns.clone(),
+            k8s_pod_uid: env.args.pod_uid.clone(),
+            ..Default::default()
+        })
+        .await?;
+    let addr = reply
+        .ip_address
+        .iter()
+        .find(|a| parse_v4(&a.i_pv4_addr).is_some())
+        .cloned();
+    let Some(addr) = addr else {
+        let e = CniError::new(Code::IpamRefused, "ipamd replied without an IPv4 address");
+        release(&mut client, env, conf).await;
+        return Err(e);
+    };
+    let ip = parse_v4(&addr.i_pv4_addr).unwrap_or(Ipv4Addr::UNSPECIFIED);
+    let st = SandboxState {
+        network_name: conf.name.clone(),
+        container_id: env.container_id.clone(),
+        ifname: env.ifname.clone(),
+        host_veth: veth,
+        ip,
+        route_table: route_table(&addr),
+        device_number: addr.device_number,
+        netns: env.netns.clone(),
+        pod_namespace: env.args.pod_namespace.clone(),
+        pod_name: env.args.pod_name.clone(),
+    };
+    info!(%ip, device = addr.device_number, table = st.route_table, "ipamd assigned address");
+
+    match wire(&ns, env, conf, &store, &st).await {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            warn!(error = %e, "wiring failed; undoing");
+            if let Ok(host) = host_netlink() {
+                if let Err(te) = pod::teardown(&host, Some(&st.host_veth), ip).await {
+                    warn!(error = %te, "undo after failed ADD was incomplete");
+                }
+            }
+            release(&mut client, env, conf).await;
+            if let Err(re) = store.remove(&env.container_id, &env.ifname) {
+                warn!(error = %re, "cannot remove sandbox state");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Everything after the allocation; any error here is undone by the caller.
+async fn wire(
+    ns: &File,
+    env: &CniEnv,
+    conf: &NetConf,
+    store: &StateStore,
+    st: &SandboxState,
+) -> Result<Value> {
+    // Recorded before touching the kernel, so a DEL after a crash mid-ADD finds what to undo.
+    store
+        .save(st)
+        .map_err(|e| CniError::new(Code::Io, format!("write sandbox state: {e}")))?;
+    let host = host_netlink()?;
+    let podnl = pod_netlink(ns, &env.netns)?;
+    let w = pod::setup(&host, &podnl, ns, &pod_net(st, conf.mtu)).await?;
+    Ok(AddResult {
+        host_veth: st.host_veth.clone(),
+        host_mac: w.host_mac,
+        ifname: st.ifname.clone(),
+        pod_mac: w.pod_mac,
+        sandbox: st.netns.clone(),
+        ip: st.ip,
+    }
+    .render(&conf.cni_version, conf.version))
+}
+
+async fn rendered(
+    host: &Netlink,
+    podnl: &Netlink,
+    st: &SandboxState,
+    conf: &NetConf,
+) -> Result<Value> {
+    let mac = |l: Option<netlink_packet_route::link::LinkMessage>| {
+        l.map(|l| mac_string(&link_mac(&l))).unwrap_or_default()
+    };
+    let hmac = mac(host.link_by_name(&st.host_veth).await.ok().flatten());
+    let pmac = mac(podnl.link_by_name(&st.ifname).await.ok().flatten());
+    Ok(AddResult {
+        host_veth: st.host_veth.clone(),
+        host_mac: hmac,
+        ifname: st.ifname.clone(),
+        pod_mac: pmac,
+        sandbox: st.netns.clone(),
+        ip: st.ip,
+    }
+    .render(&conf.cni_version, conf.version))
+}
+
+fn pod_net(st: &SandboxState, mtu: u32) -> PodNet {
+    PodNet {
+        host_veth: st.host_veth.clone(),
+        ifname: st.ifname.clone(),
+        mtu,
+        ip: st.ip,
+        route_table: st.route_table,
+    }
+}
+
+fn del_request(env: &CniEnv, conf: &NetConf, reason: &str) -> cni_proto::DelNetworkRequest {
+    cni_proto::DelNetworkRequest {
+        client_version: cni_proto::PROTOCOL_VERSION.into(),
+        k8s_pod_name: env.args.pod_name.clone(),
+        k8s_pod_namespace: env.args.pod_namespace.clone(),
+        k8s_pod_infra_container_id: env.args.infra_container_id.clone(),
+        reason: reason.into(),
+        container_id: env.container_id.clone(),
+        if_name: env.ifname.clone(),
+        network_name: conf.name.clone(),
+    }
+}
+
+/// Give an address back after a failed ADD; failure here is logged, the ADD error wins.
+async fn release(client: &mut IpamClient, env: &CniEnv, conf: &NetConf) {
+    if let Err(e) = client.del(del_request(env, conf, "PodSetupFailed")).await {
+        warn!(error = %e, "could not return the address to ipamd");
+    }
+}
+
+async fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
+    env.require(false)?;
+    let store = StateStore::new(&conf.state_dir, &conf.name);
+    let st = store.load(&env.container_id, &env.ifname);
+    let prev = conf.prev_result.as_ref().and_then(PrevResult::from_value);
+
+    // ipamd first: it knows the address even if our state file was lost. Unreachable ipamd
+    // must not block DEL, or kubelet retries forever while the host keeps stale routes.
+    let mut refused = None;
+    let ipamd_ip = match IpamClient::connect(&conf.ipamd_socket).await {
+        Ok(mut c) => match c.del(del_request(env, conf, "PodDeleted")).await {
+            Ok(r) => r.ip_address.iter().find_map(|a| parse_v4(&a.i_pv4_addr)),
+            Err(e) => {
+                warn!(error = %e, "ipamd did not release the address");
+                refused = Some(e);
+                None
+            }
+        },
+        Err(e) => {
+            warn!(error = %e, "ipamd unreachable; cleaning the host from local state only");
+            None
+        }
+    };
+    let ip = ipamd_ip
+        .or(st.as_ref().map(|s| s.ip))
+        .or(prev.as_ref().map(|p| p.ip));
+    let veth = st
+        .as_ref()
+        .map(|s| s.host_veth.clone())
+        .or_else(|| {
+            (!env.args.pod_name.is_empty()).then(|| {
+                host_veth_name(
+                    &conf.veth_prefix,
+                    &env.args.pod_namespace,
+                    &env.args.pod_name,
+                )
+            })
+        })
+        .or(prev.and_then(|p| p.host_veth));
+
+    if let Some(ip) = ip {
+        let host = host_netlink()?;
+        pod::teardown(&host, veth.as_deref(), ip).await?;
+        info!(%ip, veth = veth.as_deref().unwrap_or(""), "host side removed");
+    } else if let Some(v) = &veth {
+        let host = host_netlink()?;
+        if let Some(l) = host.link_by_name(v).await.ok().flatten() {
+            let _ = host.del_link(l.header.index).await;
+        }
+    }
+    if let Some(e) = refused {
+        // Keep the state so the runtime's retry can finish the release.
+        return Err(e);
+    }
+    store
+        .remove(&env.container_id, &env.ifname)
+        .map_err(|e| CniError::new(Code::Io, format!("remove sandbox state: {e}")))?;
+    Ok(())
+}
+
+async fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
+    if conf.version < Version(0, 4, 0) {
+        return Err(CniError::new(
+            Code::IncompatibleVersion,
+            format!(
+                "CHECK needs cniVersion 0.4.0 or later, config has {}",
+                conf.cni_version
+            ),
+        ));
+    }
+    env.require(true)?;
+    env.require_pod()?;
+    let prev = conf
+        .prev_result
+        .as_ref()
+        .ok_or_else(|| CniError::new(Code::InvalidConfig, "CHECK needs prevResult"))?;
+    let prev = PrevResult::from_value(prev)
+        .ok_or_else(|| CniError::new(Code::InvalidConfig, "prevResult carries no IPv4 address"))?;
+    let ns = open_netns(&env.netns)?;
+    let store = StateStore::new(&conf.state_dir, &conf.name);
+    let st = store.load(&env.container_id, &env.ifname).ok_or_else(|| {
+        CniError::new(
+            Code::CheckFailed,
+            format!(
+                "no record of attachment {}/{}: was ADD run by this plugin?",
+                env.container_id, env.ifname
+            ),
+        )
+    })?;
+    if st.ip != prev.ip {
+        return Err(CniError::new(
+            Code::CheckFailed,
+            format!("prevResult has {} but the pod was given {}", prev.ip, st.ip),
+        ));
+    }
+    let host = host_netlink()?;
+    let podnl = pod_netlink(&ns, &env.netns)?;
+    pod::check(&host, &podnl, &pod_net(&st, conf.mtu)).await
+}
+
+async fn status(conf: &NetConf) -> Result<()> {
+    let not_available = |msg: String| CniError::new(Code::NotAvailable, msg);
+    let mut client = IpamClient::connect(&conf.ipamd_socket)
+        .await
+        .map_err(|e| not_available(e.msg))?;
+    let s = client.status().await.map_err(|e| not_available(e.msg))?;
+    if !s.ready {
+        let e = crate::ipam::refusal(s.reason(), &s.message);
+        return Err(not_available(format!("ipamd cannot allocate: {}", e.msg)));
+    }
+    Ok(())
+}
+
+async fn gc(conf: &NetConf) -> Result<()> {
+    let valid: HashSet<Attachment> = conf
+        .valid_attachments
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let store = StateStore::new(&conf.state_dir, &conf.name);
+    let host = host_netlink()?;
+    let mut cleaned = HashSet::new();
+    for st in store.list() {
+        let a = Attachment {
+            container_id: st.container_id.clone(),
+            ifname: st.ifname.clone(),
+        };
+        if valid.contains(&a) {
+            continue;
+        }
+        pod::teardown(&host, Some(&st.host_veth), st.ip).await?;
+        store
+            .remove(&st.container_id, &st.ifname)
+            .map_err(|e| CniError::new(Code::Io, format!("remove sandbox state: {e}")))?;
+        info!(container = %st.container_id, ip = %st.ip, "garbage-collected stale attachment");
+        cleaned.insert(st.ip);
+    }
+
+    let mut client = IpamClient::connect(&conf.ipamd_socket).await?;
+    let reply = client
+        .gc(cni_proto::GcRequest {
+            client_version: cni_proto::PROTOCOL_VERSION.into(),
+            network_name: conf.name.clone(),
+            valid_attachments: valid
+                .iter()
+                .map(|a| cni_proto::Attachment {
+                    container_id: a.container_id.clone(),
+                    if_name: a.ifname.clone(),
+                })
+                .collect(),
+        })
+        .await?;
+    for r in &reply.released {
+        let Some(ip) = r.ip_address.as_ref().and_then(|a| parse_v4(&a.i_pv4_addr)) else {
+            continue;
+        };
+        if !cleaned.contains(&ip) {
+            pod::teardown(&host, None, ip).await?;
+        }
+        info!(container = %r.container_id, %ip, "ipamd released stale allocation");
+    }
+    if !reply.success {
+        return Err(CniError::new(
+            Code::TryAgainLater,
+            format!("ipamd garbage collection failed: {}", reply.message),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn primary_eni_routes_via_main() {
+        let a = |d, t| cni_proto::IpAddress {
+            device_number: d,
+            route_table_id: t,
+            ..Default::default()
+        };
+        assert_eq!(route_table(&a(0, 1)), MAIN_TABLE);
+        assert_eq!(route_table(&a(2, 3)), 3);
+        assert_eq!(route_table(&a(2, 0)), 3);
+    }
+}

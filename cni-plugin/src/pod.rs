@@ -1,0 +1,295 @@
+//! What a pod's network looks like, and how to make, undo and verify it.
+//!
+//! Pod side: `<ifname>` with `<ip>/32`, `169.254.1.1/32 scope link`, `default via 169.254.1.1`
+//! and a permanent neighbour entry for the gateway pointing at the host veth's MAC, so the pod
+//! never ARPs for it. Host side: `<ip>/32 dev <veth> scope link` in main, `to <ip> lookup main`
+//! at 512 and, for an address on a secondary ENI, `from <ip> lookup <ENI table>` at 1536 so
+//! its replies leave by the ENI that owns the address.
+
+use std::fs::File;
+use std::net::Ipv4Addr;
+
+use netlink_packet_route::neighbour::NeighbourState;
+use netlink_packet_route::route::RouteScope;
+
+use crate::error::{netlink, CniError, Code, Result};
+use crate::netlink::{
+    gateway_route, host_route, link_is_up, link_mac, mac_string, Netlink, Rule, MAIN_TABLE,
+};
+use crate::result::GATEWAY;
+
+/// Upstream's rule priorities; node networking (ipamd) places its own rules around them.
+pub const TO_POD_RULE_PRIORITY: u32 = 512;
+pub const FROM_POD_RULE_PRIORITY: u32 = 1536;
+
+#[derive(Debug, Clone)]
+pub struct PodNet {
+    pub host_veth: String,
+    pub ifname: String,
+    pub mtu: u32,
+    pub ip: Ipv4Addr,
+    /// Table of the owning ENI; `MAIN_TABLE` for the primary ENI.
+    pub route_table: u32,
+}
+
+impl PodNet {
+    fn to_rule(&self) -> Rule {
+        Rule {
+            priority: TO_POD_RULE_PRIORITY,
+            table: MAIN_TABLE,
+            src: None,
+            dst: Some(self.ip),
+        }
+    }
+
+    fn from_rule(&self) -> Option<Rule> {
+        (self.route_table != MAIN_TABLE).then(|| Rule {
+            priority: FROM_POD_RULE_PRIORITY,
+            table: self.route_table,
+            src: Some(self.ip),
+            dst: None,
+        })
+    }
+}
+
+pub struct Wired {
+    pub host_mac: String,
+    pub pod_mac: String,
+}
+
+/// Wire the pod. On error the caller runs `teardown`, which removes whatever was made.
+pub async fn setup(host: &Netlink, pod: &Netlink, ns: &File, p: &PodNet) -> Result<Wired> {
+    // Leftovers of an earlier sandbox of the same pod (same veth name) or of a failed ADD.
+    if let Some(old) = host
+        .link_by_name(&p.host_veth)
+        .await
+        .map_err(|e| netlink("look up host veth", e))?
+    {
+        host.del_link(old.header.index)
+            .await
+            .map_err(|e| netlink("remove stale host veth", e))?;
+    }
+    if let Some(old) = pod
+        .link_by_name(&p.ifname)
+        .await
+        .map_err(|e| netlink("look up pod interface", e))?
+    {
+        pod.del_link(old.header.index)
+            .await
+            .map_err(|e| netlink("remove stale pod interface", e))?;
+    }
+
+    host.add_veth_into(&p.host_veth, &p.ifname, p.mtu, ns)
+        .await
+        .map_err(|e| netlink(&format!("create veth {} <-> {}", p.host_veth, p.ifname), e))?;
+
+    let hlink = host
+        .link_by_name(&p.host_veth)
+        .await
+        .map_err(|e| netlink("look up new host veth", e))?
+        .ok_or_else(|| {
+            CniError::new(Code::Netlink, format!("host veth {} vanished", p.host_veth))
+        })?;
+    let plink = pod
+        .link_by_name(&p.ifname)
+        .await
+        .map_err(|e| netlink("look up new pod interface", e))?
+        .ok_or_else(|| {
+            CniError::new(
+                Code::Netlink,
+                format!("{} did not appear in the pod netns", p.ifname),
+            )
+        })?;
+    let (hidx, pidx) = (hlink.header.index, plink.header.index);
+    let host_mac = link_mac(&hlink);
+
+    // A veth end cannot be created up (ENOTCONN), so bring both up afterwards.
+    host.set_up(hidx)
+        .await
+        .map_err(|e| netlink("set host veth up", e))?;
+    pod.set_up(pidx)
+        .await
+        .map_err(|e| netlink("set pod interface up", e))?;
+
+    pod.add_addr(pidx, p.ip, 32)
+        .await
+        .map_err(|e| netlink(&format!("add {}/32 to pod", p.ip), e))?;
+    pod.replace_route(host_route(GATEWAY, pidx, MAIN_TABLE))
+        .await
+        .map_err(|e| netlink("add pod route to 169.254.1.1", e))?;
+    pod.replace_route(gateway_route(GATEWAY, pidx))
+        .await
+        .map_err(|e| netlink("add pod default route", e))?;
+    pod.replace_neighbour(pidx, GATEWAY, &host_mac)
+        .await
+        .map_err(|e| netlink("add pod neighbour for 169.254.1.1", e))?;
+
+    host.replace_route(host_route(p.ip, hidx, MAIN_TABLE))
+        .await
+        .map_err(|e| netlink(&format!("add host route to {}", p.ip), e))?;
+    host.add_rule(&p.to_rule())
+        .await
+        .map_err(|e| netlink(&format!("add rule to {} lookup main", p.ip), e))?;
+    if let Some(r) = p.from_rule() {
+        host.add_rule(&r)
+            .await
+            .map_err(|e| netlink(&format!("add rule from {} lookup {}", p.ip, r.table), e))?;
+    }
+
+    Ok(Wired {
+        host_mac: mac_string(&host_mac),
+        pod_mac: mac_string(&link_mac(&plink)),
+    })
+}
+
+/// Remove the host side of a pod: its veth (the pod end goes with it) and its rules. If the
+/// address already belongs to a newer pod (a host route to it via another link), that pod's
+/// rules are left alone.
+pub async fn teardown(host: &Netlink, host_veth: Option<&str>, ip: Ipv4Addr) -> Result<()> {
+    let ours = match host_veth {
+        Some(name) => host
+            .link_by_name(name)
+            .await
+            .map_err(|e| netlink("look up host veth", e))?
+            .map(|l| l.header.index),
+        None => None,
+    };
+    let routes = host
+        .routes_v4()
+        .await
+        .map_err(|e| netlink("list routes", e))?;
+    let taken_by_other = routes.iter().any(|r| {
+        r.table == MAIN_TABLE && r.dst == Some((ip, 32)) && r.oif.is_some() && r.oif != ours
+    });
+    if let Some(idx) = ours {
+        host.del_link(idx)
+            .await
+            .map_err(|e| netlink("delete host veth", e))?;
+    }
+    if taken_by_other {
+        tracing::info!(%ip, "address now routed to another pod; keeping its rules");
+        return Ok(());
+    }
+    for r in host
+        .rules_v4()
+        .await
+        .map_err(|e| netlink("list rules", e))?
+    {
+        let mine = (r.priority == TO_POD_RULE_PRIORITY && r.dst == Some(ip))
+            || (r.priority == FROM_POD_RULE_PRIORITY && r.src == Some(ip));
+        if mine {
+            host.del_rule(&r)
+                .await
+                .map_err(|e| netlink(&format!("delete rule for {ip} at {}", r.priority), e))?;
+        }
+    }
+    Ok(())
+}
+
+fn check_failed(msg: String) -> CniError {
+    CniError::new(Code::CheckFailed, msg)
+}
+
+/// CHECK: everything `setup` made is still there.
+pub async fn check(host: &Netlink, pod: &Netlink, p: &PodNet) -> Result<()> {
+    let hlink = host
+        .link_by_name(&p.host_veth)
+        .await
+        .map_err(|e| netlink("look up host veth", e))?
+        .ok_or_else(|| check_failed(format!("host veth {} is missing", p.host_veth)))?;
+    let plink = pod
+        .link_by_name(&p.ifname)
+        .await
+        .map_err(|e| netlink("look up pod interface", e))?
+        .ok_or_else(|| check_failed(format!("pod interface {} is missing", p.ifname)))?;
+    if !link_is_up(&plink) {
+        return Err(check_failed(format!("pod interface {} is down", p.ifname)));
+    }
+    if !link_is_up(&hlink) {
+        return Err(check_failed(format!("host veth {} is down", p.host_veth)));
+    }
+    let (hidx, pidx) = (hlink.header.index, plink.header.index);
+
+    let addrs = pod
+        .addrs_v4(pidx)
+        .await
+        .map_err(|e| netlink("list pod addresses", e))?;
+    if !addrs.contains(&(p.ip, 32)) {
+        return Err(check_failed(format!(
+            "pod address {}/32 is missing on {}",
+            p.ip, p.ifname
+        )));
+    }
+    let proutes = pod
+        .routes_v4()
+        .await
+        .map_err(|e| netlink("list pod routes", e))?;
+    let has_gw_link = proutes.iter().any(|r| {
+        r.dst == Some((GATEWAY, 32)) && r.oif == Some(pidx) && r.scope == RouteScope::Link
+    });
+    if !has_gw_link {
+        return Err(check_failed(
+            "pod route 169.254.1.1/32 scope link is missing".into(),
+        ));
+    }
+    let has_default = proutes.iter().any(|r| {
+        r.table == MAIN_TABLE
+            && r.dst == Some((Ipv4Addr::UNSPECIFIED, 0))
+            && r.gateway == Some(GATEWAY)
+            && r.oif == Some(pidx)
+    });
+    if !has_default {
+        return Err(check_failed(
+            "pod default route via 169.254.1.1 is missing".into(),
+        ));
+    }
+    let host_mac = link_mac(&hlink);
+    match pod
+        .neighbour(pidx, GATEWAY)
+        .await
+        .map_err(|e| netlink("list pod neighbours", e))?
+    {
+        Some((state, mac)) if state == NeighbourState::Permanent && mac == host_mac => {}
+        Some((state, mac)) => {
+            return Err(check_failed(format!(
+                "pod neighbour 169.254.1.1 is {state:?} {} instead of permanent {}",
+                mac_string(&mac),
+                mac_string(&host_mac)
+            )))
+        }
+        None => return Err(check_failed("pod neighbour 169.254.1.1 is missing".into())),
+    }
+
+    let hroutes = host
+        .routes_v4()
+        .await
+        .map_err(|e| netlink("list host routes", e))?;
+    if !hroutes
+        .iter()
+        .any(|r| r.table == MAIN_TABLE && r.dst == Some((p.ip, 32)) && r.oif == Some(hidx))
+    {
+        return Err(check_failed(format!(
+            "host route {}/32 dev {} is missing",
+            p.ip, p.host_veth
+        )));
+    }
+    let rules = host
+        .rules_v4()
+        .await
+        .map_err(|e| netlink("list host rules", e))?;
+    if !rules.contains(&p.to_rule()) {
+        return Err(check_failed(format!(
+            "host rule 'to {} lookup main' at priority {TO_POD_RULE_PRIORITY} is missing",
+            p.ip
+        )));
+    }
+    if let Some(r) = p.from_rule() {
+        if !rules.contains(&r) {
+            return Err(check_failed(format!(
+                "host rule 'from {} lookup {}' at priority {FROM_POD_RULE_PRIORITY} is missing",
+                p.ip, r.table
+            )));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,626 @@
+//! The real `aws-cni` binary wiring real network namespaces, against a stand-in ipamd.
+//!
+//! Each test makes a "node" namespace (the plugin runs inside it, so the host side of the
+//! wiring never touches this machine's own namespace) and one or more pod namespaces. All
+//! are deleted when the test ends, pass or fail.
+
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+
+use cni_proto::FailureReason;
+use integration::fake_ipamd::FakeIpamd;
+use integration::netns::Netns;
+use integration::{ping_eventually, unique};
+use serde_json::{json, Value};
+
+const NODE_IP: &str = "192.168.250.1";
+
+struct Rig {
+    node: Netns,
+    dir: tempfile::TempDir,
+    ipamd: FakeIpamd,
+}
+
+impl Rig {
+    fn new(pool: &[(Ipv4Addr, i32)]) -> Rig {
+        let node = Netns::new("kn");
+        integration::sh(&[
+            "ip",
+            "-n",
+            &node.name,
+            "addr",
+            "add",
+            &format!("{NODE_IP}/32"),
+            "dev",
+            "lo",
+        ]);
+        let dir = tempfile::tempdir().unwrap();
+        let ipamd = FakeIpamd::start(dir.path(), pool);
+        Rig { node, dir, ipamd }
+    }
+
+    fn conf(&self, version: &str) -> Value {
+        json!({
+            "cniVersion": version,
+            "name": "aws-cni",
+            "type": "aws-cni",
+            "vethPrefix": "eni",
+            "mtu": "9001",
+            "pluginLogFile": self.dir.path().join("plugin.log"),
+            "pluginLogLevel": "DEBUG",
+            "ipamdSocket": self.ipamd.socket,
+            "stateDir": self.dir.path().join("state"),
+        })
+    }
+
+    fn run(&self, cmd: &str, pod: Option<&Pod>, conf: &Value) -> Out {
+        let mut env: Vec<(String, String)> = vec![("CNI_COMMAND".into(), cmd.into())];
+        if let Some(p) = pod {
+            env.push(("CNI_CONTAINERID".into(), p.cid.clone()));
+            env.push(("CNI_NETNS".into(), p.netns_path.clone()));
+            env.push(("CNI_IFNAME".into(), "eth0".into()));
+            env.push((
+                "CNI_ARGS".into(),
+                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={}", p.name, p.cid),
+            ));
+        }
+        run_plugin(&self.node.name, &env, conf.to_string().as_bytes())
+    }
+
+    fn state_files(&self) -> usize {
+        std::fs::read_dir(self.dir.path().join("state/aws-cni"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+}
+
+struct Pod {
+    ns: Option<Netns>,
+    netns_path: String,
+    name: String,
+    cid: String,
+}
+
+impl Pod {
+    fn new() -> Pod {
+        let ns = Netns::new("kp");
+        Pod {
+            netns_path: ns.path(),
+            name: unique("web-"),
+            cid: unique("cid"),
+            ns: Some(ns),
+        }
+    }
+    fn ns(&self) -> &Netns {
+        self.ns.as_ref().unwrap()
+    }
+    fn veth(&self) -> String {
+        aws_cni::naming::host_veth_name("eni", "default", &self.name)
+    }
+}
+
+#[derive(Debug)]
+struct Out {
+    code: i32,
+    stdout: String,
+}
+
+impl Out {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("{e}: {:?}", self))
+    }
+    fn ok(&self) -> &Self {
+        assert_eq!(self.code, 0, "plugin failed: {self:?}");
+        self
+    }
+    fn err_code(&self) -> u64 {
+        assert_ne!(self.code, 0, "plugin should have failed: {self:?}");
+        self.json()["code"].as_u64().unwrap()
+    }
+    fn err_msg(&self) -> String {
+        self.json()["msg"].as_str().unwrap().to_string()
+    }
+}
+
+fn run_plugin(node: &str, env: &[(String, String)], stdin: &[u8]) -> Out {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", node, env!("CARGO_BIN_EXE_aws-cni")])
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let out = child.wait_with_output().unwrap();
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+    }
+}
+
+fn has_rule(node: &Netns, pref: u64, key: &str, ip: &str) -> bool {
+    node.rules()
+        .iter()
+        .any(|r| r["priority"].as_u64() == Some(pref) && r[key].as_str() == Some(ip))
+}
+
+fn host_route_dev(node: &Netns, ip: &str) -> Option<String> {
+    node.routes()
+        .iter()
+        .find(|r| r["dst"].as_str() == Some(ip))
+        .and_then(|r| r["dev"].as_str().map(str::to_string))
+}
+
+fn assert_clean(rig: &Rig, pod: &Pod, ip: &str) {
+    assert!(
+        rig.node.links().is_empty(),
+        "links left: {:?}",
+        rig.node.links()
+    );
+    assert!(
+        rig.node.rules().is_empty(),
+        "rules left: {:?}",
+        rig.node.rules()
+    );
+    assert_eq!(host_route_dev(&rig.node, ip), None, "host route left");
+    if let Some(ns) = &pod.ns {
+        assert!(ns.links().is_empty(), "pod links left: {:?}", ns.links());
+    }
+    assert_eq!(rig.state_files(), 0, "sandbox state left");
+}
+
+#[test]
+fn add_wires_pod_and_del_removes_everything() {
+    let rig = Rig::new(&[(Ipv4Addr::new(10, 0, 1, 20), 0)]);
+    let pod = Pod::new();
+    let conf = rig.conf("1.0.0");
+    let out = rig.run("ADD", Some(&pod), &conf);
+    let res = out.ok().json();
+    assert_eq!(res["cniVersion"], "1.0.0");
+    assert_eq!(res["ips"][0]["address"], "10.0.1.20/32");
+    assert!(res["ips"][0].get("version").is_none());
+    assert_eq!(res["interfaces"][0]["name"], pod.veth());
+    assert_eq!(res["interfaces"][1]["name"], "eth0");
+    assert_eq!(res["interfaces"][1]["sandbox"], pod.netns_path);
+
+    // What ipamd was told.
+    let req = rig.ipamd.state.lock().unwrap().last_add.clone().unwrap();
+    assert_eq!(req.k8s_pod_name, pod.name);
+    assert_eq!(req.k8s_pod_namespace, "default");
+    assert_eq!(req.container_id, pod.cid);
+    assert_eq!(req.network_name, "aws-cni");
+    assert_eq!(req.netns, pod.netns_path);
+
+    // Pod side.
+    let addrs = integration::ip_json(&pod.ns().name, &["addr", "show", "dev", "eth0"]);
+    let a = &addrs[0];
+    assert_eq!(a["mtu"], 9001);
+    assert!(a["flags"].as_array().unwrap().iter().any(|f| f == "UP"));
+    assert!(a["addr_info"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|i| i["local"] == "10.0.1.20" && i["prefixlen"] == 32));
+    let routes = pod.ns().routes();
+    assert!(
+        routes
+            .iter()
+            .any(|r| r["dst"] == "default" && r["gateway"] == "169.254.1.1" && r["dev"] == "eth0"),
+        "{routes:?}"
+    );
+    assert!(
+        routes
+            .iter()
+            .any(|r| r["dst"] == "169.254.1.1" && r["scope"] == "link"),
+        "{routes:?}"
+    );
+    let neigh = integration::ip_json(&pod.ns().name, &["neigh", "show", "dev", "eth0"]);
+    let host_mac = res["interfaces"][0]["mac"].as_str().unwrap();
+    assert!(
+        neigh
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["dst"] == "169.254.1.1"
+                && n["lladdr"] == host_mac
+                && n["state"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|s| s == "PERMANENT")),
+        "{neigh:?}"
+    );
+
+    // Host side.
+    assert_eq!(
+        host_route_dev(&rig.node, "10.0.1.20").as_deref(),
+        Some(pod.veth().as_str())
+    );
+    assert!(
+        has_rule(&rig.node, 512, "dst", "10.0.1.20"),
+        "{:?}",
+        rig.node.rules()
+    );
+    assert!(
+        !has_rule(&rig.node, 1536, "src", "10.0.1.20"),
+        "primary ENI needs no from-rule"
+    );
+
+    // Traffic both ways.
+    assert!(
+        ping_eventually(&rig.node.name, "10.0.1.20"),
+        "host cannot reach pod"
+    );
+    assert!(
+        ping_eventually(&pod.ns().name, NODE_IP),
+        "pod cannot reach host"
+    );
+
+    // CHECK passes against the result.
+    let mut check_conf = conf.clone();
+    check_conf["prevResult"] = res.clone();
+    rig.run("CHECK", Some(&pod), &check_conf).ok();
+
+    // DEL removes it all and returns the address.
+    rig.run("DEL", Some(&pod), &check_conf).ok();
+    assert_clean(&rig, &pod, "10.0.1.20");
+    assert_eq!(rig.ipamd.state.lock().unwrap().free.len(), 1);
+    // DEL again is fine.
+    rig.run("DEL", Some(&pod), &check_conf).ok();
+
+    let log = std::fs::read_to_string(rig.dir.path().join("plugin.log")).unwrap();
+    let first: Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+    assert!(
+        first.get("level").is_some(),
+        "plugin log is JSON lines: {first}"
+    );
+    assert!(log.contains(&pod.cid), "log lines carry the container id");
+}
+
+#[test]
+fn secondary_eni_address_gets_from_rule() {
+    let rig = Rig::new(&[(Ipv4Addr::new(10, 0, 2, 7), 2)]);
+    let pod = Pod::new();
+    let conf = rig.conf("0.4.0");
+    let res = rig.run("ADD", Some(&pod), &conf).ok().json();
+    assert_eq!(res["ips"][0]["version"], "4");
+    let rules = rig.node.rules();
+    assert!(
+        rules
+            .iter()
+            .any(|r| r["priority"] == 1536 && r["src"] == "10.0.2.7" && r["table"] == "3"),
+        "{rules:?}"
+    );
+    assert!(has_rule(&rig.node, 512, "dst", "10.0.2.7"));
+    let mut c = conf.clone();
+    c["prevResult"] = res;
+    rig.run("CHECK", Some(&pod), &c).ok();
+    rig.run("DEL", Some(&pod), &c).ok();
+    assert_clean(&rig, &pod, "10.0.2.7");
+}
+
+#[test]
+fn repeated_add_is_idempotent() {
+    let rig = Rig::new(&[
+        (Ipv4Addr::new(10, 0, 1, 30), 1),
+        (Ipv4Addr::new(10, 0, 1, 31), 1),
+    ]);
+    let pod = Pod::new();
+    let conf = rig.conf("1.1.0");
+    let a = rig.run("ADD", Some(&pod), &conf).ok().json();
+    let b = rig.run("ADD", Some(&pod), &conf).ok().json();
+    assert_eq!(a, b);
+    assert_eq!(rig.node.links(), vec![pod.veth()]);
+    assert_eq!(rig.node.rules().len(), 2, "{:?}", rig.node.rules());
+    // A half-wired pod (veth lost) is repaired by ADD with the same address.
+    integration::sh(&["ip", "-n", &rig.node.name, "link", "del", &pod.veth()]);
+    let c = rig.run("ADD", Some(&pod), &conf).ok().json();
+    assert_eq!(c["ips"], a["ips"]);
+    assert!(ping_eventually(&rig.node.name, "10.0.1.30"));
+    rig.run("DEL", Some(&pod), &conf).ok();
+    assert_clean(&rig, &pod, "10.0.1.30");
+}
+
+#[test]
+fn check_names_what_is_missing() {
+    let rig = Rig::new(&[(Ipv4Addr::new(10, 0, 3, 3), 1)]);
+    let pod = Pod::new();
+    let mut conf = rig.conf("1.0.0");
+    let res = rig.run("ADD", Some(&pod), &conf).ok().json();
+    conf["prevResult"] = res;
+    rig.run("CHECK", Some(&pod), &conf).ok();
+
+    integration::sh(&[
+        "ip",
+        "-n",
+        &rig.node.name,
+        "rule",
+        "del",
+        "from",
+        "10.0.3.3",
+        "lookup",
+        "2",
+        "prio",
+        "1536",
+    ]);
+    let out = rig.run("CHECK", Some(&pod), &conf);
+    assert_eq!(out.err_code(), 101);
+    assert!(
+        out.err_msg().contains("from 10.0.3.3 lookup 2"),
+        "{}",
+        out.err_msg()
+    );
+
+    integration::sh(&["ip", "-n", &pod.ns().name, "route", "del", "default"]);
+    let out = rig.run("CHECK", Some(&pod), &conf);
+    assert!(out.err_msg().contains("default route"), "{}", out.err_msg());
+
+    integration::sh(&[
+        "ip",
+        "-n",
+        &pod.ns().name,
+        "neigh",
+        "replace",
+        "169.254.1.1",
+        "lladdr",
+        "02:00:00:00:00:01",
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]);
+    integration::sh(&[
+        "ip",
+        "-n",
+        &pod.ns().name,
+        "route",
+        "add",
+        "default",
+        "via",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+    ]);
+    let out = rig.run("CHECK", Some(&pod), &conf);
+    assert!(
+        out.err_msg().contains("neighbour 169.254.1.1"),
+        "{}",
+        out.err_msg()
+    );
+
+    // CHECK does not exist before 0.4.0.
+    let mut old = conf.clone();
+    old["cniVersion"] = json!("0.3.1");
+    assert_eq!(rig.run("CHECK", Some(&pod), &old).err_code(), 1);
+
+    rig.run("DEL", Some(&pod), &conf).ok();
+    assert_clean(&rig, &pod, "10.0.3.3");
+}
+
+#[test]
+fn add_failures_leave_nothing() {
+    let mut rig = Rig::new(&[(Ipv4Addr::new(10, 0, 4, 4), 1)]);
+    let pod = Pod::new();
+    let conf = rig.conf("1.0.0");
+
+    // ipamd refuses: the reason reaches the runtime.
+    rig.ipamd.state.lock().unwrap().refuse = Some((
+        FailureReason::MaxPodsReached,
+        "max pods reached (17)".into(),
+    ));
+    let out = rig.run("ADD", Some(&pod), &conf);
+    assert_eq!(out.err_code(), 11);
+    assert_eq!(out.err_msg(), "max pods reached (17)");
+    assert_clean(&rig, &pod, "10.0.4.4");
+    rig.ipamd.state.lock().unwrap().refuse = None;
+
+    // Wiring fails after the allocation (the pod's "lo" cannot be replaced by a veth end):
+    // the address goes back to ipamd and nothing stays on the host.
+    let mut env_lo = conf.clone();
+    env_lo["name"] = json!("aws-cni");
+    let out = {
+        let mut env: Vec<(String, String)> = vec![
+            ("CNI_COMMAND".into(), "ADD".into()),
+            ("CNI_CONTAINERID".into(), pod.cid.clone()),
+            ("CNI_NETNS".into(), pod.netns_path.clone()),
+            ("CNI_IFNAME".into(), "lo".into()),
+        ];
+        env.push((
+            "CNI_ARGS".into(),
+            format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={}", pod.name),
+        ));
+        run_plugin(&rig.node.name, &env, env_lo.to_string().as_bytes())
+    };
+    assert_eq!(out.err_code(), 100, "{out:?}");
+    assert!(
+        out.err_msg().contains("stale pod interface"),
+        "{}",
+        out.err_msg()
+    );
+    {
+        let s = rig.ipamd.state.lock().unwrap();
+        assert_eq!(s.free.len(), 1, "address returned to ipamd");
+        assert!(s.assigned.is_empty());
+    }
+    assert_clean(&rig, &pod, "10.0.4.4");
+
+    // A path that is not a network namespace: allocation is undone too.
+    let not_ns = rig.dir.path().join("not-a-netns");
+    std::fs::write(&not_ns, b"").unwrap();
+    let fake = Pod {
+        ns: None,
+        netns_path: not_ns.display().to_string(),
+        name: pod.name.clone(),
+        cid: pod.cid.clone(),
+    };
+    let out = rig.run("ADD", Some(&fake), &conf);
+    assert_ne!(out.code, 0);
+    assert!(
+        out.err_msg().contains("network namespace"),
+        "{}",
+        out.err_msg()
+    );
+    assert_eq!(rig.ipamd.state.lock().unwrap().free.len(), 1);
+    assert_clean(&rig, &pod, "10.0.4.4");
+
+    // ipamd gone: code 11 naming the socket.
+    rig.ipamd.stop();
+    let out = rig.run("ADD", Some(&pod), &conf);
+    assert_eq!(out.err_code(), 11);
+    assert!(
+        out.err_msg().contains("ipamd unreachable") && out.err_msg().contains("ipamd.sock"),
+        "{}",
+        out.err_msg()
+    );
+    assert_clean(&rig, &pod, "10.0.4.4");
+}
+
+#[test]
+fn del_cleans_host_when_ipamd_is_down_or_netns_gone() {
+    let mut rig = Rig::new(&[
+        (Ipv4Addr::new(10, 0, 5, 5), 1),
+        (Ipv4Addr::new(10, 0, 5, 6), 1),
+    ]);
+    let conf = rig.conf("1.0.0");
+    let mut gone = Pod::new();
+    rig.run("ADD", Some(&gone), &conf).ok();
+    let pod = Pod::new();
+    rig.run("ADD", Some(&pod), &conf).ok();
+
+    // The pod's netns disappears first (its veth goes with it); DEL still removes the rules.
+    gone.ns = None;
+    rig.run("DEL", Some(&gone), &conf).ok();
+    assert!(!has_rule(&rig.node, 512, "dst", "10.0.5.5"));
+
+    // ipamd is down: DEL still cleans the host from the state on disk and exits 0.
+    rig.ipamd.stop();
+    rig.run("DEL", Some(&pod), &conf).ok();
+    assert_clean(&rig, &pod, "10.0.5.6");
+}
+
+#[test]
+fn status_reports_ipamd_state() {
+    let mut rig = Rig::new(&[(Ipv4Addr::new(10, 0, 6, 6), 1)]);
+    let conf = rig.conf("1.1.0");
+    rig.run("STATUS", None, &conf).ok();
+    rig.ipamd.state.lock().unwrap().free.clear();
+    let out = rig.run("STATUS", None, &conf);
+    assert_eq!(out.err_code(), 50);
+    assert!(out.err_msg().contains("pool empty"), "{}", out.err_msg());
+    rig.ipamd.stop();
+    let out = rig.run("STATUS", None, &conf);
+    assert_eq!(out.err_code(), 50);
+    assert!(out.err_msg().contains("unreachable"), "{}", out.err_msg());
+}
+
+#[test]
+fn gc_removes_attachments_not_listed() {
+    let rig = Rig::new(&[
+        (Ipv4Addr::new(10, 0, 7, 1), 1),
+        (Ipv4Addr::new(10, 0, 7, 2), 1),
+    ]);
+    let conf = rig.conf("1.1.0");
+    let keep = Pod::new();
+    let stale = Pod::new();
+    rig.run("ADD", Some(&keep), &conf).ok();
+    rig.run("ADD", Some(&stale), &conf).ok();
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([{ "containerID": keep.cid, "ifname": "eth0" }]);
+    rig.run("GC", None, &gc).ok();
+    assert_eq!(rig.node.links(), vec![keep.veth()]);
+    assert!(has_rule(&rig.node, 512, "dst", "10.0.7.1"));
+    assert!(!has_rule(&rig.node, 512, "dst", "10.0.7.2"));
+    assert!(!has_rule(&rig.node, 1536, "src", "10.0.7.2"));
+    {
+        let s = rig.ipamd.state.lock().unwrap();
+        assert_eq!(s.gc_calls, 1);
+        assert_eq!(s.assigned.len(), 1);
+    }
+    assert!(ping_eventually(&rig.node.name, "10.0.7.1"));
+    rig.run("DEL", Some(&keep), &conf).ok();
+    assert_clean(&rig, &keep, "10.0.7.1");
+}
+
+#[test]
+fn malformed_input_gets_the_right_code_and_creates_nothing() {
+    let rig = Rig::new(&[(Ipv4Addr::new(10, 0, 8, 8), 1)]);
+    let pod = Pod::new();
+    let conf = rig.conf("1.0.0");
+
+    let env = |cmd: &str, netns: &str| -> Vec<(String, String)> {
+        vec![
+            ("CNI_COMMAND".into(), cmd.into()),
+            ("CNI_CONTAINERID".into(), pod.cid.clone()),
+            ("CNI_NETNS".into(), netns.into()),
+            ("CNI_IFNAME".into(), "eth0".into()),
+            (
+                "CNI_ARGS".into(),
+                format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={}", pod.name),
+            ),
+        ]
+    };
+    let run = |e: Vec<(String, String)>, stdin: &[u8]| run_plugin(&rig.node.name, &e, stdin);
+
+    assert_eq!(run(env("ADD", &pod.netns_path), b"{garbage").err_code(), 6);
+    assert_eq!(run(vec![], conf.to_string().as_bytes()).err_code(), 4);
+    let mut no_netns = env("ADD", "");
+    no_netns.retain(|(k, _)| k != "CNI_NETNS");
+    let out = run(no_netns, conf.to_string().as_bytes());
+    assert_eq!(out.err_code(), 4);
+    assert!(out.err_msg().contains("CNI_NETNS"));
+    let mut bad = conf.clone();
+    bad["cniVersion"] = json!("0.2.0");
+    assert_eq!(
+        run(env("ADD", &pod.netns_path), bad.to_string().as_bytes()).err_code(),
+        1
+    );
+    let mut bad = conf.clone();
+    bad["mtu"] = json!("70000");
+    let out = run(env("ADD", &pod.netns_path), bad.to_string().as_bytes());
+    assert_eq!(out.err_code(), 7);
+    assert!(out.err_msg().contains("mtu"));
+    let out = run(
+        env("ADD", "/var/run/netns/does-not-exist"),
+        conf.to_string().as_bytes(),
+    );
+    assert_eq!(out.err_code(), 3);
+    assert!(out.err_msg().contains("/var/run/netns/does-not-exist"));
+    let out = run(env("FROB", &pod.netns_path), conf.to_string().as_bytes());
+    assert_eq!(out.err_code(), 4);
+
+    assert_eq!(
+        rig.ipamd.state.lock().unwrap().add_calls,
+        0,
+        "ipamd never asked"
+    );
+    assert_clean(&rig, &pod, "10.0.8.8");
+}
+
+#[test]
+fn version_lists_supported_versions() {
+    use std::io::Write;
+    for (stdin, want) in [
+        (&br#"{"cniVersion":"1.0.0"}"#[..], "1.0.0"),
+        (&b""[..], "1.1.0"),
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_aws-cni"))
+            .env_clear()
+            .env("CNI_COMMAND", "VERSION")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["cniVersion"], want);
+        assert_eq!(
+            v["supportedVersions"],
+            json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
+        );
+    }
+}

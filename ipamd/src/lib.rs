@@ -1,0 +1,2 @@
+pub mod instance_types;
+pub mod maxpods;

@@ -1,0 +1,24 @@
+//! The gRPC contract between `aws-cni` and `ipamd`.
+//!
+//! `rpc.proto` keeps upstream's package, service, message and field names and numbers so
+//! that an upstream plugin can talk to our ipamd and the other way round. Everything we add
+//! uses field numbers from 100 up, which upstream has never used.
+#![allow(clippy::all)]
+
+pub mod rpc {
+    tonic::include_proto!("rpc");
+}
+
+pub use rpc::*;
+
+/// Protocol revision of this contract; plugin and ipamd compare the major part.
+pub const PROTOCOL_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Default unix socket path of ipamd, as upstream.
+pub const DEFAULT_SOCKET: &str = "/var/run/aws-node/ipamd.sock";
+
+/// Major component of a semver-ish version string ("1.2.3" -> "1", "v1.19" -> "1").
+pub fn major(version: &str) -> &str {
+    let v = version.trim_start_matches('v');
+    v.split('.').next().unwrap_or(v)
+}

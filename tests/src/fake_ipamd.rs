@@ -1,0 +1,217 @@
+//! A stand-in for ipamd speaking the real gRPC contract over a unix socket, for tests of the
+//! plugin alone. It hands out addresses from a fixed list and can be told to refuse.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use cni_proto::cni_backend_server::{CniBackend, CniBackendServer};
+use cni_proto::*;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::{Request, Response, Status};
+
+#[derive(Default)]
+pub struct State {
+    /// (address, device number) not handed out yet.
+    pub free: Vec<(Ipv4Addr, i32)>,
+    pub assigned: HashMap<(String, String), (Ipv4Addr, i32)>,
+    pub refuse: Option<(FailureReason, String)>,
+    pub add_calls: u32,
+    pub del_calls: u32,
+    pub gc_calls: u32,
+    pub last_add: Option<AddNetworkRequest>,
+}
+
+#[derive(Clone)]
+struct Svc(Arc<Mutex<State>>);
+
+fn ip_msg(ip: Ipv4Addr, dev: i32) -> IpAddress {
+    IpAddress {
+        i_pv4_addr: ip.to_string(),
+        device_number: dev,
+        route_table_id: dev + 1,
+        ..Default::default()
+    }
+}
+
+#[tonic::async_trait]
+impl CniBackend for Svc {
+    async fn add_network(
+        &self,
+        req: Request<AddNetworkRequest>,
+    ) -> Result<Response<AddNetworkReply>, Status> {
+        let req = req.into_inner();
+        let mut s = self.0.lock().unwrap();
+        s.add_calls += 1;
+        s.last_add = Some(req.clone());
+        if let Some((reason, msg)) = s.refuse.clone() {
+            return Ok(Response::new(AddNetworkReply {
+                success: false,
+                reason: reason as i32,
+                message: msg,
+                ..Default::default()
+            }));
+        }
+        let key = (req.container_id, req.if_name);
+        let (ip, dev) = match s.assigned.get(&key) {
+            Some(a) => *a,
+            None => {
+                if s.free.is_empty() {
+                    return Ok(Response::new(AddNetworkReply {
+                        success: false,
+                        reason: FailureReason::PoolEmpty as i32,
+                        message: "no IP address available: pool empty".into(),
+                        ..Default::default()
+                    }));
+                }
+                let a = s.free.remove(0);
+                s.assigned.insert(key, a);
+                a
+            }
+        };
+        Ok(Response::new(AddNetworkReply {
+            success: true,
+            ip_address: vec![ip_msg(ip, dev)],
+            vp_cv4_cid_rs: vec!["10.0.0.0/16".into()],
+            ..Default::default()
+        }))
+    }
+
+    async fn del_network(
+        &self,
+        req: Request<DelNetworkRequest>,
+    ) -> Result<Response<DelNetworkReply>, Status> {
+        let req = req.into_inner();
+        let mut s = self.0.lock().unwrap();
+        s.del_calls += 1;
+        let ip = s.assigned.remove(&(req.container_id, req.if_name));
+        if let Some(a) = ip {
+            s.free.push(a);
+        }
+        Ok(Response::new(DelNetworkReply {
+            success: true,
+            ip_address: ip.map(|(ip, d)| ip_msg(ip, d)).into_iter().collect(),
+            ..Default::default()
+        }))
+    }
+
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+        let s = self.0.lock().unwrap();
+        Ok(Response::new(match &s.refuse {
+            Some((r, m)) => StatusReply {
+                ready: false,
+                reason: *r as i32,
+                message: m.clone(),
+                available_addresses: 0,
+            },
+            None => StatusReply {
+                ready: !s.free.is_empty(),
+                reason: if s.free.is_empty() {
+                    FailureReason::PoolEmpty as i32
+                } else {
+                    0
+                },
+                message: String::new(),
+                available_addresses: s.free.len() as i32,
+            },
+        }))
+    }
+
+    async fn garbage_collect(&self, req: Request<GcRequest>) -> Result<Response<GcReply>, Status> {
+        let req = req.into_inner();
+        let mut s = self.0.lock().unwrap();
+        s.gc_calls += 1;
+        let keep: Vec<(String, String)> = req
+            .valid_attachments
+            .iter()
+            .map(|a| (a.container_id.clone(), a.if_name.clone()))
+            .collect();
+        let stale: Vec<_> = s
+            .assigned
+            .keys()
+            .filter(|k| !keep.contains(k))
+            .cloned()
+            .collect();
+        let mut released = Vec::new();
+        for k in stale {
+            if let Some((ip, d)) = s.assigned.remove(&k) {
+                s.free.push((ip, d));
+                released.push(ReleasedAttachment {
+                    container_id: k.0,
+                    if_name: k.1,
+                    ip_address: Some(ip_msg(ip, d)),
+                });
+            }
+        }
+        Ok(Response::new(GcReply {
+            success: true,
+            released,
+            message: String::new(),
+        }))
+    }
+}
+
+/// A running fake; stops when dropped.
+pub struct FakeIpamd {
+    pub socket: PathBuf,
+    pub state: Arc<Mutex<State>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeIpamd {
+    pub fn start(dir: &Path, pool: &[(Ipv4Addr, i32)]) -> FakeIpamd {
+        let socket = dir.join("ipamd.sock");
+        let state = Arc::new(Mutex::new(State {
+            free: pool.to_vec(),
+            ..Default::default()
+        }));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let svc = Svc(state.clone());
+        let path = socket.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let _ = std::fs::remove_file(&path);
+                let listener = UnixListener::bind(&path).unwrap();
+                ready_tx.send(()).unwrap();
+                tonic::transport::Server::builder()
+                    .add_service(CniBackendServer::new(svc))
+                    .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+                        let _ = rx.await;
+                    })
+                    .await
+                    .unwrap();
+            });
+        });
+        ready_rx.recv().unwrap();
+        FakeIpamd {
+            socket,
+            state,
+            stop: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+impl Drop for FakeIpamd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

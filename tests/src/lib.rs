@@ -1,0 +1,85 @@
+//! The test rig shared by tests that cross binaries: network namespaces that clean up after
+//! themselves, running the real binaries inside them, and a small stand-in for ipamd for the
+//! plugin's kernel tests.
+
+pub mod fake_ipamd;
+pub mod netns;
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// A short name unique to this process and call (interface and netns names are length-capped).
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}{}x{}",
+        std::process::id() % 100_000,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Path of a workspace binary: `$AWS_CNI_BIN_DIR/<name>` or next to the test executable's
+/// `deps/` directory (target/debug), where `cargo build --workspace --bins` puts it.
+pub fn bin(name: &str) -> PathBuf {
+    if let Ok(d) = std::env::var("AWS_CNI_BIN_DIR") {
+        return PathBuf::from(d).join(name);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|p| p.parent()).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build --workspace --bins` first",
+        p.display()
+    );
+    p
+}
+
+/// Run a command, panicking with its output if it fails.
+pub fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Run a command and return its output whatever the status.
+pub fn try_sh(args: &[&str]) -> Output {
+    Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {args:?}: {e}"))
+}
+
+/// `ip -j ...` inside `ns`, parsed.
+pub fn ip_json(ns: &str, args: &[&str]) -> serde_json::Value {
+    let mut full = vec!["ip", "-n", ns, "-j"];
+    full.extend_from_slice(args);
+    let out = sh(&full);
+    if out.trim().is_empty() {
+        return serde_json::Value::Array(vec![]);
+    }
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("parse {full:?}: {e}: {out}"))
+}
+
+/// Does `ping` from `ns` reach `dst` (one packet, one second)?
+pub fn ping(ns: &str, dst: &str) -> bool {
+    try_sh(&["ip", "netns", "exec", ns, "ping", "-c", "1", "-W", "1", dst])
+        .status
+        .success()
+}
+
+/// Like `ping` but a few tries, for links that just came up.
+pub fn ping_eventually(ns: &str, dst: &str) -> bool {
+    (0..3).any(|_| ping(ns, dst))
+}

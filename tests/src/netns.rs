@@ -1,0 +1,65 @@
+//! Network namespaces that are deleted when the guard drops, panics included.
+
+use crate::{sh, try_sh, unique};
+
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(prefix: &str) -> Netns {
+        let name = unique(prefix);
+        sh(&["ip", "netns", "add", &name]);
+        let ns = Netns { name };
+        sh(&["ip", "-n", &ns.name, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn path(&self) -> String {
+        format!("/var/run/netns/{}", self.name)
+    }
+
+    /// Links in this namespace other than loopback.
+    pub fn links(&self) -> Vec<String> {
+        crate::ip_json(&self.name, &["link", "show"])
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|l| l["ifname"].as_str().map(str::to_string))
+                    .filter(|n| n != "lo")
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Policy rules other than the kernel's three defaults.
+    pub fn rules(&self) -> Vec<serde_json::Value> {
+        crate::ip_json(&self.name, &["rule", "show"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| !matches!(r["priority"].as_u64(), Some(0) | Some(32766) | Some(32767)))
+            .collect()
+    }
+
+    /// Routes in the main table.
+    pub fn routes(&self) -> Vec<serde_json::Value> {
+        crate::ip_json(&self.name, &["route", "show"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn exec(&self, args: &[&str]) -> std::process::Output {
+        let mut full = vec!["ip", "netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        try_sh(&full)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = try_sh(&["ip", "netns", "del", &self.name]);
+    }
+}
