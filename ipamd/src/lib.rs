@@ -1,2 +1,14 @@
+//! ipamd: the node daemon that holds a pool of VPC addresses and hands them to `aws-cni`.
+//!
+//! Pure logic (`datastore`, `maxpods`, `instance_types`, `config`) is kept apart from side
+//! effects (`checkpoint` files, the gRPC `server`, the `daemon` that wires them together).
+
+pub mod checkpoint;
+pub mod config;
+pub mod daemon;
+pub mod datastore;
 pub mod instance_types;
+pub mod logging;
 pub mod maxpods;
+pub mod node;
+pub mod server;

@@ -9,6 +9,8 @@ pub mod rpc {
     tonic::include_proto!("rpc");
 }
 
+pub mod naming;
+
 pub use rpc::*;
 
 /// Protocol revision of this contract; plugin and ipamd compare the major part.

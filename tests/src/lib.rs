@@ -3,6 +3,7 @@
 //! plugin's kernel tests.
 
 pub mod fake_ipamd;
+pub mod ipamd_proc;
 pub mod netns;
 
 use std::path::PathBuf;

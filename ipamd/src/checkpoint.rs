@@ -1,0 +1,492 @@
+//! The allocation checkpoint: upstream's `vpc-cni-ipam/1` JSON file, written durably, with
+//! concurrent changes grouped into one write.
+//!
+//! A reply to AddNetwork/DelNetwork goes out only once the file holding that change is on
+//! disk (temp file, fsync, rename, fsync of the directory). Requests that arrive while a write
+//! is in flight share the next one, so a burst costs a few fsyncs rather than one per pod.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, Mutex};
+
+use crate::datastore::{Datastore, Key, PodMeta};
+
+pub const FORMAT_VERSION: &str = "vpc-cni-ipam/1";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub version: String,
+    pub allocations: Vec<Entry>,
+    /// Ours: addresses cooling down, so a restart does not hand them out early. Upstream
+    /// ignores unknown fields.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cooldowns: Vec<CooldownEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    #[serde(rename = "networkName")]
+    pub network_name: String,
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    #[serde(rename = "ifName")]
+    pub if_name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ipv4: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ipv6: String,
+    /// Unix nanoseconds, as upstream.
+    #[serde(rename = "allocationTimestamp", default)]
+    pub allocation_timestamp: i64,
+    #[serde(default)]
+    pub metadata: Metadata,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Metadata {
+    #[serde(
+        rename = "k8sPodNamespace",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub k8s_pod_namespace: String,
+    #[serde(
+        rename = "k8sPodName",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub k8s_pod_name: String,
+    #[serde(rename = "interfacesCount", default, skip_serializing_if = "is_zero")]
+    pub interfaces_count: u32,
+    /// Ours.
+    #[serde(
+        rename = "k8sPodUID",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub k8s_pod_uid: String,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CooldownEntry {
+    pub ipv4: String,
+    /// Unix nanoseconds when the address was released.
+    #[serde(rename = "releasedAt")]
+    pub released_at: i64,
+}
+
+pub fn to_nanos(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+pub fn from_nanos(n: i64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_nanos(n.max(0) as u64)
+}
+
+/// Snapshot of the datastore in checkpoint form, sorted so files diff cleanly.
+pub fn snapshot(ds: &Datastore) -> Checkpoint {
+    let mut allocations: Vec<Entry> = ds
+        .allocations()
+        .map(|a| Entry {
+            network_name: a.key.network_name.clone(),
+            container_id: a.key.container_id.clone(),
+            if_name: a.key.ifname.clone(),
+            ipv4: a.ip.to_string(),
+            ipv6: String::new(),
+            allocation_timestamp: to_nanos(a.allocated_at),
+            metadata: Metadata {
+                k8s_pod_namespace: a.pod.namespace.clone(),
+                k8s_pod_name: a.pod.name.clone(),
+                interfaces_count: 1,
+                k8s_pod_uid: a.pod.uid.clone(),
+            },
+        })
+        .collect();
+    allocations.sort_by(|a, b| a.ipv4.cmp(&b.ipv4));
+    let mut cooldowns: Vec<CooldownEntry> = ds
+        .cooldowns()
+        .map(|(ip, t)| CooldownEntry {
+            ipv4: ip.to_string(),
+            released_at: to_nanos(t),
+        })
+        .collect();
+    cooldowns.sort_by(|a, b| a.ipv4.cmp(&b.ipv4));
+    Checkpoint {
+        version: FORMAT_VERSION.into(),
+        allocations,
+        cooldowns,
+    }
+}
+
+/// What reading the checkpoint found.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub entries: Vec<Entry>,
+    pub cooldowns: Vec<CooldownEntry>,
+    /// Problems worth an operator's attention; the daemon logs them and carries on.
+    pub problems: Vec<String>,
+}
+
+/// Read the checkpoint. Never fails: a missing file is a fresh node, a torn or corrupt one is
+/// reported and whatever entries can still be parsed are recovered.
+pub fn load(path: &Path) -> Loaded {
+    let data = match fs::read(path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Loaded::default(),
+        Err(e) => {
+            return Loaded {
+                problems: vec![format!("cannot read checkpoint {}: {e}", path.display())],
+                ..Default::default()
+            }
+        }
+    };
+    match serde_json::from_slice::<Checkpoint>(&data) {
+        Ok(f) => {
+            let mut l = Loaded {
+                entries: f.allocations,
+                cooldowns: f.cooldowns,
+                problems: vec![],
+            };
+            if f.version != FORMAT_VERSION {
+                l.problems.push(format!(
+                    "checkpoint {} has version {:?}, expected {FORMAT_VERSION:?}; reading it anyway",
+                    path.display(),
+                    f.version
+                ));
+            }
+            l
+        }
+        Err(e) => salvage(
+            &data,
+            format!("checkpoint {} is corrupt: {e}", path.display()),
+        ),
+    }
+}
+
+/// Pull every complete allocation object out of a damaged file (a torn write, a truncated
+/// copy): walk the array entry by entry and stop at the first one that does not parse whole.
+fn salvage(data: &[u8], problem: String) -> Loaded {
+    let text = String::from_utf8_lossy(data);
+    let mut l = Loaded {
+        problems: vec![problem],
+        ..Default::default()
+    };
+    let body = text
+        .find("\"allocations\"")
+        .and_then(|at| text[at..].find('[').map(|open| &text[at + open + 1..]));
+    let Some(mut s) = body else {
+        return l;
+    };
+    loop {
+        s = s.trim_start();
+        let mut it = serde_json::Deserializer::from_str(s).into_iter::<Entry>();
+        match it.next() {
+            Some(Ok(e)) => l.entries.push(e),
+            _ => break,
+        }
+        s = s[it.byte_offset()..].trim_start();
+        match s.strip_prefix(',') {
+            Some(r) => s = r,
+            None => break,
+        }
+    }
+    l.problems.push(format!(
+        "recovered {} allocation(s) from the damaged file",
+        l.entries.len()
+    ));
+    l
+}
+
+/// Write `f` to `path` durably: temp file, fsync, rename over, fsync the directory.
+pub fn write_atomic(path: &Path, f: &Checkpoint) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir)?;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut out = File::create(&tmp)?;
+        out.write_all(&serde_json::to_vec(f).map_err(std::io::Error::other)?)?;
+        out.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    File::open(dir)?.sync_all()
+}
+
+/// Progress of the writer: everything up to `written` is durable; the last attempt covered
+/// up to `attempted` and failed with `error` if set.
+#[derive(Debug, Clone, Default)]
+struct Progress {
+    written: u64,
+    attempted: u64,
+    error: Option<String>,
+}
+
+/// Group commit: after changing the datastore a caller takes its generation and waits until a
+/// write covering it is durable. One writer task; a write snapshots everything changed so far.
+pub struct Committer {
+    path: PathBuf,
+    wanted: watch::Sender<u64>,
+    done: watch::Receiver<Progress>,
+}
+
+impl Committer {
+    pub fn start(path: PathBuf, ds: Arc<Mutex<Datastore>>) -> Arc<Committer> {
+        let (wanted_tx, mut wanted_rx) = watch::channel(0u64);
+        let (done_tx, done_rx) = watch::channel(Progress::default());
+        let p = path.clone();
+        tokio::spawn(async move {
+            let mut written = 0u64;
+            while wanted_rx.changed().await.is_ok() {
+                if *wanted_rx.borrow_and_update() <= written {
+                    continue;
+                }
+                let (snap, covered) = {
+                    let ds = ds.lock().await;
+                    (snapshot(&ds), ds.generation())
+                };
+                let p2 = p.clone();
+                let res = tokio::task::spawn_blocking(move || write_atomic(&p2, &snap))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()));
+                let error = match res {
+                    Ok(()) => {
+                        written = covered;
+                        None
+                    }
+                    Err(e) => {
+                        tracing::error!(path = %p.display(), error = %e, "checkpoint write failed");
+                        Some(format!("write checkpoint {}: {e}", p.display()))
+                    }
+                };
+                let _ = done_tx.send(Progress {
+                    written,
+                    attempted: covered,
+                    error,
+                });
+            }
+        });
+        Arc::new(Committer {
+            path,
+            wanted: wanted_tx,
+            done: done_rx,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Wait until the datastore state of generation `gen` is on disk.
+    pub async fn commit(&self, gen: u64) -> Result<(), String> {
+        let mut done = self.done.clone();
+        self.wanted.send_modify(|w| *w = (*w).max(gen));
+        loop {
+            {
+                let p = done.borrow_and_update();
+                if p.written >= gen {
+                    return Ok(());
+                }
+                if let (Some(e), true) = (&p.error, p.attempted >= gen) {
+                    return Err(e.clone());
+                }
+            }
+            if done.changed().await.is_err() {
+                return Err("checkpoint writer stopped".into());
+            }
+        }
+    }
+}
+
+/// Turn checkpoint entries back into datastore keys and metadata.
+pub fn entry_key(e: &Entry) -> Option<(Key, Ipv4Addr, PodMeta, SystemTime)> {
+    let ip: Ipv4Addr = e.ipv4.parse().ok()?;
+    Some((
+        Key {
+            network_name: e.network_name.clone(),
+            container_id: e.container_id.clone(),
+            ifname: e.if_name.clone(),
+        },
+        ip,
+        PodMeta {
+            namespace: e.metadata.k8s_pod_namespace.clone(),
+            name: e.metadata.k8s_pod_name.clone(),
+            uid: e.metadata.k8s_pod_uid.clone(),
+        },
+        from_nanos(e.allocation_timestamp),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datastore::{Eni, MAIN_TABLE};
+
+    const UPSTREAM: &str = r#"{"version":"vpc-cni-ipam/1","allocations":[
+      {"networkName":"aws-cni","containerID":"c1","ifName":"eth0","ipv4":"10.0.1.11","allocationTimestamp":1700000000000000000,
+       "metadata":{"k8sPodNamespace":"default","k8sPodName":"web-0","interfacesCount":1}},
+      {"networkName":"aws-cni","containerID":"c2","ifName":"eth0","ipv4":"10.0.1.12","allocationTimestamp":1700000000000000001,
+       "metadata":{"k8sPodNamespace":"kube-system","k8sPodName":"coredns-1"}}]}"#;
+
+    fn ds() -> Datastore {
+        let mut ds = Datastore::new(Duration::from_secs(30), 100);
+        ds.add_eni(Eni {
+            id: "eni-0".into(),
+            device_number: 0,
+            primary: true,
+            mac: String::new(),
+            subnet_cidr: "10.0.1.0/24".into(),
+            primary_ip: Ipv4Addr::new(10, 0, 1, 10),
+            ips: (11..=15).map(|i| Ipv4Addr::new(10, 0, 1, i)).collect(),
+            prefixes: vec![],
+            attached_at: SystemTime::UNIX_EPOCH,
+        })
+        .unwrap();
+        ds
+    }
+
+    #[test]
+    fn reads_upstream_file_and_round_trips() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ipam.json");
+        std::fs::write(&p, UPSTREAM).unwrap();
+        let l = load(&p);
+        assert!(l.problems.is_empty(), "{:?}", l.problems);
+        assert_eq!(l.entries.len(), 2);
+        let (k, ip, pod, at) = entry_key(&l.entries[0]).unwrap();
+        assert_eq!(k.container_id, "c1");
+        assert_eq!(ip, Ipv4Addr::new(10, 0, 1, 11));
+        assert_eq!(pod.name, "web-0");
+        assert_eq!(to_nanos(at), 1_700_000_000_000_000_000);
+
+        let mut ds = ds();
+        for e in &l.entries {
+            let (k, ip, pod, at) = entry_key(e).unwrap();
+            assert!(ds.restore(k, ip, pod, at));
+        }
+        ds.release(
+            &Key {
+                network_name: "aws-cni".into(),
+                container_id: "c2".into(),
+                ifname: "eth0".into(),
+            },
+            SystemTime::now(),
+        );
+        let snap = snapshot(&ds);
+        write_atomic(&p, &snap).unwrap();
+        let back = load(&p);
+        assert_eq!(back.entries, snap.allocations);
+        assert_eq!(back.cooldowns.len(), 1);
+        assert_eq!(back.entries[0].metadata.interfaces_count, 1);
+        // Field names are upstream's.
+        let raw: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        let a = &raw["allocations"][0];
+        for f in [
+            "networkName",
+            "containerID",
+            "ifName",
+            "ipv4",
+            "allocationTimestamp",
+            "metadata",
+        ] {
+            assert!(a.get(f).is_some(), "missing {f}");
+        }
+        assert_eq!(raw["version"], "vpc-cni-ipam/1");
+        assert_eq!(ds.allocations().next().unwrap().route_table, MAIN_TABLE);
+    }
+
+    #[test]
+    fn torn_and_corrupt_files_are_survived() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ipam.json");
+        // Cut in the middle of the second entry.
+        let cut = UPSTREAM.find("\"c2\"").unwrap() + 3;
+        std::fs::write(&p, &UPSTREAM[..cut]).unwrap();
+        let l = load(&p);
+        assert_eq!(l.entries.len(), 1);
+        assert!(l.problems[0].contains("corrupt"), "{:?}", l.problems);
+        std::fs::write(&p, b"\x00\x01garbage").unwrap();
+        let l = load(&p);
+        assert!(l.entries.is_empty());
+        assert!(!l.problems.is_empty());
+        let l = load(&d.path().join("missing.json"));
+        assert!(l.entries.is_empty() && l.problems.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn group_commit_batches_writes() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ipam.json");
+        let ds = Arc::new(Mutex::new(ds()));
+        let c = Committer::start(p.clone(), ds.clone());
+        let mut tasks = Vec::new();
+        for i in 0..5 {
+            let (ds, c) = (ds.clone(), c.clone());
+            tasks.push(tokio::spawn(async move {
+                let gen = {
+                    let mut g = ds.lock().await;
+                    g.assign(
+                        Key {
+                            network_name: "n".into(),
+                            container_id: format!("c{i}"),
+                            ifname: "eth0".into(),
+                        },
+                        PodMeta::default(),
+                        SystemTime::now(),
+                    )
+                    .unwrap();
+                    g.generation()
+                };
+                c.commit(gen).await.unwrap();
+                // Durable by now: the file holds this container.
+                let l = load(&p_of(&c));
+                assert!(l.entries.iter().any(|e| e.container_id == format!("c{i}")));
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(load(&p).entries.len(), 5);
+    }
+
+    fn p_of(c: &Committer) -> PathBuf {
+        c.path().to_path_buf()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn write_failure_is_reported() {
+        let d = tempfile::tempdir().unwrap();
+        // A directory where the file should be: rename over it fails.
+        let p = d.path().join("ipam.json");
+        std::fs::create_dir(&p).unwrap();
+        std::fs::write(p.join("x"), b"x").unwrap();
+        let ds = Arc::new(Mutex::new(ds()));
+        let c = Committer::start(p, ds.clone());
+        let gen = {
+            let mut g = ds.lock().await;
+            g.release(
+                &Key {
+                    network_name: "n".into(),
+                    container_id: "none".into(),
+                    ifname: "eth0".into(),
+                },
+                SystemTime::now(),
+            );
+            g.add_ip("eni-0", Ipv4Addr::new(10, 0, 1, 99)).unwrap();
+            g.generation()
+        };
+        let e = c.commit(gen).await.unwrap_err();
+        assert!(e.contains("write checkpoint"), "{e}");
+    }
+}

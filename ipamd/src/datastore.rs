@@ -1,0 +1,761 @@
+//! The node's address pool: ENIs, their addresses, and which pod holds which.
+//!
+//! Pure state, no I/O and no clock of its own (callers pass `now`), so it is tested without
+//! root and property-checked. Assign and release are O(1): free addresses sit in a FIFO queue
+//! and released ones in a cooldown queue ordered by release time (the cooldown is the same for
+//! all, so release order is expiry order). An address leaves the queues lazily: a queue entry
+//! whose address is no longer in that state (its ENI went away, say) is skipped when popped.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::Ipv4Addr;
+use std::time::{Duration, SystemTime};
+
+/// The primary ENI's pods route through the main table.
+pub const MAIN_TABLE: u32 = 254;
+
+/// An allocation's identity: the CNI triple.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key {
+    pub network_name: String,
+    pub container_id: String,
+    pub ifname: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodMeta {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allocation {
+    pub key: Key,
+    pub ip: Ipv4Addr,
+    pub eni_id: String,
+    pub device_number: u32,
+    pub route_table: u32,
+    pub pod: PodMeta,
+    pub allocated_at: SystemTime,
+}
+
+/// An IPv4 /28 delegated to an ENI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Prefix(pub Ipv4Addr);
+
+impl Prefix {
+    pub fn addresses(self) -> impl Iterator<Item = Ipv4Addr> {
+        let base = u32::from(self.0) & !0xf;
+        (0..16).map(move |i| Ipv4Addr::from(base + i))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Eni {
+    pub id: String,
+    pub device_number: u32,
+    pub primary: bool,
+    pub mac: String,
+    /// e.g. "10.0.1.0/24".
+    pub subnet_cidr: String,
+    /// The ENI's own address; never handed to a pod.
+    pub primary_ip: Ipv4Addr,
+    pub ips: Vec<Ipv4Addr>,
+    pub prefixes: Vec<Prefix>,
+    pub attached_at: SystemTime,
+}
+
+impl Eni {
+    /// Route table id: main for the primary ENI, device number + 1 otherwise (as upstream).
+    pub fn route_table(&self) -> u32 {
+        if self.primary || self.device_number == 0 {
+            MAIN_TABLE
+        } else {
+            self.device_number + 1
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AddrState {
+    Free,
+    Assigned,
+    Cooldown(SystemTime),
+}
+
+#[derive(Debug, Clone)]
+struct Addr {
+    eni: String,
+    state: AddrState,
+    /// Generation of this address's entry; a queue entry with an older one is stale.
+    gen: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Stats {
+    pub total: usize,
+    pub assigned: usize,
+    pub cooldown: usize,
+    pub available: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AssignError {
+    #[error("max pods reached ({0})")]
+    MaxPods(usize),
+    #[error("no IP address available: pool empty ({assigned} assigned, {cooldown} in cooldown)")]
+    PoolEmpty { assigned: usize, cooldown: usize },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EniError {
+    #[error("ENI {0} is already known")]
+    Duplicate(String),
+    #[error("ENI {0} is not known")]
+    Unknown(String),
+    #[error("address {0} is already in the pool")]
+    DuplicateAddress(Ipv4Addr),
+    #[error("ENI {0} still has {1} assigned address(es)")]
+    InUse(String, usize),
+}
+
+#[derive(Debug)]
+pub struct Datastore {
+    enis: BTreeMap<String, Eni>,
+    addrs: HashMap<Ipv4Addr, Addr>,
+    free: VecDeque<(Ipv4Addr, u64)>,
+    cooldown: VecDeque<(Ipv4Addr, u64, SystemTime)>,
+    allocations: HashMap<Key, Allocation>,
+    by_ip: HashMap<Ipv4Addr, Key>,
+    assigned: usize,
+    cooling: usize,
+    next_gen: u64,
+    cooldown_period: Duration,
+    max_pods: usize,
+}
+
+impl Datastore {
+    pub fn new(cooldown_period: Duration, max_pods: usize) -> Datastore {
+        Datastore {
+            enis: BTreeMap::new(),
+            addrs: HashMap::new(),
+            free: VecDeque::new(),
+            cooldown: VecDeque::new(),
+            allocations: HashMap::new(),
+            by_ip: HashMap::new(),
+            assigned: 0,
+            cooling: 0,
+            next_gen: 0,
+            cooldown_period,
+            max_pods,
+        }
+    }
+
+    pub fn max_pods(&self) -> usize {
+        self.max_pods
+    }
+
+    pub fn set_max_pods(&mut self, n: usize) {
+        self.max_pods = n;
+    }
+
+    /// Changes so far; grows with every change of state (for the group-committed checkpoint).
+    pub fn generation(&self) -> u64 {
+        self.next_gen
+    }
+
+    pub fn cooldown_period(&self) -> Duration {
+        self.cooldown_period
+    }
+
+    fn gen(&mut self) -> u64 {
+        self.next_gen += 1;
+        self.next_gen
+    }
+
+    /// Add an ENI with its addresses (secondary IPs and prefixes). The primary IP is kept out.
+    pub fn add_eni(&mut self, mut eni: Eni) -> Result<(), EniError> {
+        if self.enis.contains_key(&eni.id) {
+            return Err(EniError::Duplicate(eni.id));
+        }
+        let ips = std::mem::take(&mut eni.ips);
+        let prefixes = std::mem::take(&mut eni.prefixes);
+        let id = eni.id.clone();
+        self.enis.insert(id.clone(), eni);
+        for ip in ips {
+            self.add_ip(&id, ip)?;
+        }
+        for p in prefixes {
+            self.add_prefix(&id, p)?;
+        }
+        Ok(())
+    }
+
+    pub fn add_ip(&mut self, eni_id: &str, ip: Ipv4Addr) -> Result<(), EniError> {
+        let eni = self
+            .enis
+            .get_mut(eni_id)
+            .ok_or_else(|| EniError::Unknown(eni_id.to_string()))?;
+        if ip == eni.primary_ip {
+            return Ok(());
+        }
+        if self.addrs.contains_key(&ip) {
+            return Err(EniError::DuplicateAddress(ip));
+        }
+        eni.ips.push(ip);
+        self.insert_free(eni_id, ip);
+        Ok(())
+    }
+
+    pub fn add_prefix(&mut self, eni_id: &str, p: Prefix) -> Result<(), EniError> {
+        let eni = self
+            .enis
+            .get_mut(eni_id)
+            .ok_or_else(|| EniError::Unknown(eni_id.to_string()))?;
+        if let Some(dup) = p.addresses().find(|a| self.addrs.contains_key(a)) {
+            return Err(EniError::DuplicateAddress(dup));
+        }
+        eni.prefixes.push(p);
+        for ip in p.addresses() {
+            self.insert_free(eni_id, ip);
+        }
+        Ok(())
+    }
+
+    fn insert_free(&mut self, eni: &str, ip: Ipv4Addr) {
+        let gen = self.gen();
+        self.addrs.insert(
+            ip,
+            Addr {
+                eni: eni.to_string(),
+                state: AddrState::Free,
+                gen,
+            },
+        );
+        self.free.push_back((ip, gen));
+    }
+
+    /// Drop a free secondary IP from its ENI (it is being unassigned in EC2). Refused while
+    /// the address is assigned or cooling down.
+    pub fn remove_ip(&mut self, ip: Ipv4Addr) -> bool {
+        match self.addrs.get(&ip) {
+            Some(a) if a.state == AddrState::Free => {
+                let eni = a.eni.clone();
+                self.next_gen += 1;
+                self.addrs.remove(&ip);
+                if let Some(e) = self.enis.get_mut(&eni) {
+                    e.ips.retain(|x| *x != ip);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Drop a prefix whose 16 addresses are all free.
+    pub fn remove_prefix(&mut self, eni_id: &str, p: Prefix) -> bool {
+        let all_free = p
+            .addresses()
+            .all(|a| matches!(self.addrs.get(&a), Some(x) if x.state == AddrState::Free && x.eni == eni_id));
+        if !all_free {
+            return false;
+        }
+        for a in p.addresses() {
+            self.addrs.remove(&a);
+        }
+        if let Some(e) = self.enis.get_mut(eni_id) {
+            e.prefixes.retain(|x| *x != p);
+        }
+        true
+    }
+
+    /// Remove an ENI none of whose addresses are assigned or cooling down.
+    pub fn remove_eni(&mut self, eni_id: &str) -> Result<Eni, EniError> {
+        let eni = self
+            .enis
+            .get(eni_id)
+            .ok_or_else(|| EniError::Unknown(eni_id.to_string()))?;
+        let busy = self.eni_addresses(eni).filter(|a| {
+            self.addrs
+                .get(a)
+                .is_some_and(|x| x.state != AddrState::Free)
+        });
+        let n = busy.count();
+        if n > 0 {
+            return Err(EniError::InUse(eni_id.to_string(), n));
+        }
+        let eni = self
+            .enis
+            .remove(eni_id)
+            .ok_or_else(|| EniError::Unknown(eni_id.to_string()))?;
+        for a in self.eni_addresses(&eni).collect::<Vec<_>>() {
+            self.addrs.remove(&a);
+        }
+        Ok(eni)
+    }
+
+    fn eni_addresses<'a>(&self, eni: &'a Eni) -> impl Iterator<Item = Ipv4Addr> + 'a {
+        eni.ips
+            .iter()
+            .copied()
+            .chain(eni.prefixes.iter().flat_map(|p| p.addresses()))
+    }
+
+    /// Move every address whose cooldown has run out back to the free queue.
+    pub fn expire_cooldowns(&mut self, now: SystemTime) {
+        while let Some(&(ip, gen, at)) = self.cooldown.front() {
+            let live = matches!(self.addrs.get(&ip), Some(a) if a.gen == gen);
+            if live && now.duration_since(at).unwrap_or_default() < self.cooldown_period {
+                break;
+            }
+            self.cooldown.pop_front();
+            if !live {
+                continue;
+            }
+            let gen = self.gen();
+            if let Some(a) = self.addrs.get_mut(&ip) {
+                a.state = AddrState::Free;
+                a.gen = gen;
+            }
+            self.cooling -= 1;
+            self.free.push_back((ip, gen));
+        }
+    }
+
+    /// Give `key` an address: the same one again if it already has one (repeated ADD).
+    pub fn assign(
+        &mut self,
+        key: Key,
+        pod: PodMeta,
+        now: SystemTime,
+    ) -> Result<Allocation, AssignError> {
+        if let Some(a) = self.allocations.get(&key) {
+            return Ok(a.clone());
+        }
+        if self.assigned >= self.max_pods {
+            return Err(AssignError::MaxPods(self.max_pods));
+        }
+        self.expire_cooldowns(now);
+        let ip = loop {
+            let Some((ip, gen)) = self.free.pop_front() else {
+                return Err(AssignError::PoolEmpty {
+                    assigned: self.assigned,
+                    cooldown: self.cooling,
+                });
+            };
+            if matches!(self.addrs.get(&ip), Some(a) if a.gen == gen && a.state == AddrState::Free)
+            {
+                break ip;
+            }
+        };
+        Ok(self.mark_assigned(ip, key, pod, now))
+    }
+
+    fn mark_assigned(
+        &mut self,
+        ip: Ipv4Addr,
+        key: Key,
+        pod: PodMeta,
+        at: SystemTime,
+    ) -> Allocation {
+        let gen = self.gen();
+        let addr = self.addrs.get_mut(&ip);
+        let eni_id = match addr {
+            Some(a) => {
+                a.state = AddrState::Assigned;
+                a.gen = gen;
+                a.eni.clone()
+            }
+            None => String::new(),
+        };
+        let (device_number, route_table) = self
+            .enis
+            .get(&eni_id)
+            .map(|e| (e.device_number, e.route_table()))
+            .unwrap_or((0, MAIN_TABLE));
+        let alloc = Allocation {
+            key: key.clone(),
+            ip,
+            eni_id,
+            device_number,
+            route_table,
+            pod,
+            allocated_at: at,
+        };
+        self.assigned += 1;
+        self.by_ip.insert(ip, key.clone());
+        self.allocations.insert(key, alloc.clone());
+        alloc
+    }
+
+    /// Put back an allocation found in the checkpoint. Fails if the address is not on a known
+    /// ENI or is not free (never hand one address to two pods).
+    pub fn restore(&mut self, key: Key, ip: Ipv4Addr, pod: PodMeta, at: SystemTime) -> bool {
+        if self.allocations.contains_key(&key) {
+            return false;
+        }
+        match self.addrs.get(&ip) {
+            Some(a) if a.state == AddrState::Free => {}
+            _ => return false,
+        }
+        self.mark_assigned(ip, key, pod, at);
+        true
+    }
+
+    /// Put an address back into cooldown at `at` (restoring the checkpoint's cooldowns).
+    pub fn restore_cooldown(&mut self, ip: Ipv4Addr, at: SystemTime) -> bool {
+        match self.addrs.get(&ip) {
+            Some(a) if a.state == AddrState::Free => {}
+            _ => return false,
+        }
+        self.start_cooldown(ip, at);
+        true
+    }
+
+    fn start_cooldown(&mut self, ip: Ipv4Addr, at: SystemTime) {
+        let gen = self.gen();
+        if let Some(a) = self.addrs.get_mut(&ip) {
+            a.state = AddrState::Cooldown(at);
+            a.gen = gen;
+            self.cooling += 1;
+            // Kept ordered by release time; restored entries may be older than queued ones.
+            let pos = self
+                .cooldown
+                .iter()
+                .rposition(|(_, _, t)| *t <= at)
+                .map(|p| p + 1)
+                .unwrap_or(0);
+            self.cooldown.insert(pos, (ip, gen, at));
+        }
+    }
+
+    /// Release `key`'s address into cooldown. Unknown keys are fine (`None`).
+    pub fn release(&mut self, key: &Key, now: SystemTime) -> Option<Allocation> {
+        let alloc = self.allocations.remove(key)?;
+        self.gen();
+        self.by_ip.remove(&alloc.ip);
+        self.assigned -= 1;
+        if self.addrs.contains_key(&alloc.ip) {
+            self.start_cooldown(alloc.ip, now);
+        }
+        Some(alloc)
+    }
+
+    pub fn allocation(&self, key: &Key) -> Option<&Allocation> {
+        self.allocations.get(key)
+    }
+
+    pub fn allocations(&self) -> impl Iterator<Item = &Allocation> {
+        self.allocations.values()
+    }
+
+    /// (address, released at) of every address cooling down.
+    pub fn cooldowns(&self) -> impl Iterator<Item = (Ipv4Addr, SystemTime)> + '_ {
+        self.addrs.iter().filter_map(|(ip, a)| match a.state {
+            AddrState::Cooldown(t) => Some((*ip, t)),
+            _ => None,
+        })
+    }
+
+    pub fn enis(&self) -> impl Iterator<Item = &Eni> {
+        self.enis.values()
+    }
+
+    pub fn eni(&self, id: &str) -> Option<&Eni> {
+        self.enis.get(id)
+    }
+
+    pub fn stats(&self) -> Stats {
+        let total = self.addrs.len();
+        Stats {
+            total,
+            assigned: self.assigned,
+            cooldown: self.cooling,
+            available: total - self.assigned - self.cooling,
+        }
+    }
+
+    /// Per-ENI statistics, for the pool manager and introspection.
+    pub fn eni_stats(&self, id: &str) -> Option<Stats> {
+        let eni = self.enis.get(id)?;
+        let mut s = Stats::default();
+        for a in self.eni_addresses(eni) {
+            s.total += 1;
+            match self.addrs.get(&a).map(|x| x.state) {
+                Some(AddrState::Assigned) => s.assigned += 1,
+                Some(AddrState::Cooldown(_)) => s.cooldown += 1,
+                _ => s.available += 1,
+            }
+        }
+        Some(s)
+    }
+
+    /// Can an ADD get an address right now (health, STATUS)?
+    pub fn can_allocate(&self, now: SystemTime) -> bool {
+        if self.assigned >= self.max_pods {
+            return false;
+        }
+        let s = self.stats();
+        s.available > 0
+            || self.cooldown.front().is_some_and(|(_, _, at)| {
+                now.duration_since(*at).unwrap_or_default() >= self.cooldown_period
+            })
+    }
+
+    /// Is `ip` assigned, cooling, free or unknown? For tests and introspection.
+    pub fn address_state(&self, ip: Ipv4Addr) -> Option<&'static str> {
+        self.addrs.get(&ip).map(|a| match a.state {
+            AddrState::Free => "free",
+            AddrState::Assigned => "assigned",
+            AddrState::Cooldown(_) => "cooldown",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key(c: &str) -> Key {
+        Key {
+            network_name: "aws-cni".into(),
+            container_id: c.into(),
+            ifname: "eth0".into(),
+        }
+    }
+
+    fn eni(id: &str, dev: u32, ips: &[[u8; 4]]) -> Eni {
+        Eni {
+            id: id.into(),
+            device_number: dev,
+            primary: dev == 0,
+            mac: String::new(),
+            subnet_cidr: "10.0.0.0/16".into(),
+            primary_ip: Ipv4Addr::new(10, 0, 0, dev as u8 + 200),
+            ips: ips.iter().map(|o| Ipv4Addr::from(*o)).collect(),
+            prefixes: vec![],
+            attached_at: SystemTime::UNIX_EPOCH,
+        }
+    }
+
+    fn t(s: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + s)
+    }
+
+    #[test]
+    fn assign_is_idempotent_and_release_cools_down() {
+        let mut ds = Datastore::new(Duration::from_secs(30), 100);
+        ds.add_eni(eni("eni-0", 0, &[[10, 0, 0, 1]])).unwrap();
+        let a = ds.assign(key("a"), PodMeta::default(), t(0)).unwrap();
+        assert_eq!(a.route_table, MAIN_TABLE);
+        assert_eq!(
+            ds.assign(key("a"), PodMeta::default(), t(1)).unwrap().ip,
+            a.ip
+        );
+        assert_eq!(
+            ds.assign(key("b"), PodMeta::default(), t(1)),
+            Err(AssignError::PoolEmpty {
+                assigned: 1,
+                cooldown: 0
+            })
+        );
+        assert!(ds.release(&key("a"), t(2)).is_some());
+        assert!(ds.release(&key("a"), t(2)).is_none());
+        assert_eq!(
+            ds.stats(),
+            Stats {
+                total: 1,
+                assigned: 0,
+                cooldown: 1,
+                available: 0
+            }
+        );
+        assert!(!ds.can_allocate(t(3)));
+        assert!(matches!(
+            ds.assign(key("b"), PodMeta::default(), t(31)),
+            Err(AssignError::PoolEmpty { cooldown: 1, .. })
+        ));
+        assert!(ds.can_allocate(t(32)));
+        assert_eq!(
+            ds.assign(key("b"), PodMeta::default(), t(32)).unwrap().ip,
+            a.ip
+        );
+    }
+
+    #[test]
+    fn least_recently_released_first() {
+        let mut ds = Datastore::new(Duration::from_secs(0), 100);
+        ds.add_eni(eni(
+            "eni-1",
+            1,
+            &[[10, 0, 0, 1], [10, 0, 0, 2], [10, 0, 0, 3]],
+        ))
+        .unwrap();
+        let ips: Vec<_> = ["a", "b", "c"]
+            .iter()
+            .map(|c| ds.assign(key(c), PodMeta::default(), t(0)).unwrap().ip)
+            .collect();
+        ds.release(&key("b"), t(1));
+        ds.release(&key("a"), t(2));
+        assert_eq!(
+            ds.assign(key("d"), PodMeta::default(), t(3)).unwrap().ip,
+            ips[1]
+        );
+        assert_eq!(
+            ds.assign(key("e"), PodMeta::default(), t(3)).unwrap().ip,
+            ips[0]
+        );
+        let d = ds.allocation(&key("d")).unwrap();
+        assert_eq!((d.device_number, d.route_table), (1, 2));
+    }
+
+    #[test]
+    fn max_pods_is_enforced() {
+        let mut ds = Datastore::new(Duration::from_secs(0), 1);
+        ds.add_eni(eni("eni-1", 1, &[[10, 0, 0, 1], [10, 0, 0, 2]]))
+            .unwrap();
+        ds.assign(key("a"), PodMeta::default(), t(0)).unwrap();
+        let e = ds.assign(key("b"), PodMeta::default(), t(0)).unwrap_err();
+        assert_eq!(e.to_string(), "max pods reached (1)");
+        assert!(!ds.can_allocate(t(0)));
+    }
+
+    #[test]
+    fn prefixes_expand_and_enis_are_removed_only_when_idle() {
+        let mut ds = Datastore::new(Duration::from_secs(30), 100);
+        let mut e = eni("eni-1", 1, &[]);
+        e.prefixes.push(Prefix(Ipv4Addr::new(10, 0, 16, 0)));
+        ds.add_eni(e).unwrap();
+        assert_eq!(ds.stats().total, 16);
+        ds.assign(key("a"), PodMeta::default(), t(0)).unwrap();
+        assert!(matches!(ds.remove_eni("eni-1"), Err(EniError::InUse(_, 1))));
+        assert!(!ds.remove_prefix("eni-1", Prefix(Ipv4Addr::new(10, 0, 16, 0))));
+        ds.release(&key("a"), t(1));
+        assert!(
+            matches!(ds.remove_eni("eni-1"), Err(EniError::InUse(_, 1))),
+            "cooldown counts as busy"
+        );
+        ds.expire_cooldowns(t(40));
+        ds.remove_eni("eni-1").unwrap();
+        assert_eq!(ds.stats(), Stats::default());
+        assert!(matches!(
+            ds.assign(key("b"), PodMeta::default(), t(41)),
+            Err(AssignError::PoolEmpty { .. })
+        ));
+    }
+
+    #[test]
+    fn duplicate_addresses_refused_and_primary_ip_kept_out() {
+        let mut ds = Datastore::new(Duration::from_secs(30), 100);
+        let mut e = eni("eni-0", 0, &[[10, 0, 0, 1]]);
+        e.ips.push(e.primary_ip);
+        ds.add_eni(e).unwrap();
+        assert_eq!(ds.stats().total, 1);
+        assert_eq!(
+            ds.add_ip("eni-0", Ipv4Addr::new(10, 0, 0, 1)),
+            Err(EniError::DuplicateAddress(Ipv4Addr::new(10, 0, 0, 1)))
+        );
+        assert!(ds.add_eni(eni("eni-0", 0, &[])).is_err());
+    }
+
+    #[test]
+    fn restore_refuses_conflicts() {
+        let mut ds = Datastore::new(Duration::from_secs(30), 100);
+        ds.add_eni(eni("eni-1", 1, &[[10, 0, 0, 1], [10, 0, 0, 2]]))
+            .unwrap();
+        let ip = Ipv4Addr::new(10, 0, 0, 2);
+        assert!(ds.restore(key("a"), ip, PodMeta::default(), t(0)));
+        assert!(
+            !ds.restore(key("b"), ip, PodMeta::default(), t(0)),
+            "same IP twice"
+        );
+        assert!(!ds.restore(
+            key("c"),
+            Ipv4Addr::new(10, 9, 9, 9),
+            PodMeta::default(),
+            t(0)
+        ));
+        assert!(ds.restore_cooldown(Ipv4Addr::new(10, 0, 0, 1), t(0)));
+        assert_eq!(
+            ds.stats(),
+            Stats {
+                total: 2,
+                assigned: 1,
+                cooldown: 1,
+                available: 0
+            }
+        );
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Assign(u8),
+        Release(u8),
+        Tick(u8),
+        RemoveFree(u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0u8..40).prop_map(Op::Assign),
+            3 => (0u8..40).prop_map(Op::Release),
+            2 => (0u8..20).prop_map(Op::Tick),
+            1 => (0u8..24).prop_map(Op::RemoveFree),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn never_hands_out_an_address_twice(ops in proptest::collection::vec(op(), 1..300)) {
+            let mut ds = Datastore::new(Duration::from_secs(5), 30);
+            let ips: Vec<[u8; 4]> = (1..=12).map(|i| [10, 0, 1, i]).collect();
+            ds.add_eni(eni("eni-1", 1, &ips)).unwrap();
+            let ips2: Vec<[u8; 4]> = (1..=12).map(|i| [10, 0, 2, i]).collect();
+            ds.add_eni(eni("eni-2", 2, &ips2)).unwrap();
+            let mut now = 0u64;
+            let mut released_at: HashMap<Ipv4Addr, u64> = HashMap::new();
+            let mut holders: HashMap<Ipv4Addr, String> = HashMap::new();
+            for o in ops {
+                match o {
+                    Op::Assign(c) => {
+                        let k = key(&format!("c{c}"));
+                        let before = ds.allocation(&k).map(|a| a.ip);
+                        if let Ok(a) = ds.assign(k.clone(), PodMeta::default(), t(now)) {
+                            if let Some(b) = before { prop_assert_eq!(b, a.ip); continue; }
+                            prop_assert!(holders.insert(a.ip, k.container_id.clone()).is_none(), "address handed out twice");
+                            if let Some(r) = released_at.get(&a.ip) {
+                                prop_assert!(now - r >= 5, "reused during cooldown");
+                            }
+                        }
+                    }
+                    Op::Release(c) => {
+                        if let Some(a) = ds.release(&key(&format!("c{c}")), t(now)) {
+                            holders.remove(&a.ip);
+                            released_at.insert(a.ip, now);
+                        }
+                    }
+                    Op::Tick(s) => now += s as u64,
+                    Op::RemoveFree(i) => {
+                        let ip = Ipv4Addr::new(10, 0, 1 + i / 12, 1 + i % 12);
+                        let was_free = ds.address_state(ip) == Some("free");
+                        prop_assert_eq!(ds.remove_ip(ip), was_free);
+                    }
+                }
+                let s = ds.stats();
+                prop_assert_eq!(s.assigned, holders.len());
+                prop_assert_eq!(s.total, s.assigned + s.cooldown + s.available);
+                prop_assert_eq!(ds.allocations().count(), s.assigned);
+                prop_assert_eq!(ds.cooldowns().count(), s.cooldown);
+            }
+            // Every released address comes back once its cooldown is over.
+            for k in (0..40).map(|c| key(&format!("c{c}"))) {
+                ds.release(&k, t(now));
+            }
+            ds.expire_cooldowns(t(now + 5));
+            let s = ds.stats();
+            prop_assert_eq!(s.available, s.total);
+            prop_assert_eq!(s.cooldown, 0);
+        }
+    }
+}

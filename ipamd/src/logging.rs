@@ -1,0 +1,50 @@
+//! ipamd logs: JSON lines to `AWS_VPC_K8S_CNI_LOG_FILE` ("stdout" or "stderr" allowed).
+
+use std::fs::OpenOptions;
+use std::sync::Mutex;
+
+use tracing_subscriber::filter::LevelFilter;
+
+pub fn level(s: &str) -> LevelFilter {
+    match s.to_ascii_lowercase().as_str() {
+        "trace" => LevelFilter::TRACE,
+        "debug" => LevelFilter::DEBUG,
+        "warn" | "warning" => LevelFilter::WARN,
+        "error" => LevelFilter::ERROR,
+        "off" | "none" => LevelFilter::OFF,
+        _ => LevelFilter::INFO,
+    }
+}
+
+pub fn init(file: &str, lvl: &str) {
+    let b = tracing_subscriber::fmt()
+        .json()
+        .with_max_level(level(lvl))
+        .with_current_span(true)
+        .with_span_list(false);
+    match file {
+        "" | "stdout" => {
+            let _ = b.with_writer(std::io::stdout).try_init();
+        }
+        "stderr" => {
+            let _ = b.with_writer(std::io::stderr).try_init();
+        }
+        path => {
+            if let Some(d) = std::path::Path::new(path).parent() {
+                let _ = std::fs::create_dir_all(d);
+            }
+            match OpenOptions::new().create(true).append(true).open(path) {
+                Ok(f) => {
+                    let _ = b.with_writer(Mutex::new(f)).try_init();
+                }
+                Err(e) => {
+                    eprintln!("ipamd: cannot open log file {path}: {e}; logging to stdout");
+                    let _ = tracing_subscriber::fmt()
+                        .json()
+                        .with_max_level(level(lvl))
+                        .try_init();
+                }
+            }
+        }
+    }
+}

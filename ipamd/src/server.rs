@@ -1,0 +1,327 @@
+//! The gRPC side: `CNIBackend` for the plugin and `grpc.health.v1` for probes, on a unix socket.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use cni_proto::cni_backend_server::{CniBackend, CniBackendServer};
+use cni_proto::*;
+use tokio::net::UnixListener;
+use tokio::sync::{Mutex, Notify};
+use tonic::{Request, Response, Status};
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::checkpoint::Committer;
+use crate::datastore::{AssignError, Datastore, Key, PodMeta};
+
+/// State shared by the gRPC handlers and the rest of the daemon.
+pub struct Shared {
+    pub ds: Arc<Mutex<Datastore>>,
+    pub committer: Arc<Committer>,
+    pub vpc_cidrs: Vec<String>,
+    pub external_snat: bool,
+    /// Words for "the instance's limit", e.g. "t3.medium: 3 ENIs x 5 IPv4 addresses".
+    pub capacity: String,
+    /// Set once the node's ENIs are loaded and the checkpoint restored.
+    pub initialised: AtomicBool,
+    /// Woken after every allocation change, for the pool manager.
+    pub pool_changed: Notify,
+    pub health: HealthReporter,
+}
+
+impl Shared {
+    /// Re-evaluate readiness: SERVING only while an ADD would get an address.
+    pub async fn update_health(&self) {
+        let ok = self.initialised.load(Ordering::Acquire)
+            && self.ds.lock().await.can_allocate(SystemTime::now());
+        let status = if ok {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        self.health.set_service_status("", status).await;
+        self.health
+            .set_service_status("rpc.CNIBackend", status)
+            .await;
+    }
+}
+
+pub struct Backend(pub Arc<Shared>);
+
+fn check_client(version: &str, rpc: &str) {
+    if !version.is_empty()
+        && cni_proto::major(version) != cni_proto::major(cni_proto::PROTOCOL_VERSION)
+    {
+        warn!(
+            client = version,
+            ours = cni_proto::PROTOCOL_VERSION,
+            rpc,
+            "plugin from another major version; serving it anyway"
+        );
+    }
+}
+
+fn ip_msg(a: &crate::datastore::Allocation) -> IpAddress {
+    IpAddress {
+        i_pv4_addr: a.ip.to_string(),
+        i_pv6_addr: String::new(),
+        device_number: a.device_number as i32,
+        route_table_id: a.route_table as i32,
+    }
+}
+
+fn add_refusal(reason: FailureReason, message: String) -> Response<AddNetworkReply> {
+    Response::new(AddNetworkReply {
+        success: false,
+        reason: reason as i32,
+        message,
+        ..Default::default()
+    })
+}
+
+#[tonic::async_trait]
+impl CniBackend for Backend {
+    async fn add_network(
+        &self,
+        req: Request<AddNetworkRequest>,
+    ) -> Result<Response<AddNetworkReply>, Status> {
+        let r = req.into_inner();
+        let span = info_span!("AddNetwork", pod = %format!("{}/{}", r.k8s_pod_namespace, r.k8s_pod_name), container = %r.container_id, ifname = %r.if_name);
+        async move {
+            check_client(&r.client_version, "AddNetwork");
+            let s = &self.0;
+            if r.container_id.is_empty() || r.if_name.is_empty() {
+                return Ok(add_refusal(
+                    FailureReason::InvalidRequest,
+                    "ContainerID and IfName are required".into(),
+                ));
+            }
+            if !s.initialised.load(Ordering::Acquire) {
+                return Ok(add_refusal(
+                    FailureReason::NotReady,
+                    "ipamd is still initialising: no ENI addresses loaded yet".into(),
+                ));
+            }
+            let key = Key {
+                network_name: r.network_name.clone(),
+                container_id: r.container_id.clone(),
+                ifname: r.if_name.clone(),
+            };
+            let pod = PodMeta {
+                namespace: r.k8s_pod_namespace.clone(),
+                name: r.k8s_pod_name.clone(),
+                uid: r.k8s_pod_uid.clone(),
+            };
+            let (res, gen) = {
+                let mut ds = s.ds.lock().await;
+                let res = ds.assign(key, pod, SystemTime::now());
+                (res, ds.generation())
+            };
+            s.pool_changed.notify_one();
+            let alloc = match res {
+                Ok(a) => a,
+                Err(e @ AssignError::MaxPods(_)) => {
+                    warn!(error = %e, "refused");
+                    return Ok(add_refusal(FailureReason::MaxPodsReached, e.to_string()));
+                }
+                Err(e @ AssignError::PoolEmpty { .. }) => {
+                    let msg = format!("{e}; instance limit {}", s.capacity);
+                    warn!(error = %msg, "refused");
+                    s.update_health().await;
+                    return Ok(add_refusal(FailureReason::PoolEmpty, msg));
+                }
+            };
+            if let Err(e) = s.committer.commit(gen).await {
+                return Ok(add_refusal(FailureReason::Internal, e));
+            }
+            info!(ip = %alloc.ip, eni = %alloc.eni_id, "assigned");
+            s.update_health().await;
+            Ok(Response::new(AddNetworkReply {
+                success: true,
+                ip_address: vec![ip_msg(&alloc)],
+                use_external_snat: s.external_snat,
+                vp_cv4_cid_rs: s.vpc_cidrs.clone(),
+                ..Default::default()
+            }))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn del_network(
+        &self,
+        req: Request<DelNetworkRequest>,
+    ) -> Result<Response<DelNetworkReply>, Status> {
+        let r = req.into_inner();
+        let span = info_span!("DelNetwork", pod = %format!("{}/{}", r.k8s_pod_namespace, r.k8s_pod_name), container = %r.container_id, ifname = %r.if_name, reason = %r.reason);
+        async move {
+            check_client(&r.client_version, "DelNetwork");
+            let s = &self.0;
+            let key = Key {
+                network_name: r.network_name.clone(),
+                container_id: r.container_id.clone(),
+                ifname: r.if_name.clone(),
+            };
+            let (released, gen) = {
+                let mut ds = s.ds.lock().await;
+                let a = ds.release(&key, SystemTime::now());
+                (a, ds.generation())
+            };
+            let Some(a) = released else {
+                info!("no allocation for this attachment; nothing to release");
+                return Ok(Response::new(DelNetworkReply {
+                    success: true,
+                    ..Default::default()
+                }));
+            };
+            if let Err(e) = s.committer.commit(gen).await {
+                return Ok(Response::new(DelNetworkReply {
+                    success: false,
+                    failure_reason: FailureReason::Internal as i32,
+                    message: e,
+                    ..Default::default()
+                }));
+            }
+            s.pool_changed.notify_one();
+            info!(ip = %a.ip, "released into cooldown");
+            s.update_health().await;
+            Ok(Response::new(DelNetworkReply {
+                success: true,
+                ip_address: vec![ip_msg(&a)],
+                ..Default::default()
+            }))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+        let s = &self.0;
+        if !s.initialised.load(Ordering::Acquire) {
+            return Ok(Response::new(StatusReply {
+                ready: false,
+                reason: FailureReason::NotReady as i32,
+                message: "ipamd is still initialising".into(),
+                available_addresses: 0,
+            }));
+        }
+        let ds = s.ds.lock().await;
+        let st = ds.stats();
+        let now = SystemTime::now();
+        let ready = ds.can_allocate(now);
+        let (reason, message) = if ready {
+            (FailureReason::Unspecified, String::new())
+        } else if st.assigned >= ds.max_pods() {
+            (
+                FailureReason::MaxPodsReached,
+                format!("max pods reached ({})", ds.max_pods()),
+            )
+        } else {
+            (
+                FailureReason::PoolEmpty,
+                format!(
+                    "no IP address available: pool empty ({} assigned, {} in cooldown); instance limit {}",
+                    st.assigned, st.cooldown, s.capacity
+                ),
+            )
+        };
+        Ok(Response::new(StatusReply {
+            ready,
+            reason: reason as i32,
+            message,
+            available_addresses: st.available as i32,
+        }))
+    }
+
+    async fn garbage_collect(&self, req: Request<GcRequest>) -> Result<Response<GcReply>, Status> {
+        let r = req.into_inner();
+        let s = &self.0;
+        let valid: HashSet<(String, String)> = r
+            .valid_attachments
+            .iter()
+            .map(|a| (a.container_id.clone(), a.if_name.clone()))
+            .collect();
+        let (released, gen) = {
+            let mut ds = s.ds.lock().await;
+            let stale: Vec<Key> = ds
+                .allocations()
+                .filter(|a| a.key.network_name == r.network_name)
+                .filter(|a| !valid.contains(&(a.key.container_id.clone(), a.key.ifname.clone())))
+                .map(|a| a.key.clone())
+                .collect();
+            let now = SystemTime::now();
+            let released: Vec<_> = stale.iter().filter_map(|k| ds.release(k, now)).collect();
+            (released, ds.generation())
+        };
+        if released.is_empty() {
+            return Ok(Response::new(GcReply {
+                success: true,
+                ..Default::default()
+            }));
+        }
+        let res = s.committer.commit(gen).await;
+        for a in &released {
+            info!(container = %a.key.container_id, ip = %a.ip, "GC released stale allocation");
+        }
+        s.pool_changed.notify_one();
+        s.update_health().await;
+        Ok(Response::new(GcReply {
+            success: res.is_ok(),
+            message: res.err().unwrap_or_default(),
+            released: released
+                .iter()
+                .map(|a| ReleasedAttachment {
+                    container_id: a.key.container_id.clone(),
+                    if_name: a.key.ifname.clone(),
+                    ip_address: Some(ip_msg(a)),
+                })
+                .collect(),
+        }))
+    }
+}
+
+/// Bind the socket (replacing a stale file, mode 0660) and serve until `shutdown` resolves.
+pub async fn serve(
+    socket: &Path,
+    shared: Arc<Shared>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    match std::fs::remove_file(socket) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("remove stale socket {}", socket.display()))
+        }
+        _ => {}
+    }
+    let listener =
+        UnixListener::bind(socket).with_context(|| format!("bind {}", socket.display()))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("chmod {}", socket.display()))?;
+    info!(socket = %socket.display(), "serving CNIBackend and health");
+    let health_svc = health_service(&shared);
+    tonic::transport::Server::builder()
+        .add_service(health_svc)
+        .add_service(CniBackendServer::new(Backend(shared)))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+        .context("gRPC server")
+}
+
+fn health_service(
+    shared: &Shared,
+) -> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health> {
+    tonic_health::pb::health_server::HealthServer::new(
+        tonic_health::server::HealthService::from_health_reporter(shared.health.clone()),
+    )
+}

@@ -1,0 +1,189 @@
+//! Running the real `ipamd` binary for a test, and talking to it over its socket.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cni_proto::cni_backend_client::CniBackendClient;
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+pub struct Ipamd {
+    pub child: Option<Child>,
+    pub socket: PathBuf,
+    pub checkpoint: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Ipamd {
+    /// Start ipamd with `env` (plus socket, checkpoint and log paths under `dir`), optionally
+    /// inside network namespace `netns`, and wait until its socket accepts connections.
+    pub fn start(dir: &Path, netns: Option<&str>, env: &[(&str, &str)]) -> Ipamd {
+        let socket = dir.join("ipamd.sock");
+        let checkpoint = dir.join("ipam.json");
+        let log = dir.join("ipamd.log");
+        let bin = crate::bin("ipamd");
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("IPAMD_SOCKET_PATH", &socket)
+            .env("AWS_VPC_K8S_CNI_BACKING_STORE", &checkpoint)
+            .env("AWS_VPC_K8S_CNI_LOG_FILE", &log)
+            .env("AWS_VPC_K8S_CNI_LOGLEVEL", "DEBUG")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        let child = cmd.spawn().expect("spawn ipamd");
+        let mut d = Ipamd {
+            child: Some(child),
+            socket,
+            checkpoint,
+            log,
+        };
+        d.wait_ready();
+        d
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("ipamd exited early with {st}; log:\n{}", self.log_text());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("ipamd did not come up; log:\n{}", self.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix_kill(c.id());
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn nix_kill(pid: u32) -> std::io::Result<()> {
+    let st = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("kill failed"))
+    }
+}
+
+impl Drop for Ipamd {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub async fn channel(socket: &Path) -> Channel {
+    let path = socket.to_path_buf();
+    Endpoint::from_static("http://ipamd.sock")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+        }))
+        .await
+        .expect("connect to ipamd")
+}
+
+pub async fn client(socket: &Path) -> CniBackendClient<Channel> {
+    CniBackendClient::new(channel(socket).await)
+}
+
+/// grpc.health.v1 status of service "" ("SERVING", "NOT_SERVING", ...).
+pub async fn health(socket: &Path) -> String {
+    use tonic_health::pb::health_client::HealthClient;
+    let mut h = HealthClient::new(channel(socket).await);
+    let r = h
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health check")
+        .into_inner();
+    r.status().as_str_name().to_string()
+}
+
+/// A node file for standalone ipamd: `enis` of (device number, primary IP, secondary IPs).
+pub fn node_file(dir: &Path, instance_type: &str, enis: &[(u32, String, Vec<String>)]) -> PathBuf {
+    let p = dir.join("node.json");
+    let enis: Vec<_> = enis
+        .iter()
+        .map(|(dev, pip, ips)| {
+            serde_json::json!({
+                "id": format!("eni-{dev:04}"),
+                "deviceNumber": dev,
+                "subnetCidr": "10.0.0.0/16",
+                "primaryIp": pip,
+                "ips": ips,
+            })
+        })
+        .collect();
+    std::fs::write(
+        &p,
+        serde_json::json!({
+            "instanceId": "i-0123456789abcdef0",
+            "instanceType": instance_type,
+            "vpcCidrs": ["10.0.0.0/16"],
+            "enis": enis,
+        })
+        .to_string(),
+    )
+    .unwrap();
+    p
+}
+
+/// `n` ENIs, each with a primary IP and `per` secondary IPs, from 10.0.<dev+1>.x.
+pub fn enis(n: u32, per: u32) -> Vec<(u32, String, Vec<String>)> {
+    (0..n)
+        .map(|d| {
+            (
+                d,
+                format!("10.0.{}.10", d + 1),
+                (0..per)
+                    .map(|i| format!("10.0.{}.{}", d + 1, 11 + i))
+                    .collect(),
+            )
+        })
+        .collect()
+}
