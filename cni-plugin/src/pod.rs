@@ -33,7 +33,7 @@ pub struct PodNet {
 }
 
 impl PodNet {
-    fn to_rule(&self) -> Rule {
+    fn rule_to_pod(&self) -> Rule {
         Rule {
             priority: TO_POD_RULE_PRIORITY,
             table: MAIN_TABLE,
@@ -42,8 +42,8 @@ impl PodNet {
         }
     }
 
-    fn from_rule(&self) -> Option<Rule> {
-        (self.route_table != MAIN_TABLE).then(|| Rule {
+    fn rule_from_pod(&self) -> Option<Rule> {
+        (self.route_table != MAIN_TABLE).then_some(Rule {
             priority: FROM_POD_RULE_PRIORITY,
             table: self.route_table,
             src: Some(self.ip),
@@ -127,10 +127,10 @@ pub async fn setup(host: &Netlink, pod: &Netlink, ns: &File, p: &PodNet) -> Resu
     host.replace_route(host_route(p.ip, hidx, MAIN_TABLE))
         .await
         .map_err(|e| netlink(&format!("add host route to {}", p.ip), e))?;
-    host.add_rule(&p.to_rule())
+    host.add_rule(&p.rule_to_pod())
         .await
         .map_err(|e| netlink(&format!("add rule to {} lookup main", p.ip), e))?;
-    if let Some(r) = p.from_rule() {
+    if let Some(r) = p.rule_from_pod() {
         host.add_rule(&r)
             .await
             .map_err(|e| netlink(&format!("add rule from {} lookup {}", p.ip, r.table), e))?;
@@ -277,13 +277,13 @@ pub async fn check(host: &Netlink, pod: &Netlink, p: &PodNet) -> Result<()> {
         .rules_v4()
         .await
         .map_err(|e| netlink("list host rules", e))?;
-    if !rules.contains(&p.to_rule()) {
+    if !rules.contains(&p.rule_to_pod()) {
         return Err(check_failed(format!(
             "host rule 'to {} lookup main' at priority {TO_POD_RULE_PRIORITY} is missing",
             p.ip
         )));
     }
-    if let Some(r) = p.from_rule() {
+    if let Some(r) = p.rule_from_pod() {
         if !rules.contains(&r) {
             return Err(check_failed(format!(
                 "host rule 'from {} lookup {}' at priority {FROM_POD_RULE_PRIORITY} is missing",

@@ -84,3 +84,31 @@ pub fn ping(ns: &str, dst: &str) -> bool {
 pub fn ping_eventually(ns: &str, dst: &str) -> bool {
     (0..3).any(|_| ping(ns, dst))
 }
+
+/// The libcni-based client (tests/cniclient), built once per test process into the target dir.
+pub fn cniclient() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("cniclient");
+            let out_dir = bin("aws-cni")
+                .parent()
+                .expect("bin dir")
+                .join("cniclient-build");
+            std::fs::create_dir_all(&out_dir).expect("mkdir");
+            let out = out_dir.join("cniclient");
+            let st = Command::new("go")
+                .args(["build", "-o"])
+                .arg(&out)
+                .arg(".")
+                .current_dir(&src)
+                .env("GOPATH", format!("{}:/usr/share/gocode", out_dir.display()))
+                .env("GO111MODULE", "off")
+                .env("GOCACHE", out_dir.join("cache"))
+                .status()
+                .expect("run go build (apt: golang-go golang-github-appc-cni-dev)");
+            assert!(st.success(), "building the libcni client failed");
+            out
+        })
+        .clone()
+}

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install what the build and the tests need on a fresh Debian machine (run as root).
+# Idempotent: packages already present are not reinstalled.
+set -euo pipefail
+
+pkgs=(iproute2 iptables nftables conntrack iputils-ping procps python3
+      containernetworking-plugins golang-go golang-github-appc-cni-dev
+      protobuf-compiler libprotobuf-dev)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+command -v cargo >/dev/null || { echo "setup: cargo not found (rustup toolchain expected)" >&2; exit 1; }
+[[ $(id -u) == 0 ]] || { echo "setup: the tests create network namespaces and need root" >&2; exit 1; }

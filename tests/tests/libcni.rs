@@ -1,0 +1,207 @@
+//! A real CNI client (libcni, as containerd and CRI-O use it) drives the conflist
+//! `aws-cni` + Debian's `portmap` against the real ipamd, inside a node namespace.
+
+use std::process::Command;
+
+use integration::ipamd_proc::{enis, node_file, Ipamd};
+use integration::netns::Netns;
+use integration::{cniclient, ping_eventually, sh};
+use serde_json::{json, Value};
+
+const NODE_IP: &str = "192.168.250.1";
+
+struct Client<'a> {
+    node: &'a Netns,
+    conflist: std::path::PathBuf,
+    bindir: std::path::PathBuf,
+    cache: std::path::PathBuf,
+}
+
+impl Client<'_> {
+    fn run(
+        &self,
+        cmd: &str,
+        cid: &str,
+        pod: &Netns,
+        name: &str,
+        ports: &str,
+    ) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.node.name])
+            .arg(cniclient())
+            .arg(cmd)
+            .arg(&self.conflist)
+            .arg(&self.bindir)
+            .arg(&self.cache)
+            .args([cid, &pod.path(), "eth0", "default", name, ports])
+            .output()
+            .unwrap()
+    }
+    fn ok(&self, cmd: &str, cid: &str, pod: &Netns, name: &str, ports: &str) -> String {
+        let out = self.run(cmd, cid, pod, name, ports);
+        assert!(
+            out.status.success(),
+            "{cmd} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+fn iptables_save(ns: &Netns) -> String {
+    String::from_utf8_lossy(&ns.exec(&["iptables-save"]).stdout).into_owned()
+}
+
+#[test]
+fn libcni_drives_aws_cni_and_portmap_with_real_ipamd() {
+    let node = Netns::new("lcn");
+    sh(&[
+        "ip",
+        "-n",
+        &node.name,
+        "addr",
+        "add",
+        &format!("{NODE_IP}/32"),
+        "dev",
+        "lo",
+    ]);
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &node.name,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let nf = node_file(dir.path(), "t3.medium", &enis(2, 5));
+    let d = Ipamd::start(
+        dir.path(),
+        Some(&node.name),
+        &[("IPAMD_NODE_FILE", nf.to_str().unwrap())],
+    );
+
+    let bindir = dir.path().join("bin");
+    std::fs::create_dir_all(&bindir).unwrap();
+    std::os::unix::fs::symlink(integration::bin("aws-cni"), bindir.join("aws-cni")).unwrap();
+    std::os::unix::fs::symlink("/usr/lib/cni/portmap", bindir.join("portmap")).unwrap();
+    let conflist = dir.path().join("10-aws.conflist");
+    std::fs::write(
+        &conflist,
+        json!({
+            "cniVersion": "1.0.0",
+            "name": "aws-cni",
+            "disableCheck": false,
+            "plugins": [
+                {
+                    "name": "aws-cni", "type": "aws-cni", "vethPrefix": "eni", "mtu": "9001",
+                    "podSGEnforcingMode": "strict",
+                    "pluginLogFile": dir.path().join("plugin.log"), "pluginLogLevel": "DEBUG",
+                    "ipamdSocket": d.socket, "stateDir": dir.path().join("state"),
+                },
+                { "type": "portmap", "capabilities": { "portMappings": true }, "snat": true }
+            ]
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let c = Client {
+        node: &node,
+        conflist,
+        bindir,
+        cache: dir.path().join("cache"),
+    };
+
+    let web = Netns::new("lcw");
+    let cli = Netns::new("lcc");
+    let ports = r#"[{"hostPort":8080,"containerPort":80,"protocol":"tcp"}]"#;
+    let res: Value = serde_json::from_str(&c.ok("add", "cid-web", &web, "web", ports)).unwrap();
+    let web_ip = res["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let res2: Value = serde_json::from_str(&c.ok("add", "cid-cli", &cli, "cli", "")).unwrap();
+    let cli_ip = res2["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    assert_ne!(web_ip, cli_ip);
+
+    let rules = iptables_save(&node);
+    assert!(rules.contains("CNI-HOSTPORT-DNAT"), "{rules}");
+    assert!(
+        rules.contains(&format!("--to-destination {web_ip}:80")),
+        "{rules}"
+    );
+
+    // Pod to pod through the host, and the port mapping from the other pod.
+    assert!(ping_eventually(&cli.name, &web_ip), "pod to pod");
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &web.name, "python3", "-c",
+            "import socket;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('0.0.0.0',80));s.listen(1);c,a=s.accept();c.sendall(('hello '+a[0]).encode());c.close()"])
+        .spawn()
+        .unwrap();
+    let mut got = String::new();
+    for _ in 0..50 {
+        let out = cli.exec(&["python3", "-c",
+            &format!("import socket;s=socket.create_connection(('{NODE_IP}',8080),timeout=2);print(s.recv(100).decode())")]);
+        if out.status.success() {
+            got = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        got.starts_with("hello "),
+        "port mapping 8080 -> {web_ip}:80 not reachable: {got:?}"
+    );
+
+    // CHECK through libcni. Debian's portmap 1.1.1 fails CHECK for any IPv4-only pod once
+    // ip6tables works (it looks for an IPv6 DNAT chain it never made), so the chain's CHECK is
+    // run on the aws-cni entry alone; libcni hands it the cached result of the whole chain.
+    let only_aws = dir.path().join("check.conflist");
+    let mut cl: Value = serde_json::from_slice(&std::fs::read(&c.conflist).unwrap()).unwrap();
+    cl["plugins"].as_array_mut().unwrap().truncate(1);
+    std::fs::write(&only_aws, cl.to_string()).unwrap();
+    let checker = Client {
+        node: &node,
+        conflist: only_aws,
+        bindir: c.bindir.clone(),
+        cache: c.cache.clone(),
+    };
+    checker.ok("check", "cid-web", &web, "web", ports);
+    // And CHECK notices damage: the pod's default route removed.
+    sh(&["ip", "-n", &web.name, "route", "del", "default"]);
+    let out = checker.run("check", "cid-web", &web, "web", ports);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("default route"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.ok("del", "cid-web", &web, "web", ports);
+    c.ok("del", "cid-cli", &cli, "cli", "");
+    // DEL twice is fine.
+    c.ok("del", "cid-cli", &cli, "cli", "");
+
+    let rules = iptables_save(&node);
+    assert!(
+        !rules.contains(&format!("{web_ip}:80")),
+        "portmap rules left: {rules}"
+    );
+    assert!(node.links().is_empty(), "links left: {:?}", node.links());
+    assert!(node.rules().is_empty(), "rules left: {:?}", node.rules());
+    assert!(web.links().is_empty() && cli.links().is_empty());
+    let ck: Value = serde_json::from_slice(&std::fs::read(&d.checkpoint).unwrap()).unwrap();
+    assert!(ck["allocations"].as_array().unwrap().is_empty(), "{ck}");
+}
