@@ -6,4 +6,10 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 # The cross-binary tests run target/debug/{aws-cni,ipamd}: build every binary first.
 cargo build --workspace --bins --tests
-cargo test --workspace --no-fail-fast
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+rc=0
+cargo test --workspace --lib --bins --tests --no-fail-fast 2>&1 | tee "$log" || rc=$?
+# One closing line over all test binaries.
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$rc"
