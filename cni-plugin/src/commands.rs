@@ -11,7 +11,7 @@ use crate::config::{Attachment, CniEnv, NetConf};
 use crate::error::{CniError, Code, Result};
 use crate::ipam::IpamClient;
 use crate::naming::host_veth_name;
-use crate::netlink::{link_mac, mac_string, Netlink, MAIN_TABLE};
+use crate::netlink::{link_mac, mac_string, Netlink};
 use crate::pod::{self, PodNet};
 use crate::result::{AddResult, PrevResult};
 use crate::state::{SandboxState, StateStore};
@@ -54,14 +54,13 @@ fn pod_netlink(ns: &File, path: &str) -> Result<Netlink> {
     })
 }
 
-/// ipamd's table for the address: the primary ENI (device 0) routes through main.
+/// The table for the address: ipamd's `RouteTableId` for a secondary ENI, upstream's rule
+/// when an older ipamd left it unset; the primary ENI (device 0) routes through main.
 fn route_table(ip: &cni_proto::IpAddress) -> u32 {
-    if ip.device_number <= 0 {
-        MAIN_TABLE
-    } else if ip.route_table_id > 0 {
+    if ip.device_number > 0 && ip.route_table_id > 0 {
         ip.route_table_id as u32
     } else {
-        ip.device_number as u32 + 1
+        cni_proto::route_table_for_device(ip.device_number.max(0) as u32)
     }
 }
 
@@ -403,6 +402,7 @@ async fn gc(conf: &NetConf) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::netlink::MAIN_TABLE;
 
     #[test]
     fn primary_eni_routes_via_main() {

@@ -129,30 +129,9 @@ impl NetConf {
     }
 }
 
-/// Upstream caps the prefix at 4 characters so prefix + 11 hex chars fits IFNAMSIZ (15).
 pub fn validate_veth_prefix(p: &str) -> Result<()> {
-    if p.is_empty() || p.len() > 4 {
-        return Err(CniError::new(
-            Code::InvalidConfig,
-            format!("vethPrefix {p:?} must be 1 to 4 characters"),
-        ));
-    }
-    if !p
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
-        return Err(CniError::new(
-            Code::InvalidConfig,
-            format!("vethPrefix {p:?} has characters not allowed in an interface name"),
-        ));
-    }
-    if matches!(p, "eth" | "lo" | "vlan") {
-        return Err(CniError::new(
-            Code::InvalidConfig,
-            format!("vethPrefix {p:?} is reserved for other interfaces"),
-        ));
-    }
-    Ok(())
+    cni_proto::naming::validate_veth_prefix(p)
+        .map_err(|why| CniError::new(Code::InvalidConfig, format!("vethPrefix: {why}")))
 }
 
 /// `mtu` comes as a string in upstream's conflist template and as a number elsewhere.

@@ -6,14 +6,8 @@ use std::sync::Mutex;
 use tracing_subscriber::filter::LevelFilter;
 
 fn level(s: &str) -> LevelFilter {
-    match s.to_ascii_lowercase().as_str() {
-        "trace" => LevelFilter::TRACE,
-        "debug" => LevelFilter::DEBUG,
-        "warn" | "warning" => LevelFilter::WARN,
-        "error" => LevelFilter::ERROR,
-        "off" | "none" => LevelFilter::OFF,
-        _ => LevelFilter::INFO,
-    }
+    // tracing's parser takes upstream's level names in any case ("DEBUG", "Info", "off").
+    s.trim().parse().unwrap_or(LevelFilter::INFO)
 }
 
 /// Best effort: a log file we cannot open must not fail pod creation.

@@ -17,7 +17,7 @@ use netlink_packet_route::AddressFamily;
 use nix::errno::Errno;
 use rtnetlink::{Handle, IpVersion, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
-pub const MAIN_TABLE: u32 = 254;
+pub use cni_proto::MAIN_TABLE;
 
 pub type NlResult<T> = Result<T, rtnetlink::Error>;
 

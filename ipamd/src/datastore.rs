@@ -10,8 +10,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use std::time::{Duration, SystemTime};
 
-/// The primary ENI's pods route through the main table.
-pub const MAIN_TABLE: u32 = 254;
+pub use cni_proto::MAIN_TABLE;
 
 /// An allocation's identity: the CNI triple.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -68,10 +67,10 @@ pub struct Eni {
 impl Eni {
     /// Route table id: main for the primary ENI, device number + 1 otherwise (as upstream).
     pub fn route_table(&self) -> u32 {
-        if self.primary || self.device_number == 0 {
+        if self.primary {
             MAIN_TABLE
         } else {
-            self.device_number + 1
+            cni_proto::route_table_for_device(self.device_number)
         }
     }
 }

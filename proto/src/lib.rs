@@ -3,8 +3,9 @@
 //! `rpc.proto` keeps upstream's package, service, message and field names and numbers so
 //! that an upstream plugin can talk to our ipamd and the other way round. Everything we add
 //! uses field numbers from 100 up, which upstream has never used.
-#![allow(clippy::all)]
 
+// Generated code: lints are prost's and tonic's business.
+#[allow(clippy::all)]
 pub mod rpc {
     tonic::include_proto!("rpc");
 }
@@ -23,4 +24,29 @@ pub const DEFAULT_SOCKET: &str = "/var/run/aws-node/ipamd.sock";
 pub fn major(version: &str) -> &str {
     let v = version.trim_start_matches('v');
     v.split('.').next().unwrap_or(v)
+}
+
+/// Route table of the main routing table, where the primary ENI's pods are routed.
+pub const MAIN_TABLE: u32 = 254;
+
+/// Upstream's per-ENI route table: the primary ENI (device 0) uses main, every other ENI
+/// the table numbered device number + 1. Plugin and ipamd must agree on it.
+pub fn route_table_for_device(device_number: u32) -> u32 {
+    if device_number == 0 {
+        MAIN_TABLE
+    } else {
+        device_number + 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_tables() {
+        assert_eq!(route_table_for_device(0), MAIN_TABLE);
+        assert_eq!(route_table_for_device(2), 3);
+        assert_eq!(major("v1.19.2"), "1");
+    }
 }

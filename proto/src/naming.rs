@@ -13,6 +13,29 @@ pub fn host_veth_name(prefix: &str, pod_namespace: &str, pod_name: &str) -> Stri
     format!("{prefix}{}", &hex[..11])
 }
 
+/// Upstream's rule for `vethPrefix` / `AWS_VPC_K8S_CNI_VETHPREFIX`: at most 4 characters so
+/// prefix + 11 hex characters fits an interface name (15), and not a prefix other interfaces
+/// use. Both the plugin and ipamd check it, with the same words.
+pub fn validate_veth_prefix(p: &str) -> Result<(), String> {
+    if p.is_empty() || p.len() > 4 {
+        return Err(format!("veth prefix {p:?} must be 1 to 4 characters"));
+    }
+    if !p
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(format!(
+            "veth prefix {p:?} has characters not allowed in an interface name"
+        ));
+    }
+    if matches!(p, "eth" | "lo" | "vlan") {
+        return Err(format!(
+            "veth prefix {p:?} is reserved for other interfaces"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -27,6 +50,14 @@ mod tests {
         assert_eq!(n, format!("eni{}", &sha1_hex("default.nginx")[..11]));
         assert_ne!(n, host_veth_name("eni", "default", "nginx2"));
         assert!(host_veth_name("abcd", "ns", "p").len() <= 15);
+    }
+
+    #[test]
+    fn veth_prefix_rules() {
+        assert!(validate_veth_prefix("eni").is_ok());
+        for bad in ["", "toolong", "eth", "lo", "vlan", "a/b"] {
+            assert!(validate_veth_prefix(bad).is_err(), "{bad:?}");
+        }
     }
 
     fn sha1_hex(s: &str) -> String {
