@@ -235,7 +235,6 @@ struct Progress {
 /// Group commit: after changing the datastore a caller takes its generation and waits until a
 /// write covering it is durable. One writer task; a write snapshots everything changed so far.
 pub struct Committer {
-    path: PathBuf,
     wanted: watch::Sender<u64>,
     done: watch::Receiver<Progress>,
     writes: Arc<std::sync::atomic::AtomicU64>,
@@ -282,7 +281,6 @@ impl Committer {
             }
         });
         Arc::new(Committer {
-            path,
             wanted: wanted_tx,
             done: done_rx,
             writes,
@@ -292,10 +290,6 @@ impl Committer {
     /// File writes so far (each covers every change made before it started).
     pub fn writes(&self) -> u64 {
         self.writes.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Wait until the datastore state of generation `gen` is on disk.
@@ -442,7 +436,7 @@ mod tests {
         let c = Committer::start(p.clone(), ds.clone());
         let mut tasks = Vec::new();
         for i in 0..100 {
-            let (ds, c) = (ds.clone(), c.clone());
+            let (ds, c, p) = (ds.clone(), c.clone(), p.clone());
             tasks.push(tokio::spawn(async move {
                 let gen = {
                     let mut g = ds.lock().await;
@@ -460,7 +454,7 @@ mod tests {
                 };
                 c.commit(gen).await.unwrap();
                 // Durable by now: the file holds this container.
-                let l = load(&p_of(&c));
+                let l = load(&p);
                 assert!(l.entries.iter().any(|e| e.container_id == format!("c{i}")));
             }));
         }
@@ -479,10 +473,6 @@ mod tests {
         // 100 concurrent changes shared far fewer writes than one fsync each.
         eprintln!("group commit: {} writes for 100 changes", c.writes());
         assert!(c.writes() < 50, "{} writes for 100 changes", c.writes());
-    }
-
-    fn p_of(c: &Committer) -> PathBuf {
-        c.path().to_path_buf()
     }
 
     #[tokio::test(flavor = "current_thread")]

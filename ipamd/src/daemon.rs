@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context};
-use tokio::sync::{Mutex, Notify};
+use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use crate::checkpoint::{self, Committer};
@@ -96,7 +96,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         )
     })?;
     let max_pods = maxpods::node_max_pods(limits, cfg.max_eni, cfg.prefix_delegation) as usize;
-    let enis_allowed = cfg.max_eni.map_or(limits.enis, |m| m.min(limits.enis));
+    let enis_allowed = maxpods::pod_enis(limits, cfg.max_eni, false);
     let capacity = format!(
         "{}: {} ENIs x {} IPv4 addresses ({} for pods), max pods {}",
         node.instance_type,
@@ -138,10 +138,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let committer = Committer::start(cfg.backing_store.clone(), ds.clone());
     // Persist what restore dropped, so the file agrees with memory before the first reply.
     let gen = ds.lock().await.generation();
-    committer
-        .commit(gen.max(1))
-        .await
-        .map_err(anyhow::Error::msg)?;
+    committer.commit(gen).await.map_err(anyhow::Error::msg)?;
 
     let (health, _) = tonic_health::server::health_reporter();
     let shared = Arc::new(Shared {
@@ -151,7 +148,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         external_snat: cfg.external_snat,
         capacity,
         initialised: Default::default(),
-        pool_changed: Notify::new(),
         health,
     });
     shared.initialised.store(true, Ordering::Release);
@@ -163,7 +159,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let mut t = tokio::time::interval(Duration::from_secs(1));
         loop {
             t.tick().await;
-            ticker.ds.lock().await.expire_cooldowns(SystemTime::now());
             ticker.update_health().await;
         }
     });

@@ -125,7 +125,6 @@ pub struct Datastore {
     free: VecDeque<(Ipv4Addr, u64)>,
     cooldown: VecDeque<(Ipv4Addr, u64, SystemTime)>,
     allocations: HashMap<Key, Allocation>,
-    by_ip: HashMap<Ipv4Addr, Key>,
     assigned: usize,
     cooling: usize,
     next_gen: u64,
@@ -141,7 +140,6 @@ impl Datastore {
             free: VecDeque::new(),
             cooldown: VecDeque::new(),
             allocations: HashMap::new(),
-            by_ip: HashMap::new(),
             assigned: 0,
             cooling: 0,
             next_gen: 0,
@@ -152,10 +150,6 @@ impl Datastore {
 
     pub fn max_pods(&self) -> usize {
         self.max_pods
-    }
-
-    pub fn set_max_pods(&mut self, n: usize) {
-        self.max_pods = n;
     }
 
     /// Changes so far; grows with every change of state (for the group-committed checkpoint).
@@ -237,18 +231,16 @@ impl Datastore {
     /// Drop a free secondary IP from its ENI (it is being unassigned in EC2). Refused while
     /// the address is assigned or cooling down.
     pub fn remove_ip(&mut self, ip: Ipv4Addr) -> bool {
-        match self.addrs.get(&ip) {
-            Some(a) if a.state == AddrState::Free => {
-                let eni = a.eni.clone();
-                self.next_gen += 1;
-                self.addrs.remove(&ip);
-                if let Some(e) = self.enis.get_mut(&eni) {
-                    e.ips.retain(|x| *x != ip);
-                }
-                true
-            }
-            _ => false,
+        let Some(a) = self.addrs.get(&ip).filter(|a| a.state == AddrState::Free) else {
+            return false;
+        };
+        let eni = a.eni.clone();
+        self.addrs.remove(&ip);
+        self.gen();
+        if let Some(e) = self.enis.get_mut(&eni) {
+            e.ips.retain(|x| *x != ip);
         }
+        true
     }
 
     /// Drop a prefix whose 16 addresses are all free.
@@ -382,7 +374,6 @@ impl Datastore {
             allocated_at: at,
         };
         self.assigned += 1;
-        self.by_ip.insert(ip, key.clone());
         self.allocations.insert(key, alloc.clone());
         alloc
     }
@@ -432,7 +423,6 @@ impl Datastore {
     pub fn release(&mut self, key: &Key, now: SystemTime) -> Option<Allocation> {
         let alloc = self.allocations.remove(key)?;
         self.gen();
-        self.by_ip.remove(&alloc.ip);
         self.assigned -= 1;
         if self.addrs.contains_key(&alloc.ip) {
             self.start_cooldown(alloc.ip, now);
@@ -460,10 +450,6 @@ impl Datastore {
         self.enis.values()
     }
 
-    pub fn eni(&self, id: &str) -> Option<&Eni> {
-        self.enis.get(id)
-    }
-
     pub fn stats(&self) -> Stats {
         let total = self.addrs.len();
         Stats {
@@ -489,16 +475,11 @@ impl Datastore {
         Some(s)
     }
 
-    /// Can an ADD get an address right now (health, STATUS)?
-    pub fn can_allocate(&self, now: SystemTime) -> bool {
-        if self.assigned >= self.max_pods {
-            return false;
-        }
-        let s = self.stats();
-        s.available > 0
-            || self.cooldown.front().is_some_and(|(_, _, at)| {
-                now.duration_since(*at).unwrap_or_default() >= self.cooldown_period
-            })
+    /// Can an ADD get an address right now (health, STATUS)? Expired cooldowns are freed
+    /// first, so the answer is the one an ADD would get.
+    pub fn can_allocate(&mut self, now: SystemTime) -> bool {
+        self.expire_cooldowns(now);
+        self.assigned < self.max_pods && self.stats().available > 0
     }
 
     /// Is `ip` assigned, cooling, free or unknown? For tests and introspection.
@@ -607,6 +588,29 @@ mod tests {
         );
         let d = ds.allocation(&key("d")).unwrap();
         assert_eq!((d.device_number, d.route_table), (1, 2));
+    }
+
+    #[test]
+    fn per_eni_stats() {
+        let mut ds = Datastore::new(Duration::from_secs(30), 100);
+        ds.add_eni(eni("eni-0", 0, &[[10, 0, 0, 1], [10, 0, 0, 2]]))
+            .unwrap();
+        ds.add_eni(eni("eni-1", 1, &[[10, 0, 1, 1]])).unwrap();
+        let a = ds.assign(key("a"), PodMeta::default(), t(0)).unwrap();
+        ds.assign(key("b"), PodMeta::default(), t(0)).unwrap();
+        ds.release(&key("a"), t(1));
+        let first = ds.eni_stats(&a.eni_id).unwrap();
+        assert_eq!(first.total, if a.eni_id == "eni-0" { 2 } else { 1 });
+        let all: Vec<Stats> = ["eni-0", "eni-1"]
+            .iter()
+            .map(|e| ds.eni_stats(e).unwrap())
+            .collect();
+        let sum = |f: fn(&Stats) -> usize| all.iter().map(f).sum::<usize>();
+        assert_eq!(sum(|s| s.total), 3);
+        assert_eq!(sum(|s| s.assigned), 1);
+        assert_eq!(sum(|s| s.cooldown), 1);
+        assert_eq!(sum(|s| s.available), 1);
+        assert_eq!(ds.eni_stats("eni-9"), None);
     }
 
     #[test]

@@ -77,7 +77,7 @@ fn formula(enis: u32, ipv4_per_eni: u32, prefixes: bool) -> u32 {
 }
 
 /// ENIs usable for pods after `MAX_ENI` and custom networking.
-fn pod_enis(limits: &InstanceLimits, max_eni: Option<u32>, custom_networking: bool) -> u32 {
+pub fn pod_enis(limits: &InstanceLimits, max_eni: Option<u32>, custom_networking: bool) -> u32 {
     let enis = max_eni.map_or(limits.enis, |m| m.min(limits.enis));
     if custom_networking {
         enis.saturating_sub(1)

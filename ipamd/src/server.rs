@@ -9,7 +9,7 @@ use std::time::SystemTime;
 use cni_proto::cni_backend_server::{CniBackend, CniBackendServer};
 use cni_proto::*;
 use tokio::net::UnixListener;
-use tokio::sync::{Mutex, Notify};
+use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
@@ -28,8 +28,6 @@ pub struct Shared {
     pub capacity: String,
     /// Set once the node's ENIs are loaded and the checkpoint restored.
     pub initialised: AtomicBool,
-    /// Woken after every allocation change, for the pool manager.
-    pub pool_changed: Notify,
     pub health: HealthReporter,
 }
 
@@ -121,7 +119,6 @@ impl CniBackend for Backend {
                 let res = ds.assign(key, pod, SystemTime::now());
                 (res, ds.generation())
             };
-            s.pool_changed.notify_one();
             let alloc = match res {
                 Ok(a) => a,
                 Err(e @ AssignError::MaxPods(_)) => {
@@ -186,7 +183,6 @@ impl CniBackend for Backend {
                     ..Default::default()
                 }));
             }
-            s.pool_changed.notify_one();
             info!(ip = %a.ip, "released into cooldown");
             s.update_health().await;
             Ok(Response::new(DelNetworkReply {
@@ -209,10 +205,9 @@ impl CniBackend for Backend {
                 available_addresses: 0,
             }));
         }
-        let ds = s.ds.lock().await;
+        let mut ds = s.ds.lock().await;
+        let ready = ds.can_allocate(SystemTime::now());
         let st = ds.stats();
-        let now = SystemTime::now();
-        let ready = ds.can_allocate(now);
         let (reason, message) = if ready {
             (FailureReason::Unspecified, String::new())
         } else if st.assigned >= ds.max_pods() {
@@ -267,7 +262,6 @@ impl CniBackend for Backend {
         for a in &released {
             info!(container = %a.key.container_id, ip = %a.ip, "GC released stale allocation");
         }
-        s.pool_changed.notify_one();
         s.update_health().await;
         Ok(Response::new(GcReply {
             success: res.is_ok(),
