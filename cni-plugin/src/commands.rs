@@ -137,7 +137,8 @@ async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value> {
         Err(e) => {
             warn!(error = %e, "wiring failed; undoing");
             if let Ok(host) = host_netlink() {
-                if let Err(te) = pod::teardown(&host, Some(&st.host_veth), ip).await {
+                let owner = pod::owner(&st.container_id, &st.ifname);
+                if let Err(te) = pod::teardown(&host, Some(&st.host_veth), Some(ip), &owner).await {
                     warn!(error = %te, "undo after failed ADD was incomplete");
                 }
             }
@@ -201,6 +202,7 @@ async fn rendered(
 fn pod_net(st: &SandboxState, mtu: u32) -> PodNet {
     PodNet {
         host_veth: st.host_veth.clone(),
+        owner: pod::owner(&st.container_id, &st.ifname),
         ifname: st.ifname.clone(),
         mtu,
         ip: st.ip,
@@ -268,15 +270,11 @@ async fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
         })
         .or(prev.and_then(|p| p.host_veth));
 
-    if let Some(ip) = ip {
+    if ip.is_some() || veth.is_some() {
         let host = host_netlink()?;
-        pod::teardown(&host, veth.as_deref(), ip).await?;
-        info!(%ip, veth = veth.as_deref().unwrap_or(""), "host side removed");
-    } else if let Some(v) = &veth {
-        let host = host_netlink()?;
-        if let Some(l) = host.link_by_name(v).await.ok().flatten() {
-            let _ = host.del_link(l.header.index).await;
-        }
+        let owner = pod::owner(&env.container_id, &env.ifname);
+        pod::teardown(&host, veth.as_deref(), ip, &owner).await?;
+        info!(ip = ?ip, veth = veth.as_deref().unwrap_or(""), "host side removed");
     }
     if let Some(e) = refused {
         // Keep the state so the runtime's retry can finish the release.
@@ -359,7 +357,8 @@ async fn gc(conf: &NetConf) -> Result<()> {
         if valid.contains(&a) {
             continue;
         }
-        pod::teardown(&host, Some(&st.host_veth), st.ip).await?;
+        let owner = pod::owner(&st.container_id, &st.ifname);
+        pod::teardown(&host, Some(&st.host_veth), Some(st.ip), &owner).await?;
         store
             .remove(&st.container_id, &st.ifname)
             .map_err(|e| CniError::new(Code::Io, format!("remove sandbox state: {e}")))?;
@@ -386,7 +385,7 @@ async fn gc(conf: &NetConf) -> Result<()> {
             continue;
         };
         if !cleaned.contains(&ip) {
-            pod::teardown(&host, None, ip).await?;
+            pod::teardown(&host, None, Some(ip), "").await?;
         }
         info!(container = %r.container_id, %ip, "ipamd released stale allocation");
     }

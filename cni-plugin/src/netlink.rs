@@ -109,6 +109,20 @@ impl Netlink {
         self.handle.link().add(msg).execute().await
     }
 
+    /// Bring a link up and label it with `alias` in the same request.
+    pub async fn set_up_with_alias(&self, index: u32, alias: &str) -> NlResult<()> {
+        self.handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .up()
+                    .alias(alias.to_string())
+                    .build(),
+            )
+            .execute()
+            .await
+    }
+
     pub async fn set_up(&self, index: u32) -> NlResult<()> {
         self.handle
             .link()
@@ -344,6 +358,16 @@ pub fn link_mac(l: &LinkMessage) -> Vec<u8> {
             _ => None,
         })
         .unwrap_or_default()
+}
+
+pub fn link_alias(l: &LinkMessage) -> &str {
+    l.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::IfAlias(s) => Some(s.as_str()),
+            _ => None,
+        })
+        .unwrap_or("")
 }
 
 pub fn link_is_up(l: &LinkMessage) -> bool {

@@ -13,8 +13,11 @@ use netlink_packet_route::neighbour::NeighbourState;
 use netlink_packet_route::route::RouteScope;
 
 use crate::error::{netlink, CniError, Code, Result};
+use nix::errno::Errno;
+
 use crate::netlink::{
-    gateway_route, host_route, link_is_up, link_mac, mac_string, Netlink, Rule, MAIN_TABLE,
+    errno, gateway_route, host_route, link_alias, link_is_up, link_mac, mac_string, Netlink, Rule,
+    MAIN_TABLE,
 };
 use crate::result::GATEWAY;
 
@@ -25,6 +28,8 @@ pub const FROM_POD_RULE_PRIORITY: u32 = 1536;
 #[derive(Debug, Clone)]
 pub struct PodNet {
     pub host_veth: String,
+    /// Which attachment made the veth (see [`owner`]); set as the host veth's alias.
+    pub owner: String,
     pub ifname: String,
     pub mtu: u32,
     pub ip: Ipv4Addr,
@@ -59,29 +64,18 @@ pub struct Wired {
 
 /// Wire the pod. On error the caller runs `teardown`, which removes whatever was made.
 pub async fn setup(host: &Netlink, pod: &Netlink, ns: &File, p: &PodNet) -> Result<Wired> {
-    // Leftovers of an earlier sandbox of the same pod (same veth name) or of a failed ADD.
-    if let Some(old) = host
-        .link_by_name(&p.host_veth)
-        .await
-        .map_err(|e| netlink("look up host veth", e))?
-    {
-        host.del_link(old.header.index)
-            .await
-            .map_err(|e| netlink("remove stale host veth", e))?;
-    }
-    if let Some(old) = pod
-        .link_by_name(&p.ifname)
-        .await
-        .map_err(|e| netlink("look up pod interface", e))?
-    {
-        pod.del_link(old.header.index)
-            .await
-            .map_err(|e| netlink("remove stale pod interface", e))?;
-    }
-
-    host.add_veth_into(&p.host_veth, &p.ifname, p.mtu, ns)
-        .await
-        .map_err(|e| netlink(&format!("create veth {} <-> {}", p.host_veth, p.ifname), e))?;
+    // The common case has nothing in the way, so try first and clean up only when the kernel
+    // says a name is taken: leftovers of an earlier sandbox of the same pod (same veth name)
+    // or of an ADD that died half-way.
+    let create = || host.add_veth_into(&p.host_veth, &p.ifname, p.mtu, ns);
+    let created = match create().await {
+        Err(e) if errno(&e) == Some(Errno::EEXIST as i32) => {
+            remove_stale(host, pod, p).await?;
+            create().await
+        }
+        r => r,
+    };
+    created.map_err(|e| netlink(&format!("create veth {} <-> {}", p.host_veth, p.ifname), e))?;
 
     let hlink = host
         .link_by_name(&p.host_veth)
@@ -104,7 +98,7 @@ pub async fn setup(host: &Netlink, pod: &Netlink, ns: &File, p: &PodNet) -> Resu
     let host_mac = link_mac(&hlink);
 
     // A veth end cannot be created up (ENOTCONN), so bring both up afterwards.
-    host.set_up(hidx)
+    host.set_up_with_alias(hidx, &p.owner)
         .await
         .map_err(|e| netlink("set host veth up", e))?;
     pod.set_up(pidx)
@@ -142,30 +136,81 @@ pub async fn setup(host: &Netlink, pod: &Netlink, ns: &File, p: &PodNet) -> Resu
     })
 }
 
-/// Remove the host side of a pod: its veth (the pod end goes with it) and its rules. If the
-/// address already belongs to a newer pod (a host route to it via another link), that pod's
-/// rules are left alone.
-pub async fn teardown(host: &Netlink, host_veth: Option<&str>, ip: Ipv4Addr) -> Result<()> {
-    let ours = match host_veth {
-        Some(name) => host
+async fn remove_stale(host: &Netlink, pod: &Netlink, p: &PodNet) -> Result<()> {
+    if let Some(old) = host
+        .link_by_name(&p.host_veth)
+        .await
+        .map_err(|e| netlink("look up host veth", e))?
+    {
+        host.del_link(old.header.index)
+            .await
+            .map_err(|e| netlink("remove stale host veth", e))?;
+    }
+    if let Some(old) = pod
+        .link_by_name(&p.ifname)
+        .await
+        .map_err(|e| netlink("look up pod interface", e))?
+    {
+        pod.del_link(old.header.index)
+            .await
+            .map_err(|e| netlink("remove stale pod interface", e))?;
+    }
+    Ok(())
+}
+
+/// The label a host veth carries: the attachment it was made for. The veth name only says
+/// which pod, and a pod's sandbox can be recreated while the old one still awaits its DEL.
+pub fn owner(container_id: &str, ifname: &str) -> String {
+    format!("{container_id}/{ifname}")
+}
+
+/// Remove the host side of an attachment: its veth (the pod end goes with it) and the rules
+/// for its address. A veth of the same name made for another attachment (a newer sandbox of
+/// the same pod) is left alone, and so are the rules when the address is already routed to
+/// another pod. A veth without a label (made by upstream's plugin) counts as ours.
+pub async fn teardown(
+    host: &Netlink,
+    host_veth: Option<&str>,
+    ip: Option<Ipv4Addr>,
+    owner: &str,
+) -> Result<()> {
+    let mut ours = None;
+    if let Some(name) = host_veth {
+        if let Some(l) = host
             .link_by_name(name)
             .await
             .map_err(|e| netlink("look up host veth", e))?
-            .map(|l| l.header.index),
-        None => None,
+        {
+            match link_alias(&l) {
+                "" => ours = Some(l.header.index),
+                a if a == owner => ours = Some(l.header.index),
+                other => tracing::info!(
+                    veth = name,
+                    owner = other,
+                    "host veth belongs to another attachment; keeping it"
+                ),
+            }
+        }
+    }
+    let taken_by_other = match ip {
+        Some(ip) => host
+            .routes_v4()
+            .await
+            .map_err(|e| netlink("list routes", e))?
+            .iter()
+            .any(|r| {
+                r.table == MAIN_TABLE && r.dst == Some((ip, 32)) && r.oif.is_some() && r.oif != ours
+            }),
+        None => false,
     };
-    let routes = host
-        .routes_v4()
-        .await
-        .map_err(|e| netlink("list routes", e))?;
-    let taken_by_other = routes.iter().any(|r| {
-        r.table == MAIN_TABLE && r.dst == Some((ip, 32)) && r.oif.is_some() && r.oif != ours
-    });
     if let Some(idx) = ours {
         host.del_link(idx)
             .await
             .map_err(|e| netlink("delete host veth", e))?;
     }
+    let Some(ip) = ip else {
+        return Ok(());
+    };
     if taken_by_other {
         tracing::info!(%ip, "address now routed to another pod; keeping its rules");
         return Ok(());
@@ -204,6 +249,14 @@ pub async fn check(host: &Netlink, pod: &Netlink, p: &PodNet) -> Result<()> {
         .ok_or_else(|| check_failed(format!("pod interface {} is missing", p.ifname)))?;
     if !link_is_up(&plink) {
         return Err(check_failed(format!("pod interface {} is down", p.ifname)));
+    }
+    if link_alias(&hlink) != p.owner {
+        return Err(check_failed(format!(
+            "host veth {} belongs to attachment {:?}, not {}",
+            p.host_veth,
+            link_alias(&hlink),
+            p.owner
+        )));
     }
     if !link_is_up(&hlink) {
         return Err(check_failed(format!("host veth {} is down", p.host_veth)));

@@ -624,3 +624,46 @@ fn version_lists_supported_versions() {
         );
     }
 }
+
+#[test]
+fn new_sandbox_of_same_pod_replaces_stale_veth() {
+    let rig = Rig::new(&[
+        (Ipv4Addr::new(10, 0, 9, 1), 1),
+        (Ipv4Addr::new(10, 0, 9, 2), 1),
+    ]);
+    let conf = rig.conf("1.0.0");
+    let old = Pod::new();
+    rig.run("ADD", Some(&old), &conf).ok();
+    // The runtime recreates the sandbox (same pod name, so same host veth name) without a
+    // DEL for the old one: the stale veth is in the way and must be replaced.
+    let mut new = Pod::new();
+    new.name = old.name.clone();
+    let res = rig.run("ADD", Some(&new), &conf).ok().json();
+    let ip = res["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    assert_eq!(ip, "10.0.9.2");
+    assert_eq!(rig.node.links(), vec![new.veth()]);
+    assert!(
+        old.ns().links().is_empty(),
+        "old sandbox lost its end with the stale veth"
+    );
+    assert!(ping_eventually(&rig.node.name, &ip));
+    // The old sandbox's late DEL must not take the new sandbox's veth (same name) with it.
+    rig.run("DEL", Some(&old), &conf).ok();
+    assert_eq!(rig.node.links(), vec![new.veth()]);
+    assert!(
+        ping_eventually(&rig.node.name, &ip),
+        "old DEL broke the new pod"
+    );
+    let mut c = conf.clone();
+    c["prevResult"] = res.clone();
+    rig.run("CHECK", Some(&new), &c).ok();
+    rig.run("DEL", Some(&new), &conf).ok();
+    assert_clean(&rig, &new, &ip);
+    assert!(!has_rule(&rig.node, 512, "dst", "10.0.9.1"));
+}
