@@ -12,14 +12,14 @@ node=awscni-demo-node
 pods=(awscni-demo-a awscni-demo-b)
 ipamd_pid=
 
+del_namespaces() { for ns in "${pods[@]}" "$node"; do ip netns del "$ns" 2>/dev/null || true; done; }
 cleanup() {
   [[ -n $ipamd_pid ]] && kill "$ipamd_pid" 2>/dev/null && wait "$ipamd_pid" 2>/dev/null || true
-  for ns in "${pods[@]}" "$node"; do ip netns del "$ns" 2>/dev/null || true; done
+  del_namespaces
   rm -rf "$work"
 }
 trap cleanup EXIT
-cleanup_leftovers() { for ns in "${pods[@]}" "$node"; do ip netns del "$ns" 2>/dev/null || true; done; }
-cleanup_leftovers
+del_namespaces # leftovers of a demo that was killed
 
 echo "== building the libcni client"
 mkdir -p target/cniclient-build

@@ -10,10 +10,8 @@ use std::process::{Command, Stdio};
 use cni_proto::FailureReason;
 use integration::fake_ipamd::FakeIpamd;
 use integration::netns::Netns;
-use integration::{ping_eventually, unique};
+use integration::{ping_eventually, unique, NODE_IP};
 use serde_json::{json, Value};
-
-const NODE_IP: &str = "192.168.250.1";
 
 struct Rig {
     node: Netns,
@@ -23,17 +21,7 @@ struct Rig {
 
 impl Rig {
     fn new(pool: &[(Ipv4Addr, i32)]) -> Rig {
-        let node = Netns::new("kn");
-        integration::sh(&[
-            "ip",
-            "-n",
-            &node.name,
-            "addr",
-            "add",
-            &format!("{NODE_IP}/32"),
-            "dev",
-            "lo",
-        ]);
+        let node = Netns::node("kn");
         let dir = tempfile::tempdir().unwrap();
         let ipamd = FakeIpamd::start(dir.path(), pool);
         Rig { node, dir, ipamd }
@@ -54,17 +42,15 @@ impl Rig {
     }
 
     fn run(&self, cmd: &str, pod: Option<&Pod>, conf: &Value) -> Out {
-        let mut env: Vec<(String, String)> = vec![("CNI_COMMAND".into(), cmd.into())];
-        if let Some(p) = pod {
-            env.push(("CNI_CONTAINERID".into(), p.cid.clone()));
-            env.push(("CNI_NETNS".into(), p.netns_path.clone()));
-            env.push(("CNI_IFNAME".into(), "eth0".into()));
-            env.push((
-                "CNI_ARGS".into(),
-                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={}", p.name, p.cid),
-            ));
-        }
-        run_plugin(&self.node.name, &env, conf.to_string().as_bytes())
+        let env = match pod {
+            Some(p) => p.env(cmd),
+            None => vec![("CNI_COMMAND".into(), cmd.into())],
+        };
+        self.run_env(&env, conf.to_string().as_bytes())
+    }
+
+    fn run_env(&self, env: &[(String, String)], stdin: &[u8]) -> Out {
+        run_plugin(&self.node.name, env, stdin)
     }
 
     fn state_files(&self) -> usize {
@@ -79,6 +65,7 @@ struct Pod {
     netns_path: String,
     name: String,
     cid: String,
+    ifname: String,
 }
 
 impl Pod {
@@ -88,8 +75,25 @@ impl Pod {
             netns_path: ns.path(),
             name: unique("web-"),
             cid: unique("cid"),
+            ifname: "eth0".into(),
             ns: Some(ns),
         }
+    }
+    /// The environment a runtime gives the plugin for this pod.
+    fn env(&self, cmd: &str) -> Vec<(String, String)> {
+        vec![
+            ("CNI_COMMAND".into(), cmd.into()),
+            ("CNI_CONTAINERID".into(), self.cid.clone()),
+            ("CNI_NETNS".into(), self.netns_path.clone()),
+            ("CNI_IFNAME".into(), self.ifname.clone()),
+            (
+                "CNI_ARGS".into(),
+                format!(
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={}",
+                    self.name, self.cid
+                ),
+            ),
+        ]
     }
     fn ns(&self) -> &Netns {
         self.ns.as_ref().unwrap()
@@ -403,7 +407,7 @@ fn check_names_what_is_missing() {
 #[test]
 fn add_failures_leave_nothing() {
     let mut rig = Rig::new(&[(Ipv4Addr::new(10, 0, 4, 4), 1)]);
-    let pod = Pod::new();
+    let mut pod = Pod::new();
     let conf = rig.conf("1.0.0");
 
     // ipamd refuses: the reason reaches the runtime.
@@ -419,21 +423,9 @@ fn add_failures_leave_nothing() {
 
     // Wiring fails after the allocation (the pod's "lo" cannot be replaced by a veth end):
     // the address goes back to ipamd and nothing stays on the host.
-    let mut env_lo = conf.clone();
-    env_lo["name"] = json!("aws-cni");
-    let out = {
-        let mut env: Vec<(String, String)> = vec![
-            ("CNI_COMMAND".into(), "ADD".into()),
-            ("CNI_CONTAINERID".into(), pod.cid.clone()),
-            ("CNI_NETNS".into(), pod.netns_path.clone()),
-            ("CNI_IFNAME".into(), "lo".into()),
-        ];
-        env.push((
-            "CNI_ARGS".into(),
-            format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={}", pod.name),
-        ));
-        run_plugin(&rig.node.name, &env, env_lo.to_string().as_bytes())
-    };
+    pod.ifname = "lo".into();
+    let out = rig.run("ADD", Some(&pod), &conf);
+    pod.ifname = "eth0".into();
     assert_eq!(out.err_code(), 100, "{out:?}");
     assert!(
         out.err_msg().contains("stale pod interface"),
@@ -455,6 +447,7 @@ fn add_failures_leave_nothing() {
         netns_path: not_ns.display().to_string(),
         name: pod.name.clone(),
         cid: pod.cid.clone(),
+        ifname: "eth0".into(),
     };
     let out = rig.run("ADD", Some(&fake), &conf);
     assert_ne!(out.code, 0);
@@ -551,18 +544,15 @@ fn malformed_input_gets_the_right_code_and_creates_nothing() {
     let conf = rig.conf("1.0.0");
 
     let env = |cmd: &str, netns: &str| -> Vec<(String, String)> {
-        vec![
-            ("CNI_COMMAND".into(), cmd.into()),
-            ("CNI_CONTAINERID".into(), pod.cid.clone()),
-            ("CNI_NETNS".into(), netns.into()),
-            ("CNI_IFNAME".into(), "eth0".into()),
-            (
-                "CNI_ARGS".into(),
-                format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={}", pod.name),
-            ),
-        ]
+        let mut e = pod.env(cmd);
+        for (k, v) in e.iter_mut() {
+            if k == "CNI_NETNS" {
+                *v = netns.into();
+            }
+        }
+        e
     };
-    let run = |e: Vec<(String, String)>, stdin: &[u8]| run_plugin(&rig.node.name, &e, stdin);
+    let run = |e: Vec<(String, String)>, stdin: &[u8]| rig.run_env(&e, stdin);
 
     assert_eq!(run(env("ADD", &pod.netns_path), b"{garbage").err_code(), 6);
     assert_eq!(run(vec![], conf.to_string().as_bytes()).err_code(), 4);
@@ -639,13 +629,7 @@ fn new_sandbox_of_same_pod_replaces_stale_veth() {
     let mut new = Pod::new();
     new.name = old.name.clone();
     let res = rig.run("ADD", Some(&new), &conf).ok().json();
-    let ip = res["ips"][0]["address"]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
+    let ip = integration::result_ip(&res);
     assert_eq!(ip, "10.0.9.2");
     assert_eq!(rig.node.links(), vec![new.veth()]);
     assert!(

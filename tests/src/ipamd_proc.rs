@@ -53,6 +53,21 @@ impl Ipamd {
         d
     }
 
+    /// Standalone ipamd (no cloud): `enis` written to a node file of `instance_type`.
+    pub fn standalone(
+        dir: &Path,
+        netns: Option<&str>,
+        instance_type: &str,
+        enis: &[(u32, String, Vec<String>)],
+        env: &[(&str, &str)],
+    ) -> Ipamd {
+        let nf = node_file(dir, instance_type, enis);
+        let nf = nf.to_string_lossy().into_owned();
+        let mut all = vec![("IPAMD_NODE_FILE", nf.as_str())];
+        all.extend_from_slice(env);
+        Ipamd::start(dir, netns, &all)
+    }
+
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
@@ -145,7 +160,7 @@ pub async fn health(socket: &Path) -> String {
 }
 
 /// A node file for standalone ipamd: `enis` of (device number, primary IP, secondary IPs).
-pub fn node_file(dir: &Path, instance_type: &str, enis: &[(u32, String, Vec<String>)]) -> PathBuf {
+fn node_file(dir: &Path, instance_type: &str, enis: &[(u32, String, Vec<String>)]) -> PathBuf {
     let p = dir.join("node.json");
     let enis: Vec<_> = enis
         .iter()

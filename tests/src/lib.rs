@@ -10,6 +10,17 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+/// The address tests give a node namespace (on its loopback), so pods have a host to reach.
+pub const NODE_IP: &str = "192.168.250.1";
+
+/// The pod address out of a CNI ADD result ("10.0.1.5/32" -> "10.0.1.5").
+pub fn result_ip(result: &serde_json::Value) -> String {
+    let addr = result["ips"][0]["address"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no IP in result {result}"));
+    addr.split('/').next().unwrap_or(addr).to_string()
+}
+
 /// A short name unique to this process and call (interface and netns names are length-capped).
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);

@@ -15,6 +15,31 @@ impl Netns {
         ns
     }
 
+    /// A node: [`crate::NODE_IP`] on its loopback and IPv4 forwarding on, as a pod host needs.
+    pub fn node(prefix: &str) -> Netns {
+        let ns = Netns::new(prefix);
+        sh(&[
+            "ip",
+            "-n",
+            &ns.name,
+            "addr",
+            "add",
+            &format!("{}/32", crate::NODE_IP),
+            "dev",
+            "lo",
+        ]);
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns.name,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]);
+        ns
+    }
+
     pub fn path(&self) -> String {
         format!("/var/run/netns/{}", self.name)
     }

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use cni_proto::{AddNetworkRequest, DelNetworkRequest, FailureReason, StatusRequest};
-use integration::ipamd_proc::{client, enis, health, node_file, Ipamd};
+use integration::ipamd_proc::{client, enis, health, Ipamd};
 use integration::netns::Netns;
 
 fn add_req(cid: &str) -> AddNetworkRequest {
@@ -44,14 +44,12 @@ fn rt() -> tokio::runtime::Runtime {
 fn allocates_releases_and_reports_through_the_socket() {
     let dir = tempfile::tempdir().unwrap();
     // t3.medium-like: 3 ENIs x 5 secondary IPs.
-    let nf = node_file(dir.path(), "t3.medium", &enis(3, 5));
-    let d = Ipamd::start(
+    let d = Ipamd::standalone(
         dir.path(),
         None,
-        &[
-            ("IPAMD_NODE_FILE", nf.to_str().unwrap()),
-            ("IP_COOLDOWN_PERIOD", "2"),
-        ],
+        "t3.medium",
+        &enis(3, 5),
+        &[("IP_COOLDOWN_PERIOD", "2")],
     );
     let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o660);
@@ -134,6 +132,12 @@ fn allocates_releases_and_reports_through_the_socket() {
         bad.container_id.clear();
         let r = c.add_network(bad).await.unwrap().into_inner();
         assert_eq!(r.reason(), FailureReason::InvalidRequest);
+
+        // A plugin of another major version is served (here: told the pool is empty), and logged.
+        let mut skew = add_req("skew");
+        skew.client_version = "2.3.0".into();
+        let r = c.add_network(skew).await.unwrap().into_inner();
+        assert_eq!(r.reason(), FailureReason::PoolEmpty);
     });
 
     // The checkpoint is upstream's format.
@@ -142,6 +146,10 @@ fn allocates_releases_and_reports_through_the_socket() {
     assert_eq!(raw["version"], "vpc-cni-ipam/1");
     assert_eq!(raw["allocations"].as_array().unwrap().len(), 15);
     let log = d.log_text();
+    assert!(
+        log.contains("plugin from another major version"),
+        "version skew not logged"
+    );
     assert!(
         log.lines()
             .any(|l| l.contains("AddNetwork") && l.contains("p15")),
@@ -153,12 +161,7 @@ fn allocates_releases_and_reports_through_the_socket() {
 fn max_pods_is_enforced_with_its_reason() {
     let dir = tempfile::tempdir().unwrap();
     // t3.nano allows 4 pods; this node file offers more addresses than that.
-    let nf = node_file(dir.path(), "t3.nano", &enis(1, 8));
-    let d = Ipamd::start(
-        dir.path(),
-        None,
-        &[("IPAMD_NODE_FILE", nf.to_str().unwrap())],
-    );
+    let d = Ipamd::standalone(dir.path(), None, "t3.nano", &enis(1, 8), &[]);
     rt().block_on(async {
         let mut c = client(&d.socket).await;
         for i in 0..4 {
@@ -180,9 +183,8 @@ fn max_pods_is_enforced_with_its_reason() {
 fn kill9_during_burst_loses_no_acknowledged_allocation() {
     let dir = tempfile::tempdir().unwrap();
     // m5.24xlarge: 15 ENIs x 50 IPs; 5 ENIs x 49 is plenty for 200 pods.
-    let nf = node_file(dir.path(), "m5.24xlarge", &enis(5, 49));
-    let env = [("IPAMD_NODE_FILE", nf.to_str().unwrap())];
-    let mut d = Ipamd::start(dir.path(), None, &env);
+    let start = || Ipamd::standalone(dir.path(), None, "m5.24xlarge", &enis(5, 49), &[]);
+    let mut d = start();
     let socket = d.socket.clone();
 
     let rt = rt();
@@ -220,7 +222,7 @@ fn kill9_during_burst_loses_no_acknowledged_allocation() {
         "an IP was given twice before the crash"
     );
 
-    let d2 = Ipamd::start(dir.path(), None, &env);
+    let d2 = start();
     rt.block_on(async {
         let mut c = client(&d2.socket).await;
         for (k, ip) in &acked {
@@ -258,7 +260,6 @@ fn kill9_during_burst_loses_no_acknowledged_allocation() {
 fn restart_restores_upstream_checkpoint_and_drops_what_is_gone() {
     let node = Netns::new("ipr");
     let dir = tempfile::tempdir().unwrap();
-    let nf = node_file(dir.path(), "t3.medium", &enis(2, 5));
     // Written by upstream: an old pod whose veth exists, an old one whose veth is gone, a fresh
     // one (still being wired: kept), and one on an address this node no longer holds.
     let veth_kept = cni_proto::naming::host_veth_name("eni", "default", "alive");
@@ -286,11 +287,7 @@ fn restart_restores_upstream_checkpoint_and_drops_what_is_gone() {
         .to_string(),
     )
     .unwrap();
-    let d = Ipamd::start(
-        dir.path(),
-        Some(&node.name),
-        &[("IPAMD_NODE_FILE", nf.to_str().unwrap())],
-    );
+    let d = Ipamd::standalone(dir.path(), Some(&node.name), "t3.medium", &enis(2, 5), &[]);
     rt().block_on(async {
         let mut c = client(&d.socket).await;
         let ip = |r: cni_proto::AddNetworkReply| r.ip_address[0].i_pv4_addr.clone();
@@ -327,7 +324,6 @@ fn restart_restores_upstream_checkpoint_and_drops_what_is_gone() {
 #[test]
 fn torn_checkpoint_does_not_stop_the_daemon() {
     let dir = tempfile::tempdir().unwrap();
-    let nf = node_file(dir.path(), "t3.medium", &enis(1, 5));
     let now_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -336,11 +332,7 @@ fn torn_checkpoint_does_not_stop_the_daemon() {
         r#"{{"version":"vpc-cni-ipam/1","allocations":[{{"networkName":"aws-cni","containerID":"ok","ifName":"eth0","ipv4":"10.0.1.12","allocationTimestamp":{now_ns},"metadata":{{"k8sPodNamespace":"default","k8sPodName":"ok"}}}},{{"networkName":"aws-cni","containerID":"torn","ifName":"eth0","ipv4":"10.0.1.13""#
     );
     std::fs::write(dir.path().join("ipam.json"), full).unwrap();
-    let d = Ipamd::start(
-        dir.path(),
-        None,
-        &[("IPAMD_NODE_FILE", nf.to_str().unwrap())],
-    );
+    let d = Ipamd::standalone(dir.path(), None, "t3.medium", &enis(1, 5), &[]);
     rt().block_on(async {
         let mut c = client(&d.socket).await;
         let r = c.add_network(add_req("ok")).await.unwrap().into_inner();

@@ -3,12 +3,10 @@
 
 use std::process::Command;
 
-use integration::ipamd_proc::{enis, node_file, Ipamd};
+use integration::ipamd_proc::{enis, Ipamd};
 use integration::netns::Netns;
-use integration::{cniclient, ping_eventually, sh};
+use integration::{cniclient, ping_eventually, result_ip, sh, NODE_IP};
 use serde_json::{json, Value};
-
-const NODE_IP: &str = "192.168.250.1";
 
 struct Client<'a> {
     node: &'a Netns,
@@ -55,33 +53,9 @@ fn iptables_save(ns: &Netns) -> String {
 
 #[test]
 fn libcni_drives_aws_cni_and_portmap_with_real_ipamd() {
-    let node = Netns::new("lcn");
-    sh(&[
-        "ip",
-        "-n",
-        &node.name,
-        "addr",
-        "add",
-        &format!("{NODE_IP}/32"),
-        "dev",
-        "lo",
-    ]);
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &node.name,
-        "sysctl",
-        "-qw",
-        "net.ipv4.ip_forward=1",
-    ]);
+    let node = Netns::node("lcn");
     let dir = tempfile::tempdir().unwrap();
-    let nf = node_file(dir.path(), "t3.medium", &enis(2, 5));
-    let d = Ipamd::start(
-        dir.path(),
-        Some(&node.name),
-        &[("IPAMD_NODE_FILE", nf.to_str().unwrap())],
-    );
+    let d = Ipamd::standalone(dir.path(), Some(&node.name), "t3.medium", &enis(2, 5), &[]);
 
     let bindir = dir.path().join("bin");
     std::fs::create_dir_all(&bindir).unwrap();
@@ -118,21 +92,9 @@ fn libcni_drives_aws_cni_and_portmap_with_real_ipamd() {
     let cli = Netns::new("lcc");
     let ports = r#"[{"hostPort":8080,"containerPort":80,"protocol":"tcp"}]"#;
     let res: Value = serde_json::from_str(&c.ok("add", "cid-web", &web, "web", ports)).unwrap();
-    let web_ip = res["ips"][0]["address"]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
+    let web_ip = result_ip(&res);
     let res2: Value = serde_json::from_str(&c.ok("add", "cid-cli", &cli, "cli", "")).unwrap();
-    let cli_ip = res2["ips"][0]["address"]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
+    let cli_ip = result_ip(&res2);
     assert_ne!(web_ip, cli_ip);
 
     let rules = iptables_save(&node);
