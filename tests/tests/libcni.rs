@@ -15,7 +15,41 @@ struct Client<'a> {
     cache: std::path::PathBuf,
 }
 
-impl Client<'_> {
+impl<'a> Client<'a> {
+    /// The conflist `aws-cni` + `portmap`, as upstream ships it, pointed at `ipamd`.
+    fn new(node: &'a Netns, dir: &std::path::Path, ipamd: &Ipamd) -> Client<'a> {
+        let bindir = dir.join("bin");
+        std::fs::create_dir_all(&bindir).unwrap();
+        std::os::unix::fs::symlink(integration::bin("aws-cni"), bindir.join("aws-cni")).unwrap();
+        std::os::unix::fs::symlink("/usr/lib/cni/portmap", bindir.join("portmap")).unwrap();
+        let conflist = dir.join("10-aws.conflist");
+        std::fs::write(
+            &conflist,
+            json!({
+                "cniVersion": "1.0.0",
+                "name": "aws-cni",
+                "disableCheck": false,
+                "plugins": [
+                    {
+                        "name": "aws-cni", "type": "aws-cni", "vethPrefix": "eni", "mtu": "9001",
+                        "podSGEnforcingMode": "strict",
+                        "pluginLogFile": dir.join("plugin.log"), "pluginLogLevel": "DEBUG",
+                        "ipamdSocket": ipamd.socket, "stateDir": dir.join("state"),
+                    },
+                    { "type": "portmap", "capabilities": { "portMappings": true }, "snat": true }
+                ]
+            })
+            .to_string(),
+        )
+        .unwrap();
+        Client {
+            node,
+            conflist,
+            bindir,
+            cache: dir.join("cache"),
+        }
+    }
+
     fn run(
         &self,
         cmd: &str,
@@ -57,36 +91,7 @@ fn libcni_drives_aws_cni_and_portmap_with_real_ipamd() {
     let dir = tempfile::tempdir().unwrap();
     let d = Ipamd::standalone(dir.path(), Some(&node.name), "t3.medium", &enis(2, 5), &[]);
 
-    let bindir = dir.path().join("bin");
-    std::fs::create_dir_all(&bindir).unwrap();
-    std::os::unix::fs::symlink(integration::bin("aws-cni"), bindir.join("aws-cni")).unwrap();
-    std::os::unix::fs::symlink("/usr/lib/cni/portmap", bindir.join("portmap")).unwrap();
-    let conflist = dir.path().join("10-aws.conflist");
-    std::fs::write(
-        &conflist,
-        json!({
-            "cniVersion": "1.0.0",
-            "name": "aws-cni",
-            "disableCheck": false,
-            "plugins": [
-                {
-                    "name": "aws-cni", "type": "aws-cni", "vethPrefix": "eni", "mtu": "9001",
-                    "podSGEnforcingMode": "strict",
-                    "pluginLogFile": dir.path().join("plugin.log"), "pluginLogLevel": "DEBUG",
-                    "ipamdSocket": d.socket, "stateDir": dir.path().join("state"),
-                },
-                { "type": "portmap", "capabilities": { "portMappings": true }, "snat": true }
-            ]
-        })
-        .to_string(),
-    )
-    .unwrap();
-    let c = Client {
-        node: &node,
-        conflist,
-        bindir,
-        cache: dir.path().join("cache"),
-    };
+    let c = Client::new(&node, dir.path(), &d);
 
     let web = Netns::new("lcw");
     let cli = Netns::new("lcc");
@@ -166,4 +171,34 @@ fn libcni_drives_aws_cni_and_portmap_with_real_ipamd() {
     assert!(web.links().is_empty() && cli.links().is_empty());
     let ck: Value = serde_json::from_slice(&std::fs::read(&d.checkpoint).unwrap()).unwrap();
     assert!(ck["allocations"].as_array().unwrap().is_empty(), "{ck}");
+}
+
+#[test]
+fn pool_exhaustion_reaches_the_runtime_with_its_cause_and_leaves_nothing() {
+    let node = Netns::node("lxn");
+    let dir = tempfile::tempdir().unwrap();
+    // One ENI with a single secondary address.
+    let d = Ipamd::standalone(dir.path(), Some(&node.name), "t3.medium", &enis(1, 1), &[]);
+    let c = Client::new(&node, dir.path(), &d);
+    let first = Netns::new("lx1");
+    let second = Netns::new("lx2");
+    c.ok("add", "cid-1", &first, "first", "");
+    let out = c.run("add", "cid-2", &second, "second", "");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("pool empty") && err.contains("t3.medium"),
+        "runtime sees: {err}"
+    );
+    assert_eq!(
+        node.links().len(),
+        1,
+        "only the first pod's veth: {:?}",
+        node.links()
+    );
+    assert!(second.links().is_empty());
+    assert_eq!(node.rules().len(), 1, "{:?}", node.rules());
+    c.ok("del", "cid-2", &second, "second", "");
+    c.ok("del", "cid-1", &first, "first", "");
+    assert!(node.links().is_empty() && node.rules().is_empty());
 }
