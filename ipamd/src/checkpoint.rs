@@ -139,20 +139,20 @@ pub struct Loaded {
     pub problems: Vec<String>,
 }
 
-/// Read the checkpoint. Never fails: a missing file is a fresh node, a torn or corrupt one is
-/// reported and whatever entries can still be parsed are recovered.
-pub fn load(path: &Path) -> Loaded {
+/// Read the checkpoint. A missing file is a fresh node; a torn or corrupt one is reported and
+/// whatever entries can still be parsed are recovered. Only a file that exists but cannot be
+/// read at all is an error: starting empty then would hand live pods' addresses out again.
+pub fn load(path: &Path) -> std::io::Result<Loaded> {
     let data = match fs::read(path) {
         Ok(d) => d,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Loaded::default(),
-        Err(e) => {
-            return Loaded {
-                problems: vec![format!("cannot read checkpoint {}: {e}", path.display())],
-                ..Default::default()
-            }
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Loaded::default()),
+        Err(e) => return Err(e),
     };
-    match serde_json::from_slice::<Checkpoint>(&data) {
+    Ok(parse(path, &data))
+}
+
+fn parse(path: &Path, data: &[u8]) -> Loaded {
+    match serde_json::from_slice::<Checkpoint>(data) {
         Ok(f) => {
             let mut l = Loaded {
                 entries: f.allocations,
@@ -169,7 +169,7 @@ pub fn load(path: &Path) -> Loaded {
             l
         }
         Err(e) => salvage(
-            &data,
+            data,
             format!("checkpoint {} is corrupt: {e}", path.display()),
         ),
     }
@@ -365,7 +365,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("ipam.json");
         std::fs::write(&p, UPSTREAM).unwrap();
-        let l = load(&p);
+        let l = load(&p).unwrap();
         assert!(l.problems.is_empty(), "{:?}", l.problems);
         assert_eq!(l.entries.len(), 2);
         let (k, ip, pod, at) = entry_key(&l.entries[0]).unwrap();
@@ -389,7 +389,7 @@ mod tests {
         );
         let snap = snapshot(&ds);
         write_atomic(&p, &snap).unwrap();
-        let back = load(&p);
+        let back = load(&p).unwrap();
         assert_eq!(back.entries, snap.allocations);
         assert_eq!(back.cooldowns.len(), 1);
         assert_eq!(back.entries[0].metadata.interfaces_count, 1);
@@ -417,15 +417,17 @@ mod tests {
         // Cut in the middle of the second entry.
         let cut = UPSTREAM.find("\"c2\"").unwrap() + 3;
         std::fs::write(&p, &UPSTREAM[..cut]).unwrap();
-        let l = load(&p);
+        let l = load(&p).unwrap();
         assert_eq!(l.entries.len(), 1);
         assert!(l.problems[0].contains("corrupt"), "{:?}", l.problems);
         std::fs::write(&p, b"\x00\x01garbage").unwrap();
-        let l = load(&p);
+        let l = load(&p).unwrap();
         assert!(l.entries.is_empty());
         assert!(!l.problems.is_empty());
-        let l = load(&d.path().join("missing.json"));
+        let l = load(&d.path().join("missing.json")).unwrap();
         assert!(l.entries.is_empty() && l.problems.is_empty());
+        // Unreadable is not "empty": the daemon must not start as if no pod had an address.
+        assert!(load(d.path()).is_err());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -454,7 +456,7 @@ mod tests {
                 };
                 c.commit(gen).await.unwrap();
                 // Durable by now: the file holds this container.
-                let l = load(&p);
+                let l = load(&p).unwrap();
                 assert!(l.entries.iter().any(|e| e.container_id == format!("c{i}")));
             }));
         }
@@ -463,6 +465,7 @@ mod tests {
         }
         let mut want: Vec<String> = (0..100).map(|i| format!("c{i}")).collect();
         let mut got: Vec<String> = load(&p)
+            .unwrap()
             .entries
             .into_iter()
             .map(|e| e.container_id)

@@ -116,7 +116,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             warn!(eni = %id, error = %e, "ENI skipped");
         }
     }
-    let loaded = checkpoint::load(&cfg.backing_store);
+    let loaded = checkpoint::load(&cfg.backing_store).with_context(|| {
+        format!(
+            "cannot read checkpoint {}; refusing to start without knowing which addresses pods hold",
+            cfg.backing_store.display()
+        )
+    })?;
     for d in restore(
         &mut ds,
         &loaded,

@@ -160,7 +160,7 @@ pub async fn health(socket: &Path) -> String {
 }
 
 /// A node file for standalone ipamd: `enis` of (device number, primary IP, secondary IPs).
-fn node_file(dir: &Path, instance_type: &str, enis: &[(u32, String, Vec<String>)]) -> PathBuf {
+pub fn node_file(dir: &Path, instance_type: &str, enis: &[(u32, String, Vec<String>)]) -> PathBuf {
     let p = dir.join("node.json");
     let enis: Vec<_> = enis
         .iter()

@@ -351,3 +351,24 @@ fn bad_environment_is_refused_naming_the_variable() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("IP_COOLDOWN_PERIOD"));
 }
+
+#[test]
+fn unreadable_checkpoint_stops_the_daemon_instead_of_forgetting_pods() {
+    let dir = tempfile::tempdir().unwrap();
+    let nf = integration::ipamd_proc::node_file(dir.path(), "t3.medium", &enis(1, 5));
+    // A directory where the file should be: it exists, but cannot be read as a checkpoint.
+    let store = dir.path().join("ipam.json");
+    std::fs::create_dir(&store).unwrap();
+    let out = std::process::Command::new(integration::bin("ipamd"))
+        .env_clear()
+        .env("IPAMD_NODE_FILE", &nf)
+        .env("AWS_VPC_K8S_CNI_BACKING_STORE", &store)
+        .env("IPAMD_SOCKET_PATH", dir.path().join("ipamd.sock"))
+        .env("AWS_VPC_K8S_CNI_LOG_FILE", "stderr")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot read checkpoint"), "{err}");
+    assert!(!dir.path().join("ipamd.sock").exists(), "must not serve");
+}
