@@ -4,6 +4,7 @@
 //! effects (`checkpoint` files, the gRPC `server`, the `daemon` that wires them together).
 
 pub mod checkpoint;
+pub mod cloud;
 pub mod config;
 pub mod daemon;
 pub mod datastore;
@@ -12,3 +13,4 @@ pub mod logging;
 pub mod maxpods;
 pub mod node;
 pub mod server;
+pub mod warm;

@@ -1,0 +1,281 @@
+//! Every EC2 call ipamd makes goes through here: a per-node token bucket (so a burst of pod
+//! churn cannot trip the account-wide API limit for the whole cluster), retries of throttling and
+//! server errors with jittered exponential backoff, and the counters behind the metrics.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tracing::{debug, error, warn};
+
+use super::{CloudError, Ec2, EniFilter, EniInfo, ErrorKind, NewEni};
+use crate::datastore::Prefix;
+use crate::instance_types::InstanceLimits;
+
+/// Token bucket: `burst` calls at once, then `per_second`.
+#[derive(Debug)]
+pub struct Bucket {
+    burst: f64,
+    per_second: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    pub fn new(burst: u32, per_second: f64) -> Bucket {
+        Bucket {
+            burst: burst as f64,
+            per_second,
+            tokens: burst as f64,
+            at: Instant::now(),
+        }
+    }
+
+    /// Take a token if there is one; otherwise how long until there will be.
+    pub fn take(&mut self, now: Instant) -> Result<(), Duration> {
+        let dt = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + dt * self.per_second).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64(
+                (1.0 - self.tokens) / self.per_second,
+            ))
+        }
+    }
+}
+
+/// Backoff before retry `attempt` (1-based): exponential from `base`, capped, with jitter in
+/// [d/2, d] so nodes throttled together do not retry together.
+pub fn backoff(attempt: u32, base: Duration, cap: Duration, jitter: f64) -> Duration {
+    let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+    let d = exp.min(cap);
+    d.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+}
+
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub base: Duration,
+    pub cap: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 6,
+            base: Duration::from_millis(200),
+            cap: Duration::from_secs(8),
+        }
+    }
+}
+
+/// Counters per API action, for metrics and the EC2-economy benchmark.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct CallStats {
+    /// Requests sent (each retry is a request).
+    pub calls: BTreeMap<&'static str, u64>,
+    /// Errors by action and code.
+    pub errors: BTreeMap<String, u64>,
+    pub throttled: u64,
+    /// Summed latency per action, milliseconds.
+    pub latency_ms: BTreeMap<&'static str, u64>,
+    pub total: u64,
+}
+
+pub struct Guarded<E> {
+    inner: E,
+    bucket: Mutex<Bucket>,
+    policy: RetryPolicy,
+    stats: Mutex<CallStats>,
+}
+
+impl<E: Ec2> Guarded<E> {
+    pub fn new(inner: E, bucket: Bucket, policy: RetryPolicy) -> Guarded<E> {
+        Guarded {
+            inner,
+            bucket: Mutex::new(bucket),
+            policy,
+            stats: Mutex::default(),
+        }
+    }
+
+    pub fn stats(&self) -> CallStats {
+        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    async fn wait_token(&self) {
+        loop {
+            let r = match self.bucket.lock() {
+                Ok(mut b) => b.take(Instant::now()),
+                Err(_) => Ok(()),
+            };
+            match r {
+                Ok(()) => return,
+                Err(d) => tokio::time::sleep(d).await,
+            }
+        }
+    }
+
+    fn record(&self, op: &'static str, took: Duration, err: Option<&CloudError>) {
+        if let Ok(mut s) = self.stats.lock() {
+            s.total += 1;
+            *s.calls.entry(op).or_default() += 1;
+            *s.latency_ms.entry(op).or_default() += took.as_millis() as u64;
+            if let Some(e) = err {
+                let code = if e.code.is_empty() {
+                    "transport"
+                } else {
+                    &e.code
+                };
+                *s.errors.entry(format!("{op}/{code}")).or_default() += 1;
+                if e.kind == ErrorKind::Throttled {
+                    s.throttled += 1;
+                }
+            }
+        }
+    }
+
+    async fn call<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T, CloudError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, CloudError>>,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            self.wait_token().await;
+            let t0 = Instant::now();
+            let r = f().await;
+            self.record(op, t0.elapsed(), r.as_ref().err());
+            match r {
+                Ok(v) => {
+                    debug!(op, ms = t0.elapsed().as_millis() as u64, "EC2 call");
+                    return Ok(v);
+                }
+                Err(e) if e.retryable() && attempt < self.policy.attempts => {
+                    let d = backoff(
+                        attempt,
+                        self.policy.base,
+                        self.policy.cap,
+                        rand::rng().random::<f64>(),
+                    );
+                    warn!(op, code = %e.code, attempt, retry_in_ms = d.as_millis() as u64, "EC2 call failed; retrying");
+                    tokio::time::sleep(d).await;
+                }
+                Err(e) => {
+                    if e.kind == ErrorKind::Unauthorized {
+                        error!(
+                            op,
+                            "the node's IAM role lacks permission ec2:{op} ({}); grant it (AmazonEKS_CNI_Policy has it)",
+                            e.message
+                        );
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl<E: Ec2> Ec2 for Guarded<E> {
+    async fn describe_enis(&self, f: EniFilter) -> Result<Vec<EniInfo>, CloudError> {
+        self.call("DescribeNetworkInterfaces", || {
+            self.inner.describe_enis(f.clone())
+        })
+        .await
+    }
+    async fn create_eni(&self, r: NewEni) -> Result<EniInfo, CloudError> {
+        self.call("CreateNetworkInterface", || {
+            self.inner.create_eni(r.clone())
+        })
+        .await
+    }
+    async fn attach_eni(&self, eni: &str, inst: &str, dev: u32) -> Result<String, CloudError> {
+        self.call("AttachNetworkInterface", || {
+            self.inner.attach_eni(eni, inst, dev)
+        })
+        .await
+    }
+    async fn set_delete_on_termination(&self, eni: &str, att: &str) -> Result<(), CloudError> {
+        self.call("ModifyNetworkInterfaceAttribute", || {
+            self.inner.set_delete_on_termination(eni, att)
+        })
+        .await
+    }
+    async fn detach_eni(&self, att: &str) -> Result<(), CloudError> {
+        self.call("DetachNetworkInterface", || self.inner.detach_eni(att))
+            .await
+    }
+    async fn delete_eni(&self, eni: &str) -> Result<(), CloudError> {
+        self.call("DeleteNetworkInterface", || self.inner.delete_eni(eni))
+            .await
+    }
+    async fn assign_ips(&self, eni: &str, n: u32) -> Result<Vec<Ipv4Addr>, CloudError> {
+        self.call("AssignPrivateIpAddresses", || self.inner.assign_ips(eni, n))
+            .await
+    }
+    async fn assign_prefixes(&self, eni: &str, n: u32) -> Result<Vec<Prefix>, CloudError> {
+        self.call("AssignPrivateIpAddresses", || {
+            self.inner.assign_prefixes(eni, n)
+        })
+        .await
+    }
+    async fn unassign_ips(&self, eni: &str, ips: &[Ipv4Addr]) -> Result<(), CloudError> {
+        self.call("UnassignPrivateIpAddresses", || {
+            self.inner.unassign_ips(eni, ips)
+        })
+        .await
+    }
+    async fn unassign_prefixes(&self, eni: &str, p: &[Prefix]) -> Result<(), CloudError> {
+        self.call("UnassignPrivateIpAddresses", || {
+            self.inner.unassign_prefixes(eni, p)
+        })
+        .await
+    }
+    async fn describe_instance_type(&self, t: &str) -> Result<Option<InstanceLimits>, CloudError> {
+        self.call("DescribeInstanceTypes", || {
+            self.inner.describe_instance_type(t)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_allows_burst_then_rate() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(3, 10.0);
+        for _ in 0..3 {
+            assert!(b.take(t0).is_ok());
+        }
+        let wait = b.take(t0).unwrap_err();
+        assert!(wait <= Duration::from_millis(100) && wait > Duration::from_millis(90));
+        assert!(b.take(t0 + Duration::from_millis(100)).is_ok());
+        // Idle time refills up to the burst, never beyond.
+        let later = t0 + Duration::from_secs(60);
+        for _ in 0..3 {
+            assert!(b.take(later).is_ok());
+        }
+        assert!(b.take(later).is_err());
+    }
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let base = Duration::from_millis(100);
+        let cap = Duration::from_secs(2);
+        assert_eq!(backoff(1, base, cap, 1.0), base);
+        assert_eq!(backoff(3, base, cap, 1.0), Duration::from_millis(400));
+        assert_eq!(backoff(30, base, cap, 1.0), cap);
+        assert_eq!(backoff(3, base, cap, 0.0), Duration::from_millis(200));
+    }
+}

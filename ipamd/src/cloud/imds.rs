@@ -1,0 +1,182 @@
+//! The instance's view of itself, read through `aws-config`'s IMDSv2 client (which honours
+//! `AWS_EC2_METADATA_SERVICE_ENDPOINT`). IMDS lags EC2 after attach and assign, so ipamd reads
+//! it for identity and discovery only; EC2 decides what an ENI holds.
+
+use std::net::Ipv4Addr;
+
+use aws_config::imds::client::error::ImdsError;
+use aws_config::imds::Client;
+
+use super::parse_prefix;
+use crate::datastore::Prefix;
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("IMDS {path}: {message}")]
+pub struct MetadataError {
+    pub path: String,
+    pub message: String,
+}
+
+/// One interface under network/interfaces/macs/.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImdsEni {
+    pub mac: String,
+    pub id: String,
+    pub device_number: u32,
+    pub network_card: u32,
+    pub subnet_id: String,
+    pub subnet_cidr: String,
+    pub vpc_id: String,
+    pub vpc_cidrs: Vec<String>,
+    /// The ENI's primary address first, as IMDS lists them.
+    pub ips: Vec<Ipv4Addr>,
+    pub prefixes: Vec<Prefix>,
+    pub security_groups: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct InstanceMeta {
+    pub instance_id: String,
+    pub instance_type: String,
+    pub availability_zone: String,
+    pub region: String,
+    pub primary_mac: String,
+    pub local_ipv4: Option<Ipv4Addr>,
+    pub interfaces: Vec<ImdsEni>,
+}
+
+impl InstanceMeta {
+    pub fn primary(&self) -> Option<&ImdsEni> {
+        self.interfaces.iter().find(|i| i.mac == self.primary_mac)
+    }
+}
+
+pub struct Imds {
+    client: Client,
+}
+
+impl Imds {
+    pub fn new() -> Imds {
+        Imds {
+            client: Client::builder().build(),
+        }
+    }
+
+    async fn get(&self, path: &str) -> Result<String, MetadataError> {
+        self.get_opt(path).await?.ok_or_else(|| MetadataError {
+            path: path.to_string(),
+            message: "not found (404)".into(),
+        })
+    }
+
+    /// A missing path (404) is `None`: IMDS omits e.g. ipv4-prefix when an ENI has no prefix.
+    async fn get_opt(&self, path: &str) -> Result<Option<String>, MetadataError> {
+        let full = format!("/latest/meta-data/{path}");
+        match self.client.get(&full).await {
+            Ok(v) => Ok(Some(v.as_ref().to_string())),
+            Err(ImdsError::ErrorResponse(r)) if r.response().status().as_u16() == 404 => Ok(None),
+            Err(e) => Err(MetadataError {
+                path: full,
+                message: aws_smithy_types::error::display::DisplayErrorContext(&e).to_string(),
+            }),
+        }
+    }
+
+    pub async fn instance(&self) -> Result<InstanceMeta, MetadataError> {
+        let instance_id = self.get("instance-id").await?;
+        let instance_type = self.get("instance-type").await?;
+        let availability_zone = self.get("placement/availability-zone").await?;
+        let region = match self.get_opt("placement/region").await? {
+            Some(r) => r,
+            None => availability_zone
+                .trim_end_matches(|c: char| c.is_ascii_alphabetic())
+                .to_string(),
+        };
+        let primary_mac = self.get("mac").await?.trim().to_string();
+        let local_ipv4 = self
+            .get_opt("local-ipv4")
+            .await?
+            .and_then(|s| s.trim().parse().ok());
+        let interfaces = self.interfaces().await?;
+        Ok(InstanceMeta {
+            instance_id: instance_id.trim().to_string(),
+            instance_type: instance_type.trim().to_string(),
+            availability_zone: availability_zone.trim().to_string(),
+            region,
+            primary_mac,
+            local_ipv4,
+            interfaces,
+        })
+    }
+
+    /// Every attached interface, sorted by device number.
+    pub async fn interfaces(&self) -> Result<Vec<ImdsEni>, MetadataError> {
+        let macs = self.get("network/interfaces/macs/").await?;
+        let mut out = Vec::new();
+        for mac in macs.lines().map(|l| l.trim().trim_end_matches('/')) {
+            if mac.is_empty() {
+                continue;
+            }
+            out.push(self.interface(mac).await?);
+        }
+        out.sort_by_key(|e| (e.network_card, e.device_number));
+        Ok(out)
+    }
+
+    async fn interface(&self, mac: &str) -> Result<ImdsEni, MetadataError> {
+        let base = format!("network/interfaces/macs/{mac}");
+        let field = |name: &str| format!("{base}/{name}");
+        let num = |s: String, path: String| {
+            s.trim().parse::<u32>().map_err(|_| MetadataError {
+                path,
+                message: format!("not a number: {s:?}"),
+            })
+        };
+        let device_number = num(
+            self.get(&field("device-number")).await?,
+            field("device-number"),
+        )?;
+        let network_card = match self.get_opt(&field("network-card")).await? {
+            Some(s) => num(s, field("network-card"))?,
+            None => 0,
+        };
+        let lines = |s: Option<String>| -> Vec<String> {
+            s.unwrap_or_default()
+                .lines()
+                .map(|l| l.trim().to_string())
+                .filter(|l| !l.is_empty())
+                .collect()
+        };
+        let ips = lines(self.get_opt(&field("local-ipv4s")).await?)
+            .iter()
+            .filter_map(|l| l.parse().ok())
+            .collect();
+        let prefixes = lines(self.get_opt(&field("ipv4-prefix")).await?)
+            .iter()
+            .filter_map(|l| parse_prefix(l))
+            .collect();
+        Ok(ImdsEni {
+            mac: mac.to_string(),
+            id: self.get(&field("interface-id")).await?.trim().to_string(),
+            device_number,
+            network_card,
+            subnet_id: self.get(&field("subnet-id")).await?.trim().to_string(),
+            subnet_cidr: self
+                .get(&field("subnet-ipv4-cidr-block"))
+                .await?
+                .trim()
+                .to_string(),
+            vpc_id: self.get(&field("vpc-id")).await?.trim().to_string(),
+            vpc_cidrs: lines(self.get_opt(&field("vpc-ipv4-cidr-blocks")).await?),
+            ips,
+            prefixes,
+            security_groups: lines(self.get_opt(&field("security-group-ids")).await?),
+        })
+    }
+}
+
+impl Default for Imds {
+    fn default() -> Self {
+        Self::new()
+    }
+}

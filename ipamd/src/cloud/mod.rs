@@ -1,0 +1,219 @@
+//! The cloud behind a trait: what ipamd asks of IMDS and EC2, and the errors it must tell apart.
+//!
+//! `Ec2` is implemented by the AWS SDK client (`sdk`) and, in unit tests, by in-memory fakes, so
+//! the pool logic is tested without any server. `guard` wraps any `Ec2` with the per-node token
+//! bucket, retries with jittered backoff and call counting.
+
+pub mod guard;
+pub mod imds;
+pub mod sdk;
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use crate::datastore::Prefix;
+
+/// Tag upstream puts on every ENI it creates, naming the instance.
+pub const TAG_INSTANCE_ID: &str = "node.k8s.amazonaws.com/instance_id";
+/// Creation time (RFC 3339), used to age ENIs that leaked.
+pub const TAG_CREATED_AT: &str = "node.k8s.amazonaws.com/createdAt";
+pub const TAG_CLUSTER_NAME: &str = "cluster.k8s.amazonaws.com/name";
+/// ENIs carrying this tag with value "true" are never touched.
+pub const TAG_NO_MANAGE: &str = "node.k8s.amazonaws.com/no_manage";
+/// Description prefix of upstream's ENIs, followed by the instance id.
+pub const ENI_DESCRIPTION_PREFIX: &str = "aws-K8S-";
+
+/// One ENI as EC2 describes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EniInfo {
+    pub id: String,
+    pub mac: String,
+    pub status: String,
+    pub description: String,
+    pub subnet_id: String,
+    pub primary_ip: Option<Ipv4Addr>,
+    pub secondary_ips: Vec<Ipv4Addr>,
+    pub prefixes: Vec<Prefix>,
+    pub tags: BTreeMap<String, String>,
+    pub attachment: Option<Attachment>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attachment {
+    pub id: String,
+    pub instance_id: String,
+    pub device_index: u32,
+    pub network_card: u32,
+    pub delete_on_termination: bool,
+}
+
+impl EniInfo {
+    pub fn no_manage(&self) -> bool {
+        self.tags
+            .get(TAG_NO_MANAGE)
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+    }
+}
+
+/// What to create an ENI with.
+#[derive(Debug, Clone, Default)]
+pub struct NewEni {
+    pub subnet_id: String,
+    pub security_groups: Vec<String>,
+    pub description: String,
+    pub tags: BTreeMap<String, String>,
+    /// Secondary addresses to request with the ENI (saves an Assign call).
+    pub secondary_ips: u32,
+    /// /28 prefixes to request with the ENI (prefix delegation).
+    pub prefixes: u32,
+}
+
+/// Which ENIs to describe.
+#[derive(Debug, Clone)]
+pub enum EniFilter {
+    Ids(Vec<String>),
+    AttachedTo(String),
+    /// ENIs tagged as created for this instance and not attached (leak candidates).
+    DetachedOf(String),
+}
+
+/// How ipamd must react to an EC2 error; the code and message are kept for the log and the ADD reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// RequestLimitExceeded and friends: back off and retry.
+    Throttled,
+    /// 5xx or a transport failure: retry.
+    Transient,
+    /// InsufficientFreeAddressesInSubnet: no address left in the subnet.
+    SubnetFull,
+    /// InsufficientCidrBlocks: no free /28 left in the subnet.
+    NoCidrBlocks,
+    /// The IAM role lacks a permission.
+    Unauthorized,
+    /// PrivateIpAddressLimitExceeded / AttachmentLimitExceeded: our accounting is off.
+    Limit,
+    /// The resource is attached or otherwise busy.
+    InUse,
+    NotFound,
+    Other,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("EC2 {op}: {code}: {message}")]
+pub struct CloudError {
+    pub op: &'static str,
+    pub kind: ErrorKind,
+    pub code: String,
+    pub message: String,
+}
+
+impl CloudError {
+    pub fn new(op: &'static str, code: &str, message: impl Into<String>, status: u16) -> Self {
+        CloudError {
+            op,
+            kind: classify(code, status),
+            code: code.to_string(),
+            message: message.into(),
+        }
+    }
+
+    pub fn retryable(&self) -> bool {
+        matches!(self.kind, ErrorKind::Throttled | ErrorKind::Transient)
+    }
+}
+
+/// Map an EC2 error code (and HTTP status) to what ipamd does about it.
+pub fn classify(code: &str, status: u16) -> ErrorKind {
+    match code {
+        "RequestLimitExceeded"
+        | "Throttling"
+        | "ThrottlingException"
+        | "RequestThrottled"
+        | "TooManyRequestsException" => ErrorKind::Throttled,
+        "InsufficientFreeAddressesInSubnet" => ErrorKind::SubnetFull,
+        "InsufficientCidrBlocks" => ErrorKind::NoCidrBlocks,
+        "UnauthorizedOperation" | "AccessDenied" | "AuthFailure" => ErrorKind::Unauthorized,
+        "PrivateIpAddressLimitExceeded" | "AttachmentLimitExceeded" => ErrorKind::Limit,
+        "InvalidNetworkInterface.InUse" | "IncorrectState" => ErrorKind::InUse,
+        "InvalidNetworkInterfaceID.NotFound" | "InvalidAttachmentID.NotFound" => {
+            ErrorKind::NotFound
+        }
+        "InternalError" | "InternalFailure" | "ServiceUnavailable" | "Unavailable" => {
+            ErrorKind::Transient
+        }
+        _ if status == 503 && code.is_empty() => ErrorKind::Throttled,
+        _ if status >= 500 || status == 0 => ErrorKind::Transient,
+        _ => ErrorKind::Other,
+    }
+}
+
+/// The EC2 calls ipamd makes. Every method is one API call (the guard counts them).
+#[async_trait::async_trait]
+pub trait Ec2: Send + Sync + 'static {
+    async fn describe_enis(&self, filter: EniFilter) -> Result<Vec<EniInfo>, CloudError>;
+    async fn create_eni(&self, req: NewEni) -> Result<EniInfo, CloudError>;
+    /// Returns the attachment id.
+    async fn attach_eni(
+        &self,
+        eni_id: &str,
+        instance_id: &str,
+        device_index: u32,
+    ) -> Result<String, CloudError>;
+    async fn set_delete_on_termination(
+        &self,
+        eni_id: &str,
+        attachment_id: &str,
+    ) -> Result<(), CloudError>;
+    async fn detach_eni(&self, attachment_id: &str) -> Result<(), CloudError>;
+    async fn delete_eni(&self, eni_id: &str) -> Result<(), CloudError>;
+    /// Returns the newly assigned addresses only.
+    async fn assign_ips(&self, eni_id: &str, count: u32) -> Result<Vec<Ipv4Addr>, CloudError>;
+    async fn assign_prefixes(&self, eni_id: &str, count: u32) -> Result<Vec<Prefix>, CloudError>;
+    async fn unassign_ips(&self, eni_id: &str, ips: &[Ipv4Addr]) -> Result<(), CloudError>;
+    async fn unassign_prefixes(&self, eni_id: &str, prefixes: &[Prefix]) -> Result<(), CloudError>;
+    /// (max ENIs on card 0, IPv4 addresses per ENI, Nitro?) for a type missing from the table.
+    async fn describe_instance_type(
+        &self,
+        instance_type: &str,
+    ) -> Result<Option<crate::instance_types::InstanceLimits>, CloudError>;
+}
+
+/// Parse "a.b.c.d/28" into a prefix.
+pub fn parse_prefix(s: &str) -> Option<Prefix> {
+    let (ip, len) = s.trim().split_once('/')?;
+    (len == "28").then_some(())?;
+    let ip: Ipv4Addr = ip.parse().ok()?;
+    (u32::from(ip) & 0xf == 0).then_some(Prefix(ip))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_codes() {
+        assert_eq!(classify("RequestLimitExceeded", 503), ErrorKind::Throttled);
+        assert_eq!(classify("", 503), ErrorKind::Throttled);
+        assert_eq!(classify("InternalError", 500), ErrorKind::Transient);
+        assert_eq!(classify("Whatever", 502), ErrorKind::Transient);
+        assert_eq!(
+            classify("InsufficientFreeAddressesInSubnet", 400),
+            ErrorKind::SubnetFull
+        );
+        assert_eq!(
+            classify("UnauthorizedOperation", 403),
+            ErrorKind::Unauthorized
+        );
+        assert_eq!(classify("InvalidParameterValue", 400), ErrorKind::Other);
+    }
+
+    #[test]
+    fn parses_prefixes() {
+        assert_eq!(
+            parse_prefix("10.0.1.16/28"),
+            Some(Prefix(Ipv4Addr::new(10, 0, 1, 16)))
+        );
+        assert_eq!(parse_prefix("10.0.1.17/28"), None);
+        assert_eq!(parse_prefix("10.0.1.16/27"), None);
+    }
+}
