@@ -1,8 +1,42 @@
 //! ipamd's settings from the environment, with upstream's variable names and defaults.
 //! Pure: takes a lookup function, so every rule is unit-tested.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
+
+use crate::warm::Targets;
+
+/// How often the pool manager does what. Upstream hard-codes these; ipamd reads them from
+/// `IPAMD_*` variables (seconds, fractions allowed) so tests and unusual clusters can tune them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Timing {
+    /// Periodic pool check, besides the checks every ADD/DEL triggers (upstream: 5 s).
+    pub pool_check: Duration,
+    /// Least time between two releases of surplus addresses (upstream: 30 s).
+    pub decrease: Duration,
+    /// Compare IMDS with the pool, confirming differences with EC2 (upstream: 60 s).
+    pub reconcile: Duration,
+    /// An ENI younger than this is not freed (upstream: 1 min).
+    pub min_eni_age: Duration,
+    /// Leaked-ENI sweep (upstream: 1 h).
+    pub leak_cleanup: Duration,
+    /// Pause in growth after the subnet ran out of addresses (upstream: 120 s).
+    pub subnet_full_backoff: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            pool_check: Duration::from_secs(5),
+            decrease: Duration::from_secs(30),
+            reconcile: Duration::from_secs(60),
+            min_eni_age: Duration::from_secs(60),
+            leak_cleanup: Duration::from_secs(3600),
+            subnet_full_backoff: Duration::from_secs(120),
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -18,6 +52,13 @@ pub struct Config {
     pub log_file: String,
     pub log_level: String,
     pub cluster_name: String,
+    pub targets: Targets,
+    /// Upstream's `AWS_EC2_ENDPOINT` (the SDK's `AWS_ENDPOINT_URL_EC2` also works).
+    pub ec2_endpoint: Option<String>,
+    pub disable_leaked_eni_cleanup: bool,
+    /// `ADDITIONAL_ENI_TAGS`, a JSON object.
+    pub additional_eni_tags: BTreeMap<String, String>,
+    pub timing: Timing,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -61,6 +102,61 @@ fn int_var(
     }
 }
 
+fn secs_var(
+    env: &dyn Fn(&str) -> Option<String>,
+    var: &'static str,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match env(var).map(|v| v.trim().to_string()) {
+        None => Ok(default),
+        Some(v) if v.is_empty() => Ok(default),
+        Some(v) => match v.parse::<f64>() {
+            Ok(n) if n.is_finite() && n >= 0.0 => Ok(Duration::from_secs_f64(n)),
+            _ => Err(ConfigError {
+                var,
+                value: v,
+                why: "must be a number of seconds (0 or more)".into(),
+            }),
+        },
+    }
+}
+
+fn count_var(
+    env: &dyn Fn(&str) -> Option<String>,
+    var: &'static str,
+) -> Result<Option<u32>, ConfigError> {
+    match int_var(env, var)? {
+        None => Ok(None),
+        Some(n) if (0..=u32::MAX as i64).contains(&n) => Ok(Some(n as u32)),
+        Some(n) => Err(ConfigError {
+            var,
+            value: n.to_string(),
+            why: "must be 0 or more".into(),
+        }),
+    }
+}
+
+fn eni_tags(env: &dyn Fn(&str) -> Option<String>) -> Result<BTreeMap<String, String>, ConfigError> {
+    const VAR: &str = "ADDITIONAL_ENI_TAGS";
+    let Some(v) = env(VAR).filter(|v| !v.trim().is_empty()) else {
+        return Ok(BTreeMap::new());
+    };
+    let tags: BTreeMap<String, String> = serde_json::from_str(&v).map_err(|e| ConfigError {
+        var: VAR,
+        value: v.clone(),
+        why: format!("must be a JSON object of string values: {e}"),
+    })?;
+    // The k8s.amazonaws.com namespace is ipamd's own (instance id, createdAt, no_manage).
+    if let Some(k) = tags.keys().find(|k| k.contains("k8s.amazonaws.com")) {
+        return Err(ConfigError {
+            var: VAR,
+            value: v.clone(),
+            why: format!("tag key {k:?} is reserved (k8s.amazonaws.com keys are set by ipamd)"),
+        });
+    }
+    Ok(tags)
+}
+
 impl Config {
     pub fn from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let cooldown = match int_var(env, "IP_COOLDOWN_PERIOD")? {
@@ -97,7 +193,48 @@ impl Config {
                 why: "must be 1 to 4 characters and not eth, lo or vlan".into(),
             });
         }
+        let prefix_delegation = bool_var(env, "ENABLE_PREFIX_DELEGATION", false)?;
+        let warm_ip = count_var(env, "WARM_IP_TARGET")?.filter(|n| *n > 0);
+        let minimum_ip = count_var(env, "MINIMUM_IP_TARGET")?.filter(|n| *n > 0);
+        // The default is the shipped manifest's value; upstream's code default is 0, which with
+        // prefix delegation and no IP targets its entrypoint refuses anyway.
+        let warm_prefix = count_var(env, "WARM_PREFIX_TARGET")?.unwrap_or(1);
+        if prefix_delegation && warm_prefix == 0 && warm_ip.is_none() && minimum_ip.is_none() {
+            return Err(ConfigError {
+                var: "WARM_PREFIX_TARGET",
+                value: "0".into(),
+                why: "with ENABLE_PREFIX_DELEGATION=true, set WARM_PREFIX_TARGET, WARM_IP_TARGET or MINIMUM_IP_TARGET above 0".into(),
+            });
+        }
+        let targets = Targets {
+            warm_eni: count_var(env, "WARM_ENI_TARGET")?.unwrap_or(1),
+            warm_ip,
+            minimum_ip,
+            warm_prefix,
+            prefix_delegation,
+        };
+        let d = Timing::default();
+        let timing = Timing {
+            pool_check: secs_var(env, "IPAMD_POOL_CHECK_INTERVAL", d.pool_check)?,
+            decrease: secs_var(env, "IPAMD_DECREASE_INTERVAL", d.decrease)?,
+            reconcile: secs_var(env, "IPAMD_RECONCILE_INTERVAL", d.reconcile)?,
+            min_eni_age: secs_var(env, "IPAMD_MIN_ENI_AGE", d.min_eni_age)?,
+            leak_cleanup: secs_var(env, "IPAMD_LEAKED_ENI_CLEANUP_INTERVAL", d.leak_cleanup)?,
+            subnet_full_backoff: secs_var(env, "IPAMD_SUBNET_FULL_BACKOFF", d.subnet_full_backoff)?,
+        };
+        if timing.pool_check.is_zero() {
+            return Err(ConfigError {
+                var: "IPAMD_POOL_CHECK_INTERVAL",
+                value: "0".into(),
+                why: "must be above 0".into(),
+            });
+        }
         Ok(Config {
+            targets,
+            ec2_endpoint: env("AWS_EC2_ENDPOINT").filter(|s| !s.trim().is_empty()),
+            disable_leaked_eni_cleanup: bool_var(env, "DISABLE_LEAKED_ENI_CLEANUP", false)?,
+            additional_eni_tags: eni_tags(env)?,
+            timing,
             socket: env("IPAMD_SOCKET_PATH")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from(cni_proto::DEFAULT_SOCKET)),
@@ -108,7 +245,7 @@ impl Config {
             veth_prefix,
             external_snat: bool_var(env, "AWS_VPC_K8S_CNI_EXTERNALSNAT", false)?,
             max_eni,
-            prefix_delegation: bool_var(env, "ENABLE_PREFIX_DELEGATION", false)?,
+            prefix_delegation,
             node_file: env("IPAMD_NODE_FILE")
                 .filter(|s| !s.is_empty())
                 .map(PathBuf::from),
@@ -145,6 +282,42 @@ mod tests {
         assert_eq!(c.veth_prefix, "eni");
         assert!(!c.external_snat);
         assert_eq!(c.max_eni, None);
+        assert_eq!(c.targets, Targets::default());
+        assert_eq!(c.targets.warm_eni, 1);
+        assert!(!c.disable_leaked_eni_cleanup);
+        assert_eq!(c.timing, Timing::default());
+    }
+
+    #[test]
+    fn pool_targets_and_tags() {
+        let c = Config::from_env(&with(&[
+            ("WARM_IP_TARGET", "5"),
+            ("MINIMUM_IP_TARGET", "0"),
+            ("ADDITIONAL_ENI_TAGS", r#"{"team":"net"}"#),
+            ("IPAMD_MIN_ENI_AGE", "0.5"),
+        ]))
+        .unwrap();
+        assert_eq!(c.targets.warm_ip, Some(5));
+        assert_eq!(c.targets.minimum_ip, None);
+        assert!(c.targets.ip_targets());
+        assert_eq!(c.additional_eni_tags["team"], "net");
+        assert_eq!(c.timing.min_eni_age, Duration::from_millis(500));
+        let e = Config::from_env(&with(&[("ADDITIONAL_ENI_TAGS", "team=net")])).unwrap_err();
+        assert_eq!(e.var, "ADDITIONAL_ENI_TAGS");
+        let e = Config::from_env(&with(&[(
+            "ADDITIONAL_ENI_TAGS",
+            r#"{"node.k8s.amazonaws.com/no_manage":"true"}"#,
+        )]))
+        .unwrap_err();
+        assert!(e.why.contains("reserved"));
+        let e = Config::from_env(&with(&[
+            ("ENABLE_PREFIX_DELEGATION", "true"),
+            ("WARM_PREFIX_TARGET", "0"),
+        ]))
+        .unwrap_err();
+        assert_eq!(e.var, "WARM_PREFIX_TARGET");
+        let e = Config::from_env(&with(&[("WARM_ENI_TARGET", "-1")])).unwrap_err();
+        assert_eq!(e.var, "WARM_ENI_TARGET");
     }
 
     #[test]

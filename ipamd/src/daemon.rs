@@ -10,7 +10,14 @@ use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use crate::checkpoint::{self, Committer};
+use crate::cloud::guard::{Bucket, Guarded, RetryPolicy};
+use crate::cloud::imds::Imds;
+use crate::cloud::sdk::SdkEc2;
+use crate::cloud::{Ec2, EniFilter};
 use crate::config::Config;
+use crate::datastore::Eni;
+use crate::instance_types::InstanceLimits;
+use crate::manager::{CloudNode, Limits, Manager};
 use crate::datastore::Datastore;
 use crate::instance_types;
 use crate::maxpods;
@@ -80,22 +87,130 @@ pub fn restore(
     dropped
 }
 
-fn describe_node(cfg: &Config) -> anyhow::Result<NodeInfo> {
-    match &cfg.node_file {
-        Some(p) => Ok(node::load_node_file(p)?),
-        None => bail!("no node source: set IPAMD_NODE_FILE (standalone mode); the EC2/IMDS source is not built yet"),
+/// The EC2 side of a node: the client, IMDS and what the pool manager needs.
+pub struct CloudSetup {
+    pub ec2: Arc<Guarded<SdkEc2>>,
+    pub imds: Arc<Imds>,
+    pub node: CloudNode,
+}
+
+/// Requests per second to EC2 once the burst is spent, per node.
+const EC2_BURST: u32 = 20;
+const EC2_RATE: f64 = 10.0;
+
+/// Read the instance from IMDS, then confirm its ENIs with one DescribeNetworkInterfaces: EC2
+/// decides what each ENI holds, IMDS may lag behind it.
+async fn cloud_node(cfg: &Config) -> anyhow::Result<(NodeInfo, InstanceLimits, CloudSetup)> {
+    let imds = Imds::new();
+    let meta = imds
+        .instance()
+        .await
+        .context("read the instance from IMDS (AWS_EC2_METADATA_SERVICE_ENDPOINT)")?;
+    let primary = meta
+        .primary()
+        .with_context(|| format!("IMDS lists no interface for the primary MAC {}", meta.primary_mac))?
+        .clone();
+    let ec2 = Arc::new(Guarded::new(
+        SdkEc2::new(&meta.region, cfg.ec2_endpoint.as_deref()).await,
+        Bucket::new(EC2_BURST, EC2_RATE),
+        RetryPolicy::default(),
+    ));
+    let limits = match instance_types::lookup(&meta.instance_type) {
+        Some(l) => *l,
+        None => ec2
+            .describe_instance_type(&meta.instance_type)
+            .await
+            .context("DescribeInstanceTypes for a type missing from the built-in table")?
+            .with_context(|| format!("EC2 does not know instance type {:?}", meta.instance_type))?,
+    };
+    let described = ec2
+        .describe_enis(EniFilter::AttachedTo(meta.instance_id.clone()))
+        .await
+        .context("DescribeNetworkInterfaces for this instance's ENIs")?;
+    let mut cloud = CloudNode {
+        instance_id: meta.instance_id.clone(),
+        vpc_id: primary.vpc_id.clone(),
+        subnet_id: primary.subnet_id.clone(),
+        subnet_cidr: primary.subnet_cidr.clone(),
+        security_groups: primary.security_groups.clone(),
+        ..Default::default()
+    };
+    let mut enis = Vec::new();
+    for info in &described {
+        let Some(att) = &info.attachment else { continue };
+        let is_primary = att.device_index == 0 && att.network_card == 0;
+        if !is_primary && (att.network_card != 0 || info.no_manage()) {
+            info!(eni = %info.id, device = att.device_index, "ENI not managed by ipamd (no_manage tag or another network card)");
+            cloud.unmanaged.insert(att.device_index, info.id.clone());
+            continue;
+        }
+        let Some(primary_ip) = info.primary_ip else { continue };
+        let from_imds = meta.interfaces.iter().find(|i| i.id == info.id);
+        match from_imds {
+            None => info!(eni = %info.id, "attached in EC2, not yet in IMDS; using EC2's view"),
+            Some(i) if i.ips.len() != info.secondary_ips.len() + 1 || i.prefixes != info.prefixes => {
+                info!(eni = %info.id, imds_ips = i.ips.len(), ec2_ips = info.secondary_ips.len() + 1, "IMDS lags EC2; using EC2's view")
+            }
+            _ => {}
+        }
+        cloud.attachments.insert(info.id.clone(), att.id.clone());
+        enis.push(Eni {
+            id: info.id.clone(),
+            device_number: att.device_index,
+            primary: is_primary,
+            mac: info.mac.clone(),
+            subnet_cidr: from_imds
+                .map(|i| i.subnet_cidr.clone())
+                .unwrap_or_else(|| primary.subnet_cidr.clone()),
+            primary_ip,
+            ips: info.secondary_ips.clone(),
+            prefixes: info.prefixes.clone(),
+            attached_at: SystemTime::now(),
+        });
     }
+    if !enis.iter().any(|e| e.primary) {
+        bail!("EC2 lists no primary ENI (device 0) attached to {}", meta.instance_id);
+    }
+    let node = NodeInfo {
+        instance_id: meta.instance_id.clone(),
+        instance_type: meta.instance_type.clone(),
+        vpc_cidrs: primary.vpc_cidrs.clone(),
+        enis,
+    };
+    Ok((
+        node,
+        limits,
+        CloudSetup {
+            ec2,
+            imds: Arc::new(imds),
+            node: cloud,
+        },
+    ))
 }
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    let node = describe_node(&cfg)?;
-    let limits = instance_types::lookup(&node.instance_type).with_context(|| {
-        format!(
-            "instance type {:?} is not in the built-in table",
-            node.instance_type
-        )
-    })?;
-    let max_pods = maxpods::node_max_pods(limits, cfg.max_eni, cfg.prefix_delegation) as usize;
+    let (node, limits, cloud) = match &cfg.node_file {
+        Some(p) => {
+            let node = node::load_node_file(p)?;
+            let limits = *instance_types::lookup(&node.instance_type).with_context(|| {
+                format!(
+                    "instance type {:?} is not in the built-in table",
+                    node.instance_type
+                )
+            })?;
+            (node, limits, None)
+        }
+        None => {
+            let (n, l, c) = cloud_node(&cfg).await?;
+            (n, l, Some(c))
+        }
+    };
+    let limits = &limits;
+    let prefix_delegation = cfg.prefix_delegation && limits.is_nitro();
+    if cfg.prefix_delegation && !prefix_delegation {
+        warn!(r#type = %node.instance_type, "prefix delegation needs a Nitro instance; using secondary IPs");
+    }
+    let max_pods = maxpods::node_max_pods(limits, cfg.max_eni, prefix_delegation) as usize;
     let enis_allowed = maxpods::pod_enis(limits, cfg.max_eni, false);
     let capacity = format!(
         "{}: {} ENIs x {} IPv4 addresses ({} for pods), max pods {}",
@@ -145,16 +260,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let gen = ds.lock().await.generation();
     committer.commit(gen).await.map_err(anyhow::Error::msg)?;
 
-    let (health, _) = tonic_health::server::health_reporter();
-    let shared = Arc::new(Shared {
+    let shared = Arc::new(Shared::new(
         ds,
         committer,
-        vpc_cidrs: node.vpc_cidrs.clone(),
-        external_snat: cfg.external_snat,
+        node.vpc_cidrs.clone(),
+        cfg.external_snat,
         capacity,
-        initialised: Default::default(),
-        health,
-    });
+        cloud.is_some(),
+    ));
     shared.initialised.store(true, Ordering::Release);
     shared.update_health().await;
 
@@ -167,6 +280,28 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             ticker.update_health().await;
         }
     });
+
+    if let Some(c) = cloud {
+        let mut targets = cfg.targets.clone();
+        targets.prefix_delegation = prefix_delegation;
+        let unmanaged = c.node.unmanaged.len();
+        let mgr = Manager::new(
+            c.ec2.clone(),
+            shared.clone(),
+            Some(c.imds.clone()),
+            c.node,
+            Limits {
+                max_enis: (enis_allowed as usize).max(unmanaged + 1),
+                slots_per_eni: limits.ipv4_per_eni.saturating_sub(1) as usize,
+            },
+            targets,
+            cfg.timing.clone(),
+            cfg.cluster_name.clone(),
+            cfg.additional_eni_tags.clone(),
+            !cfg.disable_leaked_eni_cleanup,
+        );
+        tokio::spawn(mgr.run());
+    }
 
     server::serve(&cfg.socket, shared, shutdown_signal()).await
 }

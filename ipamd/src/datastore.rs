@@ -475,6 +475,37 @@ impl Datastore {
         Some(s)
     }
 
+    pub fn eni(&self, id: &str) -> Option<&Eni> {
+        self.enis.get(id)
+    }
+
+    /// Free secondary IPs of an ENI (not those inside prefixes), release candidates.
+    pub fn free_ips(&self, eni_id: &str) -> Vec<Ipv4Addr> {
+        let Some(eni) = self.enis.get(eni_id) else {
+            return Vec::new();
+        };
+        eni.ips
+            .iter()
+            .copied()
+            .filter(|a| matches!(self.addrs.get(a), Some(x) if x.state == AddrState::Free))
+            .collect()
+    }
+
+    /// Prefixes of an ENI whose 16 addresses are all free (none assigned, none cooling).
+    pub fn free_prefixes(&self, eni_id: &str) -> Vec<Prefix> {
+        let Some(eni) = self.enis.get(eni_id) else {
+            return Vec::new();
+        };
+        eni.prefixes
+            .iter()
+            .copied()
+            .filter(|p| {
+                p.addresses()
+                    .all(|a| matches!(self.addrs.get(&a), Some(x) if x.state == AddrState::Free))
+            })
+            .collect()
+    }
+
     /// Can an ADD get an address right now (health, STATUS)? Expired cooldowns are freed
     /// first, so the answer is the one an ADD would get.
     pub fn can_allocate(&mut self, now: SystemTime) -> bool {

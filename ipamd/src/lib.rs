@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod datastore;
 pub mod instance_types;
 pub mod logging;
+pub mod manager;
 pub mod maxpods;
 pub mod node;
 pub mod server;

@@ -9,7 +9,7 @@ use std::time::SystemTime;
 use cni_proto::cni_backend_server::{CniBackend, CniBackendServer};
 use cni_proto::*;
 use tokio::net::UnixListener;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
 use tonic::{Request, Response, Status};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
@@ -29,9 +29,65 @@ pub struct Shared {
     /// Set once the node's ENIs are loaded and the checkpoint restored.
     pub initialised: AtomicBool,
     pub health: HealthReporter,
+    /// A pool manager runs (EC2 mode): ADD may wait for a refill under way.
+    pub managed: bool,
+    /// Wakes the pool manager: an allocation changed.
+    pub pool_changed: Notify,
+    /// The pool manager added addresses (or gave up for now).
+    pub pool_grew: Notify,
+    /// The pool manager is adding addresses right now.
+    pub growing: AtomicBool,
+    /// Why the pool cannot grow at the moment (subnet full, throttled...), for ADD replies.
+    pub pool_note: std::sync::Mutex<Option<(FailureReason, String)>>,
+    /// The pool is at its ceiling (max pods or every ENI full), in words.
+    pub ceiling: std::sync::Mutex<Option<String>>,
 }
 
 impl Shared {
+    pub fn new(
+        ds: Arc<Mutex<Datastore>>,
+        committer: Arc<Committer>,
+        vpc_cidrs: Vec<String>,
+        external_snat: bool,
+        capacity: String,
+        managed: bool,
+    ) -> Shared {
+        let (health, _) = tonic_health::server::health_reporter();
+        Shared {
+            ds,
+            committer,
+            vpc_cidrs,
+            external_snat,
+            capacity,
+            initialised: AtomicBool::new(false),
+            health,
+            managed,
+            pool_changed: Notify::new(),
+            pool_grew: Notify::new(),
+            growing: AtomicBool::new(false),
+            pool_note: Default::default(),
+            ceiling: Default::default(),
+        }
+    }
+
+    /// Why an ADD finds the pool empty, in the words and code the plugin reports.
+    pub fn empty_pool_reason(&self, err: &AssignError) -> (FailureReason, String) {
+        if let Some((reason, note)) = self.pool_note.lock().ok().and_then(|g| g.clone()) {
+            return (reason, format!("{err}: {note}"));
+        }
+        let ceiling = self.ceiling.lock().ok().and_then(|g| g.clone());
+        match ceiling {
+            Some(c) if self.managed => (
+                FailureReason::PoolEmpty,
+                format!("{err}; instance limit {}: {c}", self.capacity),
+            ),
+            _ => (
+                FailureReason::PoolEmpty,
+                format!("{err}; instance limit {}", self.capacity),
+            ),
+        }
+    }
+
     /// Re-evaluate readiness: SERVING only while an ADD would get an address.
     pub async fn update_health(&self) {
         let ok = self.initialised.load(Ordering::Acquire)
@@ -114,10 +170,29 @@ impl CniBackend for Backend {
                 name: r.k8s_pod_name.clone(),
                 uid: r.k8s_pod_uid.clone(),
             };
-            let (res, gen) = {
-                let mut ds = s.ds.lock().await;
-                let res = ds.assign(key, pod, SystemTime::now());
-                (res, ds.generation())
+            let deadline = tokio::time::Instant::now() + crate::manager::ADD_WAIT;
+            let (res, gen) = loop {
+                let grew = s.pool_grew.notified();
+                tokio::pin!(grew);
+                grew.as_mut().enable();
+                let (res, gen) = {
+                    let mut ds = s.ds.lock().await;
+                    let res = ds.assign(key.clone(), pod.clone(), SystemTime::now());
+                    (res, ds.generation())
+                };
+                s.pool_changed.notify_one();
+                // An empty pool that the manager is refilling is worth a short wait: the
+                // alternative is a failed sandbox and kubelet's retry seconds later.
+                let refilling = s.managed
+                    && (s.growing.load(Ordering::Acquire)
+                        || (s.ceiling.lock().is_ok_and(|c| c.is_none())
+                            && s.pool_note.lock().is_ok_and(|n| n.is_none())));
+                if !matches!(res, Err(AssignError::PoolEmpty { .. })) || !refilling {
+                    break (res, gen);
+                }
+                if tokio::time::timeout_at(deadline, grew).await.is_err() {
+                    break (res, gen);
+                }
             };
             let alloc = match res {
                 Ok(a) => a,
@@ -126,10 +201,10 @@ impl CniBackend for Backend {
                     return Ok(add_refusal(FailureReason::MaxPodsReached, e.to_string()));
                 }
                 Err(e @ AssignError::PoolEmpty { .. }) => {
-                    let msg = format!("{e}; instance limit {}", s.capacity);
+                    let (reason, msg) = s.empty_pool_reason(&e);
                     warn!(error = %msg, "refused");
                     s.update_health().await;
-                    return Ok(add_refusal(FailureReason::PoolEmpty, msg));
+                    return Ok(add_refusal(reason, msg));
                 }
             };
             if let Err(e) = s.committer.commit(gen).await {
@@ -184,6 +259,7 @@ impl CniBackend for Backend {
                 }));
             }
             info!(ip = %a.ip, "released into cooldown");
+            s.pool_changed.notify_one();
             s.update_health().await;
             Ok(Response::new(DelNetworkReply {
                 success: true,

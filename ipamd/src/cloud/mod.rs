@@ -73,8 +73,13 @@ pub struct NewEni {
 pub enum EniFilter {
     Ids(Vec<String>),
     AttachedTo(String),
-    /// ENIs tagged as created for this instance and not attached (leak candidates).
-    DetachedOf(String),
+    /// Detached ENIs that ipamd created (tag key present) in this VPC, of this instance, or
+    /// of any instance of the cluster when one is named: leak candidates.
+    Leaked {
+        vpc_id: String,
+        instance_id: Option<String>,
+        cluster: Option<String>,
+    },
 }
 
 /// How ipamd must react to an EC2 error; the code and message are kept for the log and the ADD reply.

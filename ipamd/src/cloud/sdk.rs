@@ -140,9 +140,25 @@ impl Ec2 for SdkEc2 {
             req = match &f {
                 EniFilter::Ids(ids) => req.set_network_interface_ids(Some(ids.clone())),
                 EniFilter::AttachedTo(i) => req.filters(filter("attachment.instance-id", i)),
-                EniFilter::DetachedOf(i) => req
-                    .filters(filter(&format!("tag:{}", super::TAG_INSTANCE_ID), i))
-                    .filters(filter("status", "available")),
+                EniFilter::Leaked {
+                    vpc_id,
+                    instance_id,
+                    cluster,
+                } => {
+                    let mut r = req
+                        .filters(filter("tag-key", super::TAG_INSTANCE_ID))
+                        .filters(filter("status", "available"));
+                    if !vpc_id.is_empty() {
+                        r = r.filters(filter("vpc-id", vpc_id));
+                    }
+                    if let Some(i) = instance_id {
+                        r = r.filters(filter(&format!("tag:{}", super::TAG_INSTANCE_ID), i));
+                    }
+                    if let Some(c) = cluster {
+                        r = r.filters(filter(&format!("tag:{}", super::TAG_CLUSTER_NAME), c));
+                    }
+                    r
+                }
             };
             let resp = req
                 .set_next_token(token.take())

@@ -1,0 +1,693 @@
+//! The pool manager: turns the warm-pool planner's steps into EC2 calls and datastore changes.
+//!
+//! Woken by every ADD/DEL (so a pool that drops below target refills at once) and by a periodic
+//! tick. EC2 calls are made without holding the datastore lock; addresses leave the datastore
+//! before they are unassigned in EC2 (so no pod can get one that is going away) and come back if
+//! the call fails.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use cni_proto::FailureReason;
+use tracing::{debug, error, info, info_span, warn, Instrument};
+
+use crate::cloud::imds::Imds;
+use crate::cloud::{self, CloudError, Ec2, EniFilter, EniInfo, ErrorKind, NewEni};
+use crate::config::Timing;
+use crate::datastore::{Datastore, Eni, Prefix};
+use crate::server::Shared;
+use crate::warm::{self, Ceiling, EniView, PoolView, Step, Targets};
+
+/// Leaked ENIs younger than this may still be on their way to being attached.
+pub const LEAK_MIN_AGE: Duration = Duration::from_secs(300);
+/// ADD waits this long for a refill that is under way before reporting the pool empty.
+pub const ADD_WAIT: Duration = Duration::from_secs(10);
+
+/// What the manager needs to know about the node that IMDS told us at start.
+#[derive(Debug, Clone, Default)]
+pub struct CloudNode {
+    pub instance_id: String,
+    pub vpc_id: String,
+    pub subnet_id: String,
+    pub subnet_cidr: String,
+    pub security_groups: Vec<String>,
+    /// ENIs attached to the node that ipamd does not manage, by device index.
+    pub unmanaged: BTreeMap<u32, String>,
+    /// Attachment id of every managed ENI, for detaching.
+    pub attachments: HashMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// ENIs the node may have (instance type, MAX_ENI), primary included.
+    pub max_enis: usize,
+    /// Ipv4AddressesPerInterface - 1.
+    pub slots_per_eni: usize,
+}
+
+pub struct Manager<E: Ec2> {
+    pub ec2: Arc<E>,
+    pub shared: Arc<Shared>,
+    pub imds: Option<Arc<Imds>>,
+    pub node: CloudNode,
+    pub limits: Limits,
+    pub targets: Targets,
+    pub timing: Timing,
+    pub cluster_name: String,
+    pub extra_tags: BTreeMap<String, String>,
+    pub leak_cleanup: bool,
+    last_release: Option<Instant>,
+    growth_paused_until: Option<Instant>,
+}
+
+fn grows(s: &Step) -> bool {
+    matches!(
+        s,
+        Step::AssignIps { .. } | Step::AssignPrefixes { .. } | Step::NewEni { .. }
+    )
+}
+
+/// The planner's picture of the datastore.
+pub fn pool_view(ds: &Datastore, limits: &Limits, unmanaged: usize, min_age: Duration) -> PoolView {
+    let now = SystemTime::now();
+    PoolView {
+        enis: ds
+            .enis()
+            .map(|e| {
+                let st = ds.eni_stats(&e.id).unwrap_or_default();
+                EniView {
+                    id: e.id.clone(),
+                    device_number: e.device_number,
+                    primary: e.primary,
+                    ips: e.ips.len(),
+                    prefixes: e.prefixes.len(),
+                    free_prefixes: ds.free_prefixes(&e.id).len(),
+                    assigned: st.assigned,
+                    cooldown: st.cooldown,
+                    available: st.available,
+                    age: now.duration_since(e.attached_at).unwrap_or_default(),
+                }
+            })
+            .collect(),
+        max_enis: limits.max_enis,
+        unmanaged_enis: unmanaged,
+        slots_per_eni: limits.slots_per_eni,
+        max_pods: ds.max_pods(),
+        min_eni_age: min_age,
+    }
+}
+
+impl<E: Ec2> Manager<E> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        ec2: Arc<E>,
+        shared: Arc<Shared>,
+        imds: Option<Arc<Imds>>,
+        node: CloudNode,
+        limits: Limits,
+        targets: Targets,
+        timing: Timing,
+        cluster_name: String,
+        extra_tags: BTreeMap<String, String>,
+        leak_cleanup: bool,
+    ) -> Self {
+        Manager {
+            ec2,
+            shared,
+            imds,
+            node,
+            limits,
+            targets,
+            timing,
+            cluster_name,
+            extra_tags,
+            leak_cleanup,
+            last_release: None,
+            growth_paused_until: None,
+        }
+    }
+
+    pub async fn run(mut self) {
+        if self.leak_cleanup {
+            self.cleanup_leaked().await;
+        }
+        let mut tick = tokio::time::interval(self.timing.pool_check);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_reconcile = Instant::now();
+        let mut last_leak = Instant::now();
+        loop {
+            tokio::select! {
+                _ = self.shared.pool_changed.notified() => {}
+                _ = tick.tick() => {}
+            }
+            self.converge().instrument(info_span!("pool")).await;
+            if last_reconcile.elapsed() >= self.timing.reconcile {
+                self.reconcile().instrument(info_span!("reconcile")).await;
+                last_reconcile = Instant::now();
+            }
+            if self.leak_cleanup && last_leak.elapsed() >= self.timing.leak_cleanup {
+                self.cleanup_leaked().await;
+                last_leak = Instant::now();
+            }
+        }
+    }
+
+    /// Plan and execute steps until the pool is on target (or a step fails).
+    pub async fn converge(&mut self) {
+        for _ in 0..64 {
+            let may_release = self
+                .last_release
+                .is_none_or(|t| t.elapsed() >= self.timing.decrease);
+            let (step, ceiling) = {
+                let mut ds = self.shared.ds.lock().await;
+                ds.expire_cooldowns(SystemTime::now());
+                let v = pool_view(
+                    &ds,
+                    &self.limits,
+                    self.node.unmanaged.len(),
+                    self.timing.min_eni_age,
+                );
+                (
+                    warm::plan(&v, &self.targets, may_release),
+                    warm::ceiling(&v, &self.targets),
+                )
+            };
+            let paused = self
+                .growth_paused_until
+                .is_some_and(|t| Instant::now() < t);
+            let growing = grows(&step) && !paused;
+            self.shared.growing.store(growing, Ordering::Release);
+            self.set_ceiling(ceiling);
+            if step == Step::Nothing || (grows(&step) && paused) {
+                break;
+            }
+            debug!(?step, "pool step");
+            match self.execute(step.clone()).await {
+                Ok(()) => {
+                    if grows(&step) {
+                        self.clear_note();
+                    }
+                    if matches!(step, Step::ReleaseIps { .. } | Step::ReleasePrefixes { .. }) {
+                        self.last_release = Some(Instant::now());
+                    }
+                    self.shared.update_health().await;
+                    self.shared.pool_grew.notify_waiters();
+                }
+                Err(e) => {
+                    self.on_error(&step, &e);
+                    break;
+                }
+            }
+        }
+        self.shared.growing.store(false, Ordering::Release);
+        self.shared.pool_grew.notify_waiters();
+    }
+
+    fn set_ceiling(&self, c: Option<Ceiling>) {
+        let text = c.map(|c| match c {
+            Ceiling::MaxPods(n) => format!("max pods reached ({n})"),
+            Ceiling::Enis { enis, slots } => {
+                format!("all {enis} ENIs attached, each holding its {slots} addresses")
+            }
+        });
+        if let Ok(mut g) = self.shared.ceiling.lock() {
+            *g = text;
+        }
+    }
+
+    fn note(&self, reason: FailureReason, msg: String) {
+        if let Ok(mut g) = self.shared.pool_note.lock() {
+            *g = Some((reason, msg));
+        }
+    }
+
+    fn clear_note(&self) {
+        if let Ok(mut g) = self.shared.pool_note.lock() {
+            *g = None;
+        }
+    }
+
+    fn on_error(&mut self, step: &Step, e: &CloudError) {
+        match e.kind {
+            ErrorKind::SubnetFull | ErrorKind::NoCidrBlocks => {
+                let what = if e.kind == ErrorKind::SubnetFull {
+                    "has no free addresses"
+                } else {
+                    "has no free /28 blocks"
+                };
+                let msg = format!(
+                    "subnet {} {what} ({}); growth paused for {}s",
+                    self.node.subnet_id,
+                    e.code,
+                    self.timing.subnet_full_backoff.as_secs()
+                );
+                error!(error = %e, "{msg}");
+                self.growth_paused_until = Some(Instant::now() + self.timing.subnet_full_backoff);
+                self.note(FailureReason::SubnetFull, msg);
+            }
+            ErrorKind::Throttled => {
+                warn!(error = %e, ?step, "EC2 keeps throttling; will retry");
+                self.note(
+                    FailureReason::Throttled,
+                    format!("EC2 is throttling this node's calls ({}); retrying", e.code),
+                );
+            }
+            ErrorKind::Unauthorized => {
+                self.note(
+                    FailureReason::PoolEmpty,
+                    format!("the node's IAM role may not call ec2:{} ({})", e.op, e.code),
+                );
+            }
+            _ => {
+                warn!(error = %e, ?step, "pool step failed");
+            }
+        }
+    }
+
+    async fn execute(&mut self, step: Step) -> Result<(), CloudError> {
+        match step {
+            Step::Nothing => Ok(()),
+            Step::AssignIps { eni, count } => {
+                match self.ec2.assign_ips(&eni, count).await {
+                    Ok(ips) => {
+                        let mut ds = self.shared.ds.lock().await;
+                        for ip in &ips {
+                            if let Err(e) = ds.add_ip(&eni, *ip) {
+                                warn!(%eni, %ip, error = %e, "assigned address not added");
+                            }
+                        }
+                        info!(%eni, count = ips.len(), "assigned secondary IPs");
+                        Ok(())
+                    }
+                    // Our count was off (someone else assigned): take EC2's word for it.
+                    Err(e) if e.kind == ErrorKind::Limit => self.resync_eni(&eni).await,
+                    Err(e) => Err(e),
+                }
+            }
+            Step::AssignPrefixes { eni, count } => match self.ec2.assign_prefixes(&eni, count).await {
+                Ok(ps) => {
+                    let mut ds = self.shared.ds.lock().await;
+                    for p in &ps {
+                        if let Err(e) = ds.add_prefix(&eni, *p) {
+                            warn!(%eni, prefix = %p.0, error = %e, "assigned prefix not added");
+                        }
+                    }
+                    info!(%eni, count = ps.len(), "assigned /28 prefixes");
+                    Ok(())
+                }
+                Err(e) if e.kind == ErrorKind::Limit => self.resync_eni(&eni).await,
+                Err(e) => Err(e),
+            },
+            Step::NewEni { ips, prefixes } => self.new_eni(ips, prefixes).await,
+            Step::ReleaseIps { eni, count } => {
+                let ips: Vec<Ipv4Addr> = {
+                    let mut ds = self.shared.ds.lock().await;
+                    let mut picked = ds.free_ips(&eni);
+                    // The most recently added go first: older ones are more likely in IMDS already.
+                    picked.reverse();
+                    picked.truncate(count as usize);
+                    picked.retain(|ip| ds.remove_ip(*ip));
+                    picked
+                };
+                if ips.is_empty() {
+                    return Ok(());
+                }
+                match self.ec2.unassign_ips(&eni, &ips).await {
+                    Ok(()) => {
+                        info!(%eni, count = ips.len(), "released surplus IPs");
+                        Ok(())
+                    }
+                    Err(e) => {
+                        let mut ds = self.shared.ds.lock().await;
+                        for ip in ips {
+                            let _ = ds.add_ip(&eni, ip);
+                        }
+                        Err(e)
+                    }
+                }
+            }
+            Step::ReleasePrefixes { eni, count } => {
+                let ps: Vec<Prefix> = {
+                    let mut ds = self.shared.ds.lock().await;
+                    let mut picked = ds.free_prefixes(&eni);
+                    picked.reverse();
+                    picked.truncate(count as usize);
+                    picked.retain(|p| ds.remove_prefix(&eni, *p));
+                    picked
+                };
+                if ps.is_empty() {
+                    return Ok(());
+                }
+                match self.ec2.unassign_prefixes(&eni, &ps).await {
+                    Ok(()) => {
+                        info!(%eni, count = ps.len(), "released surplus prefixes");
+                        Ok(())
+                    }
+                    Err(e) => {
+                        let mut ds = self.shared.ds.lock().await;
+                        for p in ps {
+                            let _ = ds.add_prefix(&eni, p);
+                        }
+                        Err(e)
+                    }
+                }
+            }
+            Step::FreeEni { eni } => self.free_eni(&eni).await,
+        }
+    }
+
+    fn next_device_index(&self, ds: &Datastore) -> u32 {
+        let used: HashSet<u32> = ds
+            .enis()
+            .map(|e| e.device_number)
+            .chain(self.node.unmanaged.keys().copied())
+            .collect();
+        (1..).find(|i| !used.contains(i)).unwrap_or(1)
+    }
+
+    fn eni_tags(&self) -> BTreeMap<String, String> {
+        let mut tags = self.extra_tags.clone();
+        tags.insert(
+            cloud::TAG_INSTANCE_ID.to_string(),
+            self.node.instance_id.clone(),
+        );
+        tags.insert(
+            cloud::TAG_CREATED_AT.to_string(),
+            humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        );
+        if !self.cluster_name.is_empty() {
+            tags.insert(
+                cloud::TAG_CLUSTER_NAME.to_string(),
+                self.cluster_name.clone(),
+            );
+        }
+        tags
+    }
+
+    /// Create, attach, set DeleteOnTermination: three calls, and the addresses come with the
+    /// create reply, so there is no wait for IMDS.
+    async fn new_eni(&mut self, ips: u32, prefixes: u32) -> Result<(), CloudError> {
+        let created = self
+            .ec2
+            .create_eni(NewEni {
+                subnet_id: self.node.subnet_id.clone(),
+                security_groups: self.node.security_groups.clone(),
+                description: format!("{}{}", cloud::ENI_DESCRIPTION_PREFIX, self.node.instance_id),
+                tags: self.eni_tags(),
+                secondary_ips: ips,
+                prefixes,
+            })
+            .await?;
+        let device = self.next_device_index(&*self.shared.ds.lock().await);
+        let attachment = match self
+            .ec2
+            .attach_eni(&created.id, &self.node.instance_id, device)
+            .await
+        {
+            Ok(a) => a,
+            Err(e) => {
+                if let Err(d) = self.ec2.delete_eni(&created.id).await {
+                    warn!(eni = %created.id, error = %d, "could not delete the ENI that failed to attach; leak cleanup will");
+                }
+                return Err(e);
+            }
+        };
+        if let Err(e) = self
+            .ec2
+            .set_delete_on_termination(&created.id, &attachment)
+            .await
+        {
+            self.detach_and_delete(&created.id, &attachment).await;
+            return Err(e);
+        }
+        let Some(primary_ip) = created.primary_ip else {
+            return Err(CloudError::new(
+                "CreateNetworkInterface",
+                "",
+                "ENI created without a primary address",
+                0,
+            ));
+        };
+        self.node
+            .attachments
+            .insert(created.id.clone(), attachment);
+        let eni = Eni {
+            id: created.id.clone(),
+            device_number: device,
+            primary: false,
+            mac: created.mac.clone(),
+            subnet_cidr: self.node.subnet_cidr.clone(),
+            primary_ip,
+            ips: created.secondary_ips.clone(),
+            prefixes: created.prefixes.clone(),
+            attached_at: SystemTime::now(),
+        };
+        self.shared
+            .ds
+            .lock()
+            .await
+            .add_eni(eni)
+            .map_err(|e| CloudError::new("CreateNetworkInterface", "", e.to_string(), 0))?;
+        info!(eni = %created.id, device, ips = created.secondary_ips.len(), prefixes = created.prefixes.len(), "ENI attached");
+        Ok(())
+    }
+
+    async fn detach_and_delete(&self, eni: &str, attachment: &str) {
+        if let Err(e) = self.ec2.detach_eni(attachment).await {
+            warn!(%eni, error = %e, "detach failed; leak cleanup will retry once it is detached");
+            return;
+        }
+        // A detached ENI takes a moment to become available in EC2.
+        for attempt in 1..=5u32 {
+            match self.ec2.delete_eni(eni).await {
+                Ok(()) => return,
+                Err(e) if e.kind == ErrorKind::NotFound => return,
+                Err(e) if e.kind == ErrorKind::InUse && attempt < 5 => {
+                    tokio::time::sleep(Duration::from_millis(500) * attempt).await;
+                }
+                Err(e) => {
+                    warn!(%eni, error = %e, "delete failed; leak cleanup will retry");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn free_eni(&mut self, eni_id: &str) -> Result<(), CloudError> {
+        let Some(attachment) = self.node.attachments.get(eni_id).cloned() else {
+            warn!(eni = eni_id, "no attachment id known; not freeing");
+            return Ok(());
+        };
+        let removed = match self.shared.ds.lock().await.remove_eni(eni_id) {
+            Ok(e) => e,
+            // A pod got an address meanwhile: keep the ENI.
+            Err(_) => return Ok(()),
+        };
+        if let Err(e) = self.ec2.detach_eni(&attachment).await {
+            if e.kind != ErrorKind::NotFound {
+                let _ = self.shared.ds.lock().await.add_eni(removed);
+                return Err(e);
+            }
+        }
+        self.node.attachments.remove(eni_id);
+        info!(eni = eni_id, "ENI detached");
+        for attempt in 1..=5u32 {
+            match self.ec2.delete_eni(eni_id).await {
+                Ok(()) => break,
+                Err(e) if e.kind == ErrorKind::NotFound => break,
+                Err(e) if e.kind == ErrorKind::InUse && attempt < 5 => {
+                    tokio::time::sleep(Duration::from_millis(500) * attempt).await;
+                }
+                Err(e) => {
+                    warn!(eni = eni_id, error = %e, "delete failed; leak cleanup will retry");
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Take EC2's list of one ENI's addresses as the truth.
+    async fn resync_eni(&self, eni: &str) -> Result<(), CloudError> {
+        let found = self
+            .ec2
+            .describe_enis(EniFilter::Ids(vec![eni.to_string()]))
+            .await?;
+        let mut ds = self.shared.ds.lock().await;
+        for info in found {
+            apply_eni_addresses(&mut ds, &info);
+        }
+        Ok(())
+    }
+
+    /// IMDS is free to read; only when it disagrees with the pool is EC2 asked, and only EC2's
+    /// answer changes the pool (IMDS lags attach and assign, upstream #1967 and #3019).
+    pub async fn reconcile(&mut self) {
+        let Some(imds) = &self.imds else { return };
+        let ifaces = match imds.interfaces().await {
+            Ok(i) => i,
+            Err(e) => {
+                warn!(error = %e, "IMDS unreadable; skipping reconcile");
+                return;
+            }
+        };
+        let differs = {
+            let ds = self.shared.ds.lock().await;
+            let imds_enis: HashSet<&str> = ifaces
+                .iter()
+                .filter(|i| i.network_card == 0 && !self.node.unmanaged.values().any(|u| *u == i.id))
+                .map(|i| i.id.as_str())
+                .collect();
+            let ds_enis: HashSet<&str> = ds.enis().map(|e| e.id.as_str()).collect();
+            imds_enis != ds_enis
+                || ifaces.iter().any(|i| match ds.eni(&i.id) {
+                    None => false,
+                    Some(e) => {
+                        let a: HashSet<Ipv4Addr> = i.ips.iter().copied().filter(|x| *x != e.primary_ip).collect();
+                        let b: HashSet<Ipv4Addr> = e.ips.iter().copied().collect();
+                        let pa: HashSet<Prefix> = i.prefixes.iter().copied().collect();
+                        let pb: HashSet<Prefix> = e.prefixes.iter().copied().collect();
+                        a != b || pa != pb
+                    }
+                })
+        };
+        if !differs {
+            return;
+        }
+        info!("IMDS differs from the pool; asking EC2");
+        match self
+            .ec2
+            .describe_enis(EniFilter::AttachedTo(self.node.instance_id.clone()))
+            .await
+        {
+            Ok(enis) => self.sync_from_ec2(&enis).await,
+            Err(e) => warn!(error = %e, "cannot confirm with EC2; pool left as it is"),
+        }
+    }
+
+    /// Make the pool agree with EC2's list of this instance's ENIs.
+    pub async fn sync_from_ec2(&mut self, enis: &[EniInfo]) {
+        let mut ds = self.shared.ds.lock().await;
+        let mut seen = HashSet::new();
+        for info in enis {
+            let Some(att) = &info.attachment else { continue };
+            if att.network_card != 0 || info.no_manage() {
+                self.node.unmanaged.insert(att.device_index, info.id.clone());
+                continue;
+            }
+            seen.insert(info.id.clone());
+            self.node
+                .attachments
+                .insert(info.id.clone(), att.id.clone());
+            if ds.eni(&info.id).is_none() {
+                let Some(primary_ip) = info.primary_ip else { continue };
+                let eni = Eni {
+                    id: info.id.clone(),
+                    device_number: att.device_index,
+                    primary: att.device_index == 0,
+                    mac: info.mac.clone(),
+                    subnet_cidr: self.node.subnet_cidr.clone(),
+                    primary_ip,
+                    ips: info.secondary_ips.clone(),
+                    prefixes: info.prefixes.clone(),
+                    attached_at: SystemTime::now(),
+                };
+                match ds.add_eni(eni) {
+                    Ok(()) => info!(eni = %info.id, "ENI found in EC2 added to the pool"),
+                    Err(e) => warn!(eni = %info.id, error = %e, "ENI not added"),
+                }
+            } else {
+                apply_eni_addresses(&mut ds, info);
+            }
+        }
+        let gone: Vec<String> = ds
+            .enis()
+            .filter(|e| !seen.contains(&e.id))
+            .map(|e| e.id.clone())
+            .collect();
+        for id in gone {
+            match ds.remove_eni(&id) {
+                Ok(_) => info!(eni = %id, "ENI no longer attached in EC2; removed from the pool"),
+                Err(e) => error!(eni = %id, error = %e, "EC2 says this ENI is gone but pods use it; keeping their allocations"),
+            }
+        }
+    }
+
+    /// Delete ENIs ipamd created that were never attached or were left detached.
+    pub async fn cleanup_leaked(&self) {
+        let filter = EniFilter::Leaked {
+            vpc_id: self.node.vpc_id.clone(),
+            instance_id: self
+                .cluster_name
+                .is_empty()
+                .then(|| self.node.instance_id.clone()),
+            cluster: (!self.cluster_name.is_empty()).then(|| self.cluster_name.clone()),
+        };
+        let enis = match self.ec2.describe_enis(filter).await {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(error = %e, "leaked-ENI sweep skipped");
+                return;
+            }
+        };
+        for e in enis {
+            if !is_leaked(&e, SystemTime::now()) {
+                continue;
+            }
+            match self.ec2.delete_eni(&e.id).await {
+                Ok(()) => info!(eni = %e.id, "deleted leaked ENI"),
+                Err(err) => warn!(eni = %e.id, error = %err, "could not delete leaked ENI"),
+            }
+        }
+    }
+}
+
+/// A detached ENI of ours (description, no no_manage tag) older than `LEAK_MIN_AGE` by its
+/// createdAt tag. Without a readable tag it is left alone: its age is unknown.
+pub fn is_leaked(e: &EniInfo, now: SystemTime) -> bool {
+    if e.attachment.is_some()
+        || e.no_manage()
+        || !e.description.starts_with(cloud::ENI_DESCRIPTION_PREFIX)
+        || (!e.status.is_empty() && e.status != "available")
+    {
+        return false;
+    }
+    let Some(created) = e
+        .tags
+        .get(cloud::TAG_CREATED_AT)
+        .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+    else {
+        return false;
+    };
+    now.duration_since(created).unwrap_or_default() >= LEAK_MIN_AGE
+}
+
+/// Add what EC2 lists and the pool lacks; drop free addresses EC2 no longer lists.
+fn apply_eni_addresses(ds: &mut Datastore, info: &EniInfo) {
+    let Some(eni) = ds.eni(&info.id).cloned() else {
+        return;
+    };
+    for ip in &info.secondary_ips {
+        if !eni.ips.contains(ip) {
+            let _ = ds.add_ip(&info.id, *ip);
+        }
+    }
+    for p in &info.prefixes {
+        if !eni.prefixes.contains(p) {
+            let _ = ds.add_prefix(&info.id, *p);
+        }
+    }
+    for ip in eni.ips.iter().filter(|ip| !info.secondary_ips.contains(ip)) {
+        if !ds.remove_ip(*ip) {
+            error!(eni = %info.id, %ip, "EC2 no longer lists this address but a pod holds it");
+        }
+    }
+    for p in eni.prefixes.iter().filter(|p| !info.prefixes.contains(p)) {
+        if !ds.remove_prefix(&info.id, *p) {
+            error!(eni = %info.id, prefix = %p.0, "EC2 no longer lists this prefix but pods hold it");
+        }
+    }
+}
