@@ -2,6 +2,7 @@
 //! themselves, running the real binaries inside them, and a small stand-in for ipamd for the
 //! plugin's kernel tests.
 
+pub mod cloud;
 pub mod fake_ipamd;
 pub mod ipamd_proc;
 pub mod netns;

@@ -1,0 +1,449 @@
+"""Tests for ec2_shim.py through boto3, against a shim started as a subprocess.
+
+    .venv/bin/python -m unittest discover -s tests/rig -p 'test_*.py'
+"""
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHIM = None  # (process, port)
+
+
+def start_shim(*extra):
+    ready = os.path.join(tempfile.mkdtemp(prefix="ec2-shim-"), "port")
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "ec2_shim.py"), "--port", "0", "--ready-file", ready, *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(ready):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("ec2 shim did not start")
+        time.sleep(0.05)
+    with open(ready) as f:
+        port = int(f.read())
+    shutil.rmtree(os.path.dirname(ready))
+    return proc, port
+
+
+def setUpModule():
+    global SHIM
+    SHIM = start_shim()
+
+
+def tearDownModule():
+    proc, _ = SHIM
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=10)
+
+
+def admin(method, path, body=None, port=None):
+    port = port or SHIM[1]
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method)
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.load(resp)
+
+
+def ec2_client(port=None):
+    return boto3.client(
+        "ec2", region_name="us-west-2", endpoint_url=f"http://127.0.0.1:{port or SHIM[1]}",
+        aws_access_key_id="testing", aws_secret_access_key="testing",
+        config=Config(retries={"total_max_attempts": 1}))  # max_attempts=1 would still retry once
+
+
+class ShimTest(unittest.TestCase):
+    def setUp(self):
+        admin("POST", "/_shim/reset")
+        self.ec2 = ec2_client()
+
+    def world(self, **kw):
+        return admin("POST", "/_shim/instance", kw)
+
+    def create_eni(self, world, **kw):
+        return self.ec2.create_network_interface(
+            SubnetId=world["subnet_id"], Groups=world["security_group_ids"], **kw)["NetworkInterface"]
+
+    def attach(self, world, eni, index):
+        return self.ec2.attach_network_interface(
+            NetworkInterfaceId=eni["NetworkInterfaceId"], InstanceId=world["instance_id"], DeviceIndex=index)
+
+    def describe(self, eni_id):
+        return self.ec2.describe_network_interfaces(NetworkInterfaceIds=[eni_id])["NetworkInterfaces"][0]
+
+    def assertEc2Error(self, code, fn, *args, **kw):
+        with self.assertRaises(ClientError) as ctx:
+            fn(*args, **kw)
+        self.assertEqual(ctx.exception.response["Error"]["Code"], code, ctx.exception)
+        return ctx.exception
+
+
+class Limits(ShimTest):
+    def test_attachment_limit_of_the_instance_type(self):
+        w = self.world(instance_type="t3.medium")  # 3 ENIs, 6 IPv4 addresses each
+        self.attach(w, self.create_eni(w), 1)
+        self.attach(w, self.create_eni(w), 2)
+        fourth = self.create_eni(w)
+        err = self.assertEc2Error("AttachmentLimitExceeded", self.attach, w, fourth, 3)
+        self.assertEqual(err.response["ResponseMetadata"]["HTTPStatusCode"], 400)
+        self.assertEqual(self.describe(fourth["NetworkInterfaceId"])["Status"], "available")
+
+    def test_duplicate_device_index(self):
+        w = self.world()
+        self.attach(w, self.create_eni(w), 1)
+        err = self.assertEc2Error("InvalidParameterValue", self.attach, w, self.create_eni(w), 1)
+        self.assertIn("device index '1'", str(err))
+
+    def test_attaching_an_attached_eni(self):
+        w = self.world()
+        eni = self.create_eni(w)
+        self.attach(w, eni, 1)
+        self.assertEc2Error("InvalidNetworkInterface.InUse", self.attach, w, eni, 2)
+
+    def test_ip_limit_per_eni(self):
+        w = self.world(instance_type="t3.medium")
+        eni = self.create_eni(w)
+        self.attach(w, eni, 1)
+        eni_id = eni["NetworkInterfaceId"]
+        for _ in range(5):  # primary + 5 secondaries = 6
+            self.ec2.assign_private_ip_addresses(NetworkInterfaceId=eni_id, SecondaryPrivateIpAddressCount=1)
+        err = self.assertEc2Error("PrivateIpAddressLimitExceeded", self.ec2.assign_private_ip_addresses,
+                                  NetworkInterfaceId=eni_id, SecondaryPrivateIpAddressCount=1)
+        self.assertIn("6", str(err))
+        self.assertEqual(len(self.describe(eni_id)["PrivateIpAddresses"]), 6)
+
+    def test_primary_eni_limit_and_unattached_cap(self):
+        w = self.world(instance_type="t3.medium")
+        self.assertEc2Error("PrivateIpAddressLimitExceeded", self.ec2.assign_private_ip_addresses,
+                            NetworkInterfaceId=w["primary_eni"], SecondaryPrivateIpAddressCount=6)
+        eni = self.create_eni(w)  # unattached: only the cap of 50
+        self.ec2.assign_private_ip_addresses(NetworkInterfaceId=eni["NetworkInterfaceId"],
+                                             SecondaryPrivateIpAddressCount=20)
+        self.assertEc2Error("PrivateIpAddressLimitExceeded", self.create_eni, w,
+                            SecondaryPrivateIpAddressCount=50)
+
+    def test_delete_attached_eni_refused_detach_leaves_available(self):
+        w = self.world()
+        eni = self.create_eni(w)
+        attachment = self.attach(w, eni, 1)["AttachmentId"]
+        err = self.assertEc2Error("InvalidNetworkInterface.InUse", self.ec2.delete_network_interface,
+                                  NetworkInterfaceId=eni["NetworkInterfaceId"])
+        self.assertIn("is currently in use", str(err))
+        self.ec2.detach_network_interface(AttachmentId=attachment)
+        got = self.describe(eni["NetworkInterfaceId"])
+        self.assertEqual(got["Status"], "available")
+        self.assertNotIn("Attachment", got)
+        self.ec2.delete_network_interface(NetworkInterfaceId=eni["NetworkInterfaceId"])
+        self.assertEqual(len(admin("GET", "/_shim/enis")), 1)
+
+    def test_delete_on_termination_and_attachment_fields(self):
+        w = self.world()
+        eni = self.create_eni(w, Description="aws-K8S-i-x", TagSpecifications=[
+            {"ResourceType": "network-interface", "Tags": [{"Key": "node.k8s.amazonaws.com/instance_id",
+                                                            "Value": w["instance_id"]}]}])
+        attachment = self.attach(w, eni, 1)["AttachmentId"]
+        self.assertFalse(self.describe(eni["NetworkInterfaceId"])["Attachment"]["DeleteOnTermination"])
+        self.ec2.modify_network_interface_attribute(
+            NetworkInterfaceId=eni["NetworkInterfaceId"],
+            Attachment={"AttachmentId": attachment, "DeleteOnTermination": True})
+        got = self.describe(eni["NetworkInterfaceId"])
+        self.assertEqual(got["Attachment"], {**got["Attachment"], "AttachmentId": attachment, "DeviceIndex": 1,
+                                             "NetworkCardIndex": 0, "InstanceId": w["instance_id"],
+                                             "Status": "attached", "DeleteOnTermination": True})
+        self.assertEqual(got["Status"], "in-use")
+        self.assertEqual(got["Description"], "aws-K8S-i-x")
+        self.assertEqual(got["TagSet"], [{"Key": "node.k8s.amazonaws.com/instance_id", "Value": w["instance_id"]}])
+        self.assertEqual([g["GroupId"] for g in got["Groups"]], w["security_group_ids"])
+        self.assertEqual([p["Primary"] for p in got["PrivateIpAddresses"]], [True])
+        macs = {e["mac"] for e in admin("GET", "/_shim/enis")}
+        self.assertEqual(len(macs), 2)
+
+
+class Addresses(ShimTest):
+    def test_lowest_free_addresses_in_order(self):
+        w = self.world(subnet_cidr="10.0.1.0/24")
+        self.assertEqual(w["primary_ip"], "10.0.1.4")  # .0-.3 are reserved
+        eni = self.create_eni(w, SecondaryPrivateIpAddressCount=2)
+        self.assertEqual([p["PrivateIpAddress"] for p in eni["PrivateIpAddresses"]],
+                         ["10.0.1.5", "10.0.1.6", "10.0.1.7"])
+        self.attach(w, eni, 1)
+        got = self.ec2.assign_private_ip_addresses(
+            NetworkInterfaceId=eni["NetworkInterfaceId"], SecondaryPrivateIpAddressCount=2)
+        # only the new ones, as real EC2 answers
+        self.assertEqual(got["AssignedPrivateIpAddresses"],
+                         [{"PrivateIpAddress": "10.0.1.8"}, {"PrivateIpAddress": "10.0.1.9"}])
+        self.ec2.unassign_private_ip_addresses(
+            NetworkInterfaceId=eni["NetworkInterfaceId"], PrivateIpAddresses=["10.0.1.6"])
+        got = self.ec2.assign_private_ip_addresses(
+            NetworkInterfaceId=eni["NetworkInterfaceId"], SecondaryPrivateIpAddressCount=1)
+        self.assertEqual(got["AssignedPrivateIpAddresses"], [{"PrivateIpAddress": "10.0.1.6"}])
+        ips = [p["PrivateIpAddress"] for p in self.describe(eni["NetworkInterfaceId"])["PrivateIpAddresses"]]
+        self.assertEqual(ips, ["10.0.1.5", "10.0.1.7", "10.0.1.8", "10.0.1.9", "10.0.1.6"])
+
+    def test_concurrent_allocations_do_not_collide(self):
+        w = self.world()
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            enis = list(pool.map(lambda _: self.create_eni(w, SecondaryPrivateIpAddressCount=2), range(16)))
+        ips = [p["PrivateIpAddress"] for e in enis for p in e["PrivateIpAddresses"]]
+        self.assertEqual(sorted(ips, key=ipaddress.ip_address), [f"10.0.1.{i}" for i in range(5, 5 + 48)])
+
+    def test_explicit_addresses(self):
+        w = self.world()
+        eni = self.create_eni(w, PrivateIpAddress="10.0.1.100")
+        self.assertEqual(eni["PrivateIpAddress"], "10.0.1.100")
+        got = self.ec2.assign_private_ip_addresses(
+            NetworkInterfaceId=eni["NetworkInterfaceId"], PrivateIpAddresses=["10.0.1.50"])
+        self.assertEqual(got["AssignedPrivateIpAddresses"], [{"PrivateIpAddress": "10.0.1.50"}])
+        self.assertEc2Error("InvalidIPAddress.InUse", self.create_eni, w, PrivateIpAddress="10.0.1.50")
+        self.assertEc2Error("InvalidParameterValue", self.ec2.unassign_private_ip_addresses,
+                            NetworkInterfaceId=eni["NetworkInterfaceId"], PrivateIpAddresses=["10.0.1.51"])
+        other = self.create_eni(w)
+        self.assertEc2Error("InvalidIPAddress.InUse", self.ec2.assign_private_ip_addresses,
+                            NetworkInterfaceId=other["NetworkInterfaceId"], PrivateIpAddresses=["10.0.1.50"])
+        self.ec2.assign_private_ip_addresses(NetworkInterfaceId=other["NetworkInterfaceId"],
+                                             PrivateIpAddresses=["10.0.1.50"], AllowReassignment=True)
+        self.assertEqual([p["PrivateIpAddress"] for p in self.describe(eni["NetworkInterfaceId"])["PrivateIpAddresses"]],
+                         ["10.0.1.100"])
+
+    def test_subnet_exhaustion_changes_nothing(self):
+        w = self.world(subnet_cidr="10.0.1.0/28")  # 11 usable, the instance holds one
+        eni = self.create_eni(w, SecondaryPrivateIpAddressCount=8)  # 9 more: 1 left
+        eni_id = eni["NetworkInterfaceId"]
+        before = admin("GET", "/_shim/enis")
+        err = self.assertEc2Error("InsufficientFreeAddressesInSubnet", self.ec2.assign_private_ip_addresses,
+                                  NetworkInterfaceId=eni_id, SecondaryPrivateIpAddressCount=2)
+        self.assertIn(w["subnet_id"], str(err))
+        self.assertEc2Error("InsufficientFreeAddressesInSubnet", self.create_eni, w,
+                            SecondaryPrivateIpAddressCount=1)
+        self.assertEqual(admin("GET", "/_shim/enis"), before)
+        subnet = self.ec2.describe_subnets(SubnetIds=[w["subnet_id"]])["Subnets"][0]
+        self.assertEqual(subnet["AvailableIpAddressCount"], 1)
+        got = self.ec2.assign_private_ip_addresses(NetworkInterfaceId=eni_id, SecondaryPrivateIpAddressCount=1)
+        self.assertEqual(got["AssignedPrivateIpAddresses"], [{"PrivateIpAddress": "10.0.1.14"}])
+        self.assertEc2Error("InsufficientFreeAddressesInSubnet", self.create_eni, w)
+
+    def test_run_instances_takes_lowest_free_and_full_subnet_fails(self):
+        w = self.world(subnet_cidr="10.0.1.0/28")
+        self.create_eni(w, SecondaryPrivateIpAddressCount=8)  # 10.0.1.5-.13
+        image = self.ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+        run = self.ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1, SubnetId=w["subnet_id"],
+                                     InstanceType="t3.medium")
+        self.assertEqual(run["Instances"][0]["PrivateIpAddress"], "10.0.1.14")
+        self.assertEc2Error("InsufficientFreeAddressesInSubnet", self.ec2.run_instances, ImageId=image,
+                            MinCount=1, MaxCount=1, SubnetId=w["subnet_id"], InstanceType="t3.medium")
+
+    def test_terminate_frees_addresses_and_detaches(self):
+        w = self.world()
+        eni = self.create_eni(w)
+        self.attach(w, eni, 1)
+        self.ec2.terminate_instances(InstanceIds=[w["instance_id"]])
+        enis = admin("GET", "/_shim/enis")
+        self.assertEqual([(e["id"], e["status"]) for e in enis], [(eni["NetworkInterfaceId"], "available")])
+        self.assertEqual(self.create_eni(w)["PrivateIpAddress"], "10.0.1.4")
+
+
+class Prefixes(ShimTest):
+    def test_assign_describe_unassign(self):
+        w = self.world(instance_type="m5.large")  # 10 addresses per ENI
+        eni = self.create_eni(w, SecondaryPrivateIpAddressCount=1)  # 10.0.1.5, .6
+        eni_id = eni["NetworkInterfaceId"]
+        self.attach(w, eni, 1)
+        got = self.ec2.assign_private_ip_addresses(NetworkInterfaceId=eni_id, Ipv4PrefixCount=2)
+        # 10.0.1.0/28 holds reserved and used addresses
+        self.assertEqual(got["AssignedIpv4Prefixes"], [{"Ipv4Prefix": "10.0.1.16/28"}, {"Ipv4Prefix": "10.0.1.32/28"}])
+        self.assertNotIn("AssignedPrivateIpAddresses", got)
+        self.assertEqual(self.describe(eni_id)["Ipv4Prefixes"],
+                         [{"Ipv4Prefix": "10.0.1.16/28"}, {"Ipv4Prefix": "10.0.1.32/28"}])
+        instance = self.ec2.describe_instances(InstanceIds=[w["instance_id"]])["Reservations"][0]["Instances"][0]
+        by_id = {n["NetworkInterfaceId"]: n for n in instance["NetworkInterfaces"]}
+        self.assertEqual(len(by_id[eni_id]["Ipv4Prefixes"]), 2)
+        # addresses skip what the prefixes hold
+        got = self.ec2.assign_private_ip_addresses(NetworkInterfaceId=eni_id, SecondaryPrivateIpAddressCount=5)
+        self.assertEqual([a["PrivateIpAddress"] for a in got["AssignedPrivateIpAddresses"]],
+                         [f"10.0.1.{i}" for i in range(7, 12)])
+        self.ec2.unassign_private_ip_addresses(NetworkInterfaceId=eni_id, Ipv4Prefixes=["10.0.1.16/28"])
+        self.assertEqual(self.describe(eni_id)["Ipv4Prefixes"], [{"Ipv4Prefix": "10.0.1.32/28"}])
+        self.assertEc2Error("InvalidParameterValue", self.ec2.unassign_private_ip_addresses,
+                            NetworkInterfaceId=eni_id, Ipv4Prefixes=["10.0.1.16/28"])
+        got = self.ec2.assign_private_ip_addresses(NetworkInterfaceId=eni_id, Ipv4Prefixes=["10.0.1.64/28"])
+        self.assertEqual(got["AssignedIpv4Prefixes"], [{"Ipv4Prefix": "10.0.1.64/28"}])
+        self.assertEqual(admin("GET", f"/_shim/imds/{w['instance_id']}")["interfaces"][1]["ipv4_prefixes"],
+                         ["10.0.1.32/28", "10.0.1.64/28"])
+
+    def test_prefixes_are_aligned_and_avoid_used_addresses(self):
+        w = self.world(instance_type="m5.large")
+        eni = self.create_eni(w, PrivateIpAddress="10.0.1.20", Ipv4PrefixCount=3)
+        prefixes = [p["Ipv4Prefix"] for p in eni["Ipv4Prefixes"]]
+        self.assertEqual(prefixes, ["10.0.1.32/28", "10.0.1.48/28", "10.0.1.64/28"])
+        for p in prefixes:
+            self.assertEqual(int(ipaddress.ip_network(p).network_address) % 16, 0)
+        got = self.create_eni(w, SecondaryPrivateIpAddressCount=12)
+        ips = [p["PrivateIpAddress"] for p in got["PrivateIpAddresses"]]
+        self.assertEqual(ips, [f"10.0.1.{i}" for i in [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]])
+        for ip in ips:
+            self.assertFalse(any(ipaddress.ip_address(ip) in ipaddress.ip_network(p) for p in prefixes))
+
+    def test_prefixes_count_toward_the_eni_slot_limit(self):
+        w = self.world(instance_type="t3.medium")  # 6 slots
+        eni = self.create_eni(w, SecondaryPrivateIpAddressCount=2)
+        self.attach(w, eni, 1)
+        self.ec2.assign_private_ip_addresses(NetworkInterfaceId=eni["NetworkInterfaceId"], Ipv4PrefixCount=3)
+        self.assertEc2Error("PrivateIpAddressLimitExceeded", self.ec2.assign_private_ip_addresses,
+                            NetworkInterfaceId=eni["NetworkInterfaceId"], Ipv4PrefixCount=1)
+        self.assertEc2Error("PrivateIpAddressLimitExceeded", self.ec2.assign_private_ip_addresses,
+                            NetworkInterfaceId=eni["NetworkInterfaceId"], SecondaryPrivateIpAddressCount=1)
+
+    def test_prefix_exhaustion(self):
+        w = self.world(instance_type="m5.large", subnet_cidr="10.0.1.0/26")  # 4 blocks, the first is used
+        eni = self.create_eni(w)
+        self.attach(w, eni, 1)
+        self.ec2.assign_private_ip_addresses(NetworkInterfaceId=eni["NetworkInterfaceId"], Ipv4PrefixCount=2)
+        before = admin("GET", "/_shim/enis")
+        err = self.assertEc2Error("InsufficientCidrBlocks", self.ec2.assign_private_ip_addresses,
+                                  NetworkInterfaceId=eni["NetworkInterfaceId"], Ipv4PrefixCount=2)
+        self.assertIn("free cidr blocks", str(err))
+        self.assertEqual(admin("GET", "/_shim/enis"), before)
+        # the last block contains the broadcast address
+        self.assertEc2Error("InsufficientCidrBlocks", self.ec2.assign_private_ip_addresses,
+                            NetworkInterfaceId=eni["NetworkInterfaceId"], Ipv4PrefixCount=1)
+
+    def test_deleting_the_eni_frees_its_prefixes(self):
+        w = self.world()
+        eni = self.create_eni(w, Ipv4PrefixCount=1)
+        self.assertEqual(eni["Ipv4Prefixes"], [{"Ipv4Prefix": "10.0.1.16/28"}])
+        self.ec2.delete_network_interface(NetworkInterfaceId=eni["NetworkInterfaceId"])
+        again = self.create_eni(w, Ipv4PrefixCount=1)
+        self.assertEqual(again["Ipv4Prefixes"], [{"Ipv4Prefix": "10.0.1.16/28"}])
+
+
+class Faults(ShimTest):
+    def test_throttle(self):
+        w = self.world()
+        admin("POST", "/_shim/faults", {"action": "AssignPrivateIpAddresses", "kind": "throttle", "count": -1})
+        err = self.assertEc2Error("RequestLimitExceeded", self.ec2.assign_private_ip_addresses,
+                                  NetworkInterfaceId=w["primary_eni"], SecondaryPrivateIpAddressCount=1)
+        self.assertEqual(err.response["ResponseMetadata"]["HTTPStatusCode"], 503)
+        self.assertEqual(err.response["Error"]["Message"], "Request limit exceeded.")
+        self.ec2.describe_network_interfaces()  # other actions pass
+        self.assertEc2Error("RequestLimitExceeded", self.ec2.assign_private_ip_addresses,
+                            NetworkInterfaceId=w["primary_eni"], SecondaryPrivateIpAddressCount=1)
+        self.assertEqual(len(admin("GET", "/_shim/faults")), 1)
+        admin("DELETE", "/_shim/faults")
+        self.ec2.assign_private_ip_addresses(NetworkInterfaceId=w["primary_eni"], SecondaryPrivateIpAddressCount=1)
+        self.assertEqual(admin("GET", "/_shim/calls")["throttled"], 2)
+
+    def test_count_limited_faults_expire(self):
+        admin("POST", "/_shim/faults", {"action": "*", "kind": "error", "count": 2,
+                                        "code": "UnauthorizedOperation", "status": 403,
+                                        "message": "You are not authorized to perform this operation."})
+        admin("POST", "/_shim/faults", {"action": "DescribeVpcs", "kind": "error", "count": 1,
+                                        "code": "InternalError", "status": 500})
+        err = self.assertEc2Error("UnauthorizedOperation", self.ec2.describe_vpcs)
+        self.assertEqual(err.response["ResponseMetadata"]["HTTPStatusCode"], 403)
+        self.assertEc2Error("UnauthorizedOperation", self.ec2.describe_subnets)
+        err = self.assertEc2Error("InternalError", self.ec2.describe_vpcs)
+        self.assertEqual(err.response["ResponseMetadata"]["HTTPStatusCode"], 500)
+        self.ec2.describe_vpcs()
+        self.assertEqual(admin("GET", "/_shim/faults"), [])
+
+    def test_latency(self):
+        admin("POST", "/_shim/faults", {"action": "DescribeVpcs", "kind": "latency", "latency_ms": 300, "count": 1})
+        started = time.monotonic()
+        self.ec2.describe_vpcs()
+        self.assertGreaterEqual(time.monotonic() - started, 0.3)
+        admin("POST", "/_shim/latency", {"ms": 150})
+        started = time.monotonic()
+        self.ec2.describe_vpcs()
+        elapsed = time.monotonic() - started
+        self.assertGreaterEqual(elapsed, 0.15)
+        self.assertLess(elapsed, 0.3 + 0.15)
+
+    def test_call_counting(self):
+        self.world()  # setup calls are not counted
+        self.assertEqual(admin("GET", "/_shim/calls"), {"total": 0, "by_action": {}, "throttled": 0})
+        admin("POST", "/_shim/faults", {"action": "DescribeVpcs", "kind": "throttle"})
+        self.assertEc2Error("RequestLimitExceeded", self.ec2.describe_vpcs)
+        self.ec2.describe_vpcs()
+        self.ec2.describe_subnets()
+        self.assertEqual(admin("GET", "/_shim/calls"),
+                         {"total": 3, "by_action": {"DescribeVpcs": 2, "DescribeSubnets": 1}, "throttled": 1})
+        admin("POST", "/_shim/calls/reset")
+        self.assertEqual(admin("GET", "/_shim/calls")["total"], 0)
+
+
+class Views(ShimTest):
+    def test_imds_view_after_attach_and_assign(self):
+        w = self.world(extra_vpc_cidrs=["100.64.0.0/16"])
+        eni = self.create_eni(w)
+        self.attach(w, eni, 1)
+        self.ec2.assign_private_ip_addresses(NetworkInterfaceId=eni["NetworkInterfaceId"],
+                                             SecondaryPrivateIpAddressCount=2)
+        self.ec2.assign_private_ip_addresses(NetworkInterfaceId=w["primary_eni"], SecondaryPrivateIpAddressCount=1)
+        view = admin("GET", f"/_shim/imds/{w['instance_id']}")
+        self.assertEqual((view["instance_type"], view["az"], view["region"], view["local_ipv4"], view["mac"]),
+                         ("t3.medium", "us-west-2a", "us-west-2", "10.0.1.4", w["mac"]))
+        primary, second = view["interfaces"]
+        self.assertEqual(primary["device_number"], 0)
+        self.assertEqual(primary["local_ipv4s"], ["10.0.1.4", "10.0.1.8"])
+        self.assertEqual(second, {
+            "mac": eni["MacAddress"], "device_number": 1, "network_card": 0,
+            "interface_id": eni["NetworkInterfaceId"], "subnet_id": w["subnet_id"], "subnet_cidr": "10.0.1.0/24",
+            "vpc_id": w["vpc_id"], "vpc_cidrs": ["10.0.0.0/16", "100.64.0.0/16"],
+            "local_ipv4s": ["10.0.1.5", "10.0.1.6", "10.0.1.7"], "ipv4_prefixes": [],
+            "security_group_ids": w["security_group_ids"]})
+        admin("POST", "/_shim/vpc-cidr", {"vpc_id": w["vpc_id"], "cidr": "100.65.0.0/16"})
+        self.assertEqual(admin("GET", f"/_shim/imds/{w['instance_id']}")["interfaces"][0]["vpc_cidrs"][-1],
+                         "100.65.0.0/16")
+        with self.assertRaises(urllib.error.HTTPError) as ctx:
+            admin("GET", "/_shim/imds/i-0000000000000000")
+        self.assertEqual(ctx.exception.code, 404)
+
+    def test_second_instance_reuses_the_subnet(self):
+        w = self.world()
+        w2 = self.world(vpc_id=w["vpc_id"], subnet_id=w["subnet_id"])
+        self.assertEqual((w2["subnet_id"], w2["primary_ip"]), (w["subnet_id"], "10.0.1.5"))
+        self.assertEqual(w2["security_group_ids"], w["security_group_ids"])
+
+    def test_reset(self):
+        w = self.world()
+        eni = self.create_eni(w, Ipv4PrefixCount=1)
+        admin("POST", "/_shim/faults", {"kind": "latency", "latency_ms": 10, "count": -1})
+        admin("POST", "/_shim/reset")
+        self.assertEqual(admin("GET", "/_shim/enis"), [])
+        self.assertEqual(admin("GET", "/_shim/faults"), [])
+        self.assertEqual(admin("GET", "/_shim/calls")["total"], 0)
+        self.assertEqual(self.ec2.describe_network_interfaces()["NetworkInterfaces"], [])
+        w = self.world()
+        self.assertEqual(w["primary_ip"], "10.0.1.4")
+        self.assertEqual(self.create_eni(w, Ipv4PrefixCount=1)["Ipv4Prefixes"], eni["Ipv4Prefixes"])
+
+
+class Process(unittest.TestCase):
+    def test_sigterm_exits_cleanly(self):
+        proc, port = start_shim("--latency-ms", "1")
+        try:
+            self.assertEqual(admin("GET", "/_shim/latency", port=port), {"ms": 1})
+            self.assertIn(f"listening on http://127.0.0.1:{port}", proc.stdout.readline())
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            self.assertEqual(proc.wait(timeout=10), 0)
+            proc.stdout.close()
+
+
+if __name__ == "__main__":
+    unittest.main()

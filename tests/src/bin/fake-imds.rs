@@ -1,0 +1,325 @@
+//! fake-imds: IMDSv2 for one instance, rendered from the EC2 shim's state.
+//!
+//! `fake-imds --shim URL --instance i-... [--listen 127.0.0.1:0] [--ready-file F] [--lag-ms N]`
+//!
+//! Real IMDS shows attach and assign some time after EC2 reports them; `--lag-ms` (or
+//! `PUT /fake-imds/lag` with the milliseconds as body) makes this one serve the shim's state
+//! as it was that long ago, so ipamd is tested against a lagging view.
+
+use std::collections::{HashSet, VecDeque};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::Value;
+
+const TOKEN_TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
+const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
+/// The instance profile role the fake reports (credentials are dummies; moto ignores them).
+const ROLE: &str = "aws-node";
+
+struct State {
+    shim: String,
+    instance: String,
+    lag: Mutex<Duration>,
+    /// Snapshots of the shim's view, oldest first.
+    history: Mutex<VecDeque<(Instant, Value)>>,
+    tokens: Mutex<HashSet<String>>,
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+}
+
+impl State {
+    async fn fetch(&self) -> anyhow::Result<Value> {
+        let uri = format!("{}/_shim/imds/{}", self.shim, self.instance);
+        let resp = self
+            .client
+            .get(uri.parse()?)
+            .await
+            .with_context(|| format!("GET {uri}"))?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        if !status.is_success() {
+            bail!("GET {uri}: {status}: {}", String::from_utf8_lossy(&body));
+        }
+        Ok(serde_json::from_slice(&body)?)
+    }
+
+    /// Record a fresh snapshot; keep enough history to serve any lag up to a minute.
+    async fn poll(&self) -> anyhow::Result<()> {
+        let v = self.fetch().await?;
+        let mut h = self.history.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        h.push_back((Instant::now(), v));
+        while h.len() > 2 && h[1].0.elapsed() > Duration::from_secs(60) {
+            h.pop_front();
+        }
+        Ok(())
+    }
+
+    /// The newest snapshot at least `lag` old (the oldest one if none is that old yet).
+    async fn view(&self) -> anyhow::Result<Value> {
+        let lag = *self.lag.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        if lag.is_zero() {
+            return self.fetch().await;
+        }
+        let h = self.history.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        let pick = h
+            .iter()
+            .rev()
+            .find(|(t, _)| t.elapsed() >= lag)
+            .or_else(|| h.front());
+        pick.map(|(_, v)| v.clone())
+            .context("no snapshot of the shim yet")
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.into())));
+    *r.status_mut() = status;
+    r
+}
+
+fn ok(body: impl Into<String>) -> Response<Full<Bytes>> {
+    text(StatusCode::OK, body)
+}
+
+fn not_found() -> Response<Full<Bytes>> {
+    text(StatusCode::NOT_FOUND, "Not Found")
+}
+
+fn s(v: &Value, k: &str) -> String {
+    match &v[k] {
+        Value::String(x) => x.clone(),
+        Value::Number(n) => n.to_string(),
+        _ => String::new(),
+    }
+}
+
+fn lines(v: &Value, k: &str) -> String {
+    v[k].as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str())
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .unwrap_or_default()
+}
+
+/// Answer one meta-data path from a snapshot.
+fn render(view: &Value, path: &str) -> Response<Full<Bytes>> {
+    let ifaces = view["interfaces"].as_array().cloned().unwrap_or_default();
+    match path {
+        "instance-id" => return ok(s(view, "instance_id")),
+        "instance-type" => return ok(s(view, "instance_type")),
+        "mac" => return ok(s(view, "mac")),
+        "local-ipv4" => return ok(s(view, "local_ipv4")),
+        "placement/availability-zone" => return ok(s(view, "az")),
+        "placement/region" => return ok(s(view, "region")),
+        "iam/security-credentials" | "iam/security-credentials/" => return ok(ROLE),
+        "network/interfaces/macs" | "network/interfaces/macs/" => {
+            return ok(ifaces
+                .iter()
+                .map(|i| format!("{}/", s(i, "mac")))
+                .collect::<Vec<_>>()
+                .join("\n"))
+        }
+        _ => {}
+    }
+    if path == format!("iam/security-credentials/{ROLE}") {
+        let exp = humantime::format_rfc3339_seconds(
+            std::time::SystemTime::now() + Duration::from_secs(6 * 3600),
+        );
+        return ok(serde_json::json!({
+            "Code": "Success", "Type": "AWS-HMAC", "AccessKeyId": "AKIAFAKEIMDS",
+            "SecretAccessKey": "fake", "Token": "fake", "Expiration": exp.to_string(),
+            "LastUpdated": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        })
+        .to_string());
+    }
+    let Some(rest) = path.strip_prefix("network/interfaces/macs/") else {
+        return not_found();
+    };
+    let (mac, field) = rest.split_once('/').unwrap_or((rest, ""));
+    let Some(i) = ifaces.iter().find(|i| s(i, "mac") == mac) else {
+        return not_found();
+    };
+    match field {
+        "" => ok(
+            "device-number\ninterface-id\nipv4-prefix\nlocal-ipv4s\nmac\nnetwork-card\nsecurity-group-ids\nsubnet-id\nsubnet-ipv4-cidr-block\nvpc-id\nvpc-ipv4-cidr-blocks",
+        ),
+        "device-number" => ok(s(i, "device_number")),
+        "network-card" => ok(s(i, "network_card")),
+        "interface-id" => ok(s(i, "interface_id")),
+        "mac" => ok(s(i, "mac")),
+        "subnet-id" => ok(s(i, "subnet_id")),
+        "subnet-ipv4-cidr-block" => ok(s(i, "subnet_cidr")),
+        "vpc-id" => ok(s(i, "vpc_id")),
+        "vpc-ipv4-cidr-block" => ok(lines(i, "vpc_cidrs").lines().next().unwrap_or("").to_string()),
+        "vpc-ipv4-cidr-blocks" => ok(lines(i, "vpc_cidrs")),
+        "local-ipv4s" => ok(lines(i, "local_ipv4s")),
+        "security-group-ids" => ok(lines(i, "security_group_ids")),
+        // Real IMDS has no such key when the ENI holds no prefix.
+        "ipv4-prefix" => match lines(i, "ipv4_prefixes") {
+            p if p.is_empty() => not_found(),
+            p => ok(p),
+        },
+        _ => not_found(),
+    }
+}
+
+async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    if path == "/fake-imds/lag" {
+        if method == Method::PUT || method == Method::POST {
+            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let ms: u64 = match String::from_utf8_lossy(&body).trim().parse() {
+                Ok(v) => v,
+                Err(_) => return Ok(text(StatusCode::BAD_REQUEST, "body: milliseconds")),
+            };
+            if let Ok(mut l) = st.lag.lock() {
+                *l = Duration::from_millis(ms);
+            }
+            return Ok(ok(ms.to_string()));
+        }
+        let ms = st.lag.lock().map(|l| l.as_millis()).unwrap_or(0);
+        return Ok(ok(ms.to_string()));
+    }
+    if path == "/latest/api/token" {
+        if method != Method::PUT {
+            return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "use PUT"));
+        }
+        let ttl = req
+            .headers()
+            .get(TOKEN_TTL_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u32>().ok());
+        let Some(ttl) = ttl.filter(|t| (1..=21600).contains(t)) else {
+            return Ok(text(StatusCode::BAD_REQUEST, "missing or invalid TTL header"));
+        };
+        let token = format!("fake-{:x}", rand_token());
+        if let Ok(mut t) = st.tokens.lock() {
+            t.insert(token.clone());
+        }
+        let mut r = ok(token);
+        if let Ok(v) = ttl.to_string().parse() {
+            r.headers_mut().insert(TOKEN_TTL_HEADER, v);
+        }
+        return Ok(r);
+    }
+    let Some(md) = path.strip_prefix("/latest/meta-data/") else {
+        return Ok(not_found());
+    };
+    let authorised = req
+        .headers()
+        .get(TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| st.tokens.lock().is_ok_and(|set| set.contains(t)));
+    if !authorised {
+        return Ok(text(StatusCode::UNAUTHORIZED, "IMDSv2 token required"));
+    }
+    match st.view().await {
+        Ok(v) => Ok(render(&v, md)),
+        Err(e) => Ok(text(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}"))),
+    }
+}
+
+fn rand_token() -> u128 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    ((h.finish() as u128) << 64) | std::collections::hash_map::RandomState::new().build_hasher().finish() as u128
+}
+
+struct Args {
+    shim: String,
+    instance: String,
+    listen: SocketAddr,
+    ready_file: Option<String>,
+    lag: Duration,
+}
+
+fn args() -> anyhow::Result<Args> {
+    let mut a = Args {
+        shim: String::new(),
+        instance: String::new(),
+        listen: "127.0.0.1:0".parse()?,
+        ready_file: None,
+        lag: Duration::ZERO,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let mut v = || it.next().with_context(|| format!("{k} needs a value"));
+        match k.as_str() {
+            "--shim" => a.shim = v()?.trim_end_matches('/').to_string(),
+            "--instance" => a.instance = v()?,
+            "--listen" => a.listen = v()?.parse().context("--listen")?,
+            "--ready-file" => a.ready_file = Some(v()?),
+            "--lag-ms" => a.lag = Duration::from_millis(v()?.parse().context("--lag-ms")?),
+            _ => bail!("unknown argument {k}"),
+        }
+    }
+    if a.shim.is_empty() || a.instance.is_empty() {
+        bail!("usage: fake-imds --shim URL --instance ID [--listen ADDR] [--ready-file F] [--lag-ms N]");
+    }
+    Ok(a)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let a = args()?;
+    let st = Arc::new(State {
+        shim: a.shim,
+        instance: a.instance,
+        lag: Mutex::new(a.lag),
+        history: Mutex::default(),
+        tokens: Mutex::default(),
+        client: Client::builder(TokioExecutor::new()).build_http(),
+    });
+    st.poll().await.context("first read of the shim's state")?;
+    let poller = st.clone();
+    tokio::spawn(async move {
+        let mut t = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            t.tick().await;
+            if let Err(e) = poller.poll().await {
+                eprintln!("fake-imds: {e:#}");
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind(a.listen).await?;
+    let addr = listener.local_addr()?;
+    if let Some(f) = &a.ready_file {
+        let tmp = format!("{f}.tmp");
+        std::fs::write(&tmp, addr.port().to_string())?;
+        std::fs::rename(&tmp, f)?;
+    }
+    println!("fake-imds listening on http://{addr}");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => r?,
+            _ = term.recv() => return Ok(()),
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        let st = st.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| handle(st.clone(), req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,266 @@
+//! The cloud rig: the EC2 shim (moto behind our middleware, `tests/rig/ec2_shim.py`) and the
+//! fake IMDS (`fake-imds`), each a real process on loopback, stopped when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// The repository root (tests/ is one level down).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root")
+        .to_path_buf()
+}
+
+/// The venv `scripts/setup.sh` creates, with moto and boto3.
+pub fn python() -> PathBuf {
+    repo_root().join(".venv/bin/python")
+}
+
+fn wait_port(child: &mut Child, ready: &Path, what: &str, log: &Path) -> u16 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(s) = std::fs::read_to_string(ready) {
+            if let Ok(p) = s.trim().parse() {
+                return p;
+            }
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!(
+                "{what} exited early with {st}:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what} did not come up");
+}
+
+fn stop(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+pub struct Shim {
+    child: Option<Child>,
+    pub url: String,
+    pub log: PathBuf,
+}
+
+/// What `POST /_shim/instance` returns.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    pub id: String,
+    pub instance_type: String,
+    pub vpc_id: String,
+    pub subnet_id: String,
+    pub primary_eni: String,
+    pub primary_ip: String,
+    pub raw: Value,
+}
+
+impl Shim {
+    /// Start a shim of our own on a free port; `latency_ms` delays every EC2 call.
+    pub fn start(dir: &Path, latency_ms: u64) -> Shim {
+        let ready = dir.join("shim.port");
+        let log = dir.join("shim.log");
+        let mut child = Command::new(python())
+            .arg(repo_root().join("tests/rig/ec2_shim.py"))
+            .args(["--port", "0", "--latency-ms", &latency_ms.to_string()])
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("shim log"))
+            .spawn()
+            .expect("spawn the EC2 shim (run scripts/setup.sh for the venv)");
+        let port = wait_port(&mut child, &ready, "EC2 shim", &log);
+        Shim {
+            child: Some(child),
+            url: format!("http://127.0.0.1:{port}"),
+            log,
+        }
+    }
+
+    pub fn get(&self, path: &str) -> Value {
+        ureq::get(&format!("{}{path}", self.url))
+            .call()
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+            .body_mut()
+            .read_json()
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
+    pub fn post(&self, path: &str, body: Value) -> Value {
+        let mut r = ureq::post(&format!("{}{path}", self.url))
+            .send_json(&body)
+            .unwrap_or_else(|e| panic!("POST {path} {body}: {e}"));
+        let text = r.body_mut().read_to_string().unwrap_or_default();
+        serde_json::from_str(&text).unwrap_or(Value::Null)
+    }
+
+    pub fn delete(&self, path: &str) {
+        ureq::delete(&format!("{}{path}", self.url))
+            .call()
+            .unwrap_or_else(|e| panic!("DELETE {path}: {e}"));
+    }
+
+    /// A VPC, subnet and running instance of `instance_type`.
+    pub fn instance(&self, instance_type: &str, subnet_cidr: &str) -> Instance {
+        let v = self.post(
+            "/_shim/instance",
+            json!({"instance_type": instance_type, "vpc_cidr": "10.0.0.0/16",
+                   "subnet_cidr": subnet_cidr, "az": "us-west-2a"}),
+        );
+        let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+        Instance {
+            id: s("instance_id"),
+            instance_type: s("instance_type"),
+            vpc_id: s("vpc_id"),
+            subnet_id: s("subnet_id"),
+            primary_eni: s("primary_eni"),
+            primary_ip: s("primary_ip"),
+            raw: v,
+        }
+    }
+
+    /// Every ENI the shim knows.
+    pub fn enis(&self) -> Vec<Value> {
+        let v = self.get("/_shim/enis");
+        v.as_array()
+            .cloned()
+            .or_else(|| v["enis"].as_array().cloned())
+            .unwrap_or_default()
+    }
+
+    /// ENIs attached to `instance`, sorted by device index.
+    pub fn attached(&self, instance: &str) -> Vec<Value> {
+        let mut v: Vec<Value> = self
+            .enis()
+            .into_iter()
+            .filter(|e| e["instance_id"].as_str() == Some(instance))
+            .collect();
+        v.sort_by_key(|e| e["device_index"].as_u64());
+        v
+    }
+
+    /// Secondary IPs plus prefix addresses held by the instance's ENIs.
+    pub fn addresses(&self, instance: &str) -> (usize, usize, usize) {
+        let enis = self.attached(instance);
+        let ips = enis
+            .iter()
+            .map(|e| e["secondary_ips"].as_array().map_or(0, Vec::len))
+            .sum();
+        let prefixes = enis
+            .iter()
+            .map(|e| e["prefixes"].as_array().map_or(0, Vec::len))
+            .sum();
+        (enis.len(), ips, prefixes)
+    }
+
+    pub fn calls(&self) -> Value {
+        self.get("/_shim/calls")
+    }
+
+    pub fn reset_calls(&self) {
+        self.post("/_shim/calls/reset", json!({}));
+    }
+
+    pub fn fault(&self, f: Value) {
+        self.post("/_shim/faults", f);
+    }
+
+    pub fn clear_faults(&self) {
+        self.delete("/_shim/faults");
+    }
+}
+
+impl Drop for Shim {
+    fn drop(&mut self) {
+        stop(&mut self.child);
+    }
+}
+
+pub struct FakeImds {
+    child: Option<Child>,
+    pub url: String,
+}
+
+impl FakeImds {
+    pub fn start(dir: &Path, shim: &Shim, instance: &str, lag_ms: u64) -> FakeImds {
+        let ready = dir.join(format!("imds-{instance}.port"));
+        let log = dir.join(format!("imds-{instance}.log"));
+        let mut child = Command::new(crate::bin("fake-imds"))
+            .args(["--shim", &shim.url, "--instance", instance])
+            .args(["--lag-ms", &lag_ms.to_string()])
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("imds log"))
+            .spawn()
+            .expect("spawn fake-imds");
+        let port = wait_port(&mut child, &ready, "fake IMDS", &log);
+        FakeImds {
+            child: Some(child),
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    pub fn set_lag(&self, ms: u64) {
+        ureq::put(&format!("{}/fake-imds/lag", self.url))
+            .send(ms.to_string())
+            .expect("set IMDS lag");
+    }
+}
+
+impl Drop for FakeImds {
+    fn drop(&mut self) {
+        stop(&mut self.child);
+    }
+}
+
+/// The environment that points ipamd at the rig (plus dummy credentials: moto ignores them).
+pub fn ipamd_env(shim: &Shim, imds: &FakeImds) -> Vec<(String, String)> {
+    vec![
+        ("AWS_EC2_ENDPOINT".into(), shim.url.clone()),
+        ("AWS_EC2_METADATA_SERVICE_ENDPOINT".into(), imds.url.clone()),
+        ("AWS_ACCESS_KEY_ID".into(), "testing".into()),
+        ("AWS_SECRET_ACCESS_KEY".into(), "testing".into()),
+        // Fast clocks so the tests see the pool move in seconds, not minutes.
+        ("IPAMD_POOL_CHECK_INTERVAL".into(), "0.5".into()),
+        ("IPAMD_DECREASE_INTERVAL".into(), "1".into()),
+        ("IPAMD_RECONCILE_INTERVAL".into(), "2".into()),
+        ("IPAMD_MIN_ENI_AGE".into(), "1".into()),
+        ("IP_COOLDOWN_PERIOD".into(), "2".into()),
+    ]
+}
+
+/// Poll `f` until it returns Some or `secs` pass.
+pub fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {secs}s waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
