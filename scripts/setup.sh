@@ -23,6 +23,6 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 if ! "$ROOT/.venv/bin/python" -c 'import moto, boto3' 2>/dev/null; then
   echo "setup: creating $ROOT/.venv (moto, boto3)"
   python3 -m venv "$ROOT/.venv"
-  "$ROOT/.venv/bin/pip" install -q 'moto[server]==5.2.5' 'boto3'
+  "$ROOT/.venv/bin/pip" install -q 'moto[server]==5.2.5' 'boto3==1.44.5'
 fi
 "$ROOT/.venv/bin/python" -c 'import moto, boto3'

@@ -10,6 +10,16 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 rc=0
 cargo test --workspace --lib --bins --tests --no-fail-fast 2>&1 | tee "$log" || rc=$?
-# One closing line over all test binaries.
-awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+# The EC2 shim's own tests (moto behind our middleware), in the venv setup.sh made.
+pylog=$(mktemp)
+trap 'rm -f "$log" "$pylog"' EXIT
+.venv/bin/python -m unittest discover -s tests/rig -p 'test_*.py' 2>&1 | tee "$pylog" || rc=$?
+# One closing line over all test binaries and the shim's suite.
+awk '/^test result:/ { p += $4; f += $6 } END { printf "%d %d\n", p, f }' "$log" | {
+  read -r p f
+  ran=$(sed -n 's/^Ran \([0-9]*\) tests\?.*/\1/p' "$pylog" | tail -1)
+  pyfail=$(awk '/^FAILED \(/ { while (match($0, /[0-9]+/)) { n += substr($0, RSTART, RLENGTH); $0 = substr($0, RSTART + RLENGTH) } } END { print n + 0 }' "$pylog")
+  ran=${ran:-0}; pyfail=${pyfail:-0}
+  echo "tests: $((p + ran - pyfail)) passed, $((f + pyfail)) failed"
+}
 exit "$rc"

@@ -15,11 +15,11 @@ use crate::cloud::imds::Imds;
 use crate::cloud::sdk::SdkEc2;
 use crate::cloud::{Ec2, EniFilter};
 use crate::config::Config;
+use crate::datastore::Datastore;
 use crate::datastore::Eni;
+use crate::instance_types;
 use crate::instance_types::InstanceLimits;
 use crate::manager::{CloudNode, Limits, Manager};
-use crate::datastore::Datastore;
-use crate::instance_types;
 use crate::maxpods;
 use crate::node::{self, NodeInfo};
 use crate::server::{self, Shared};
@@ -108,7 +108,12 @@ async fn cloud_node(cfg: &Config) -> anyhow::Result<(NodeInfo, InstanceLimits, C
         .context("read the instance from IMDS (AWS_EC2_METADATA_SERVICE_ENDPOINT)")?;
     let primary = meta
         .primary()
-        .with_context(|| format!("IMDS lists no interface for the primary MAC {}", meta.primary_mac))?
+        .with_context(|| {
+            format!(
+                "IMDS lists no interface for the primary MAC {}",
+                meta.primary_mac
+            )
+        })?
         .clone();
     let ec2 = Arc::new(Guarded::new(
         SdkEc2::new(&meta.region, cfg.ec2_endpoint.as_deref()).await,
@@ -137,18 +142,24 @@ async fn cloud_node(cfg: &Config) -> anyhow::Result<(NodeInfo, InstanceLimits, C
     };
     let mut enis = Vec::new();
     for info in &described {
-        let Some(att) = &info.attachment else { continue };
+        let Some(att) = &info.attachment else {
+            continue;
+        };
         let is_primary = att.device_index == 0 && att.network_card == 0;
         if !is_primary && (att.network_card != 0 || info.no_manage()) {
             info!(eni = %info.id, device = att.device_index, "ENI not managed by ipamd (no_manage tag or another network card)");
             cloud.unmanaged.insert(att.device_index, info.id.clone());
             continue;
         }
-        let Some(primary_ip) = info.primary_ip else { continue };
+        let Some(primary_ip) = info.primary_ip else {
+            continue;
+        };
         let from_imds = meta.interfaces.iter().find(|i| i.id == info.id);
         match from_imds {
             None => info!(eni = %info.id, "attached in EC2, not yet in IMDS; using EC2's view"),
-            Some(i) if i.ips.len() != info.secondary_ips.len() + 1 || i.prefixes != info.prefixes => {
+            Some(i)
+                if i.ips.len() != info.secondary_ips.len() + 1 || i.prefixes != info.prefixes =>
+            {
                 info!(eni = %info.id, imds_ips = i.ips.len(), ec2_ips = info.secondary_ips.len() + 1, "IMDS lags EC2; using EC2's view")
             }
             _ => {}
@@ -169,7 +180,10 @@ async fn cloud_node(cfg: &Config) -> anyhow::Result<(NodeInfo, InstanceLimits, C
         });
     }
     if !enis.iter().any(|e| e.primary) {
-        bail!("EC2 lists no primary ENI (device 0) attached to {}", meta.instance_id);
+        bail!(
+            "EC2 lists no primary ENI (device 0) attached to {}",
+            meta.instance_id
+        );
     }
     let node = NodeInfo {
         instance_id: meta.instance_id.clone(),

@@ -175,9 +175,7 @@ impl<E: Ec2> Manager<E> {
                     warm::ceiling(&v, &self.targets),
                 )
             };
-            let paused = self
-                .growth_paused_until
-                .is_some_and(|t| Instant::now() < t);
+            let paused = self.growth_paused_until.is_some_and(|t| Instant::now() < t);
             let growing = grows(&step) && !paused;
             self.shared.growing.store(growing, Ordering::Release);
             self.set_ceiling(ceiling);
@@ -287,20 +285,22 @@ impl<E: Ec2> Manager<E> {
                     Err(e) => Err(e),
                 }
             }
-            Step::AssignPrefixes { eni, count } => match self.ec2.assign_prefixes(&eni, count).await {
-                Ok(ps) => {
-                    let mut ds = self.shared.ds.lock().await;
-                    for p in &ps {
-                        if let Err(e) = ds.add_prefix(&eni, *p) {
-                            warn!(%eni, prefix = %p.0, error = %e, "assigned prefix not added");
+            Step::AssignPrefixes { eni, count } => {
+                match self.ec2.assign_prefixes(&eni, count).await {
+                    Ok(ps) => {
+                        let mut ds = self.shared.ds.lock().await;
+                        for p in &ps {
+                            if let Err(e) = ds.add_prefix(&eni, *p) {
+                                warn!(%eni, prefix = %p.0, error = %e, "assigned prefix not added");
+                            }
                         }
+                        info!(%eni, count = ps.len(), "assigned /28 prefixes");
+                        Ok(())
                     }
-                    info!(%eni, count = ps.len(), "assigned /28 prefixes");
-                    Ok(())
+                    Err(e) if e.kind == ErrorKind::Limit => self.resync_eni(&eni).await,
+                    Err(e) => Err(e),
                 }
-                Err(e) if e.kind == ErrorKind::Limit => self.resync_eni(&eni).await,
-                Err(e) => Err(e),
-            },
+            }
             Step::NewEni { ips, prefixes } => self.new_eni(ips, prefixes).await,
             Step::ReleaseIps { eni, count } => {
                 let ips: Vec<Ipv4Addr> = {
@@ -431,9 +431,7 @@ impl<E: Ec2> Manager<E> {
                 0,
             ));
         };
-        self.node
-            .attachments
-            .insert(created.id.clone(), attachment);
+        self.node.attachments.insert(created.id.clone(), attachment);
         let eni = Eni {
             id: created.id.clone(),
             device_number: device,
@@ -538,7 +536,9 @@ impl<E: Ec2> Manager<E> {
             let ds = self.shared.ds.lock().await;
             let imds_enis: HashSet<&str> = ifaces
                 .iter()
-                .filter(|i| i.network_card == 0 && !self.node.unmanaged.values().any(|u| *u == i.id))
+                .filter(|i| {
+                    i.network_card == 0 && !self.node.unmanaged.values().any(|u| *u == i.id)
+                })
                 .map(|i| i.id.as_str())
                 .collect();
             let ds_enis: HashSet<&str> = ds.enis().map(|e| e.id.as_str()).collect();
@@ -546,7 +546,12 @@ impl<E: Ec2> Manager<E> {
                 || ifaces.iter().any(|i| match ds.eni(&i.id) {
                     None => false,
                     Some(e) => {
-                        let a: HashSet<Ipv4Addr> = i.ips.iter().copied().filter(|x| *x != e.primary_ip).collect();
+                        let a: HashSet<Ipv4Addr> = i
+                            .ips
+                            .iter()
+                            .copied()
+                            .filter(|x| *x != e.primary_ip)
+                            .collect();
                         let b: HashSet<Ipv4Addr> = e.ips.iter().copied().collect();
                         let pa: HashSet<Prefix> = i.prefixes.iter().copied().collect();
                         let pb: HashSet<Prefix> = e.prefixes.iter().copied().collect();
@@ -573,9 +578,13 @@ impl<E: Ec2> Manager<E> {
         let mut ds = self.shared.ds.lock().await;
         let mut seen = HashSet::new();
         for info in enis {
-            let Some(att) = &info.attachment else { continue };
+            let Some(att) = &info.attachment else {
+                continue;
+            };
             if att.network_card != 0 || info.no_manage() {
-                self.node.unmanaged.insert(att.device_index, info.id.clone());
+                self.node
+                    .unmanaged
+                    .insert(att.device_index, info.id.clone());
                 continue;
             }
             seen.insert(info.id.clone());
@@ -583,7 +592,9 @@ impl<E: Ec2> Manager<E> {
                 .attachments
                 .insert(info.id.clone(), att.id.clone());
             if ds.eni(&info.id).is_none() {
-                let Some(primary_ip) = info.primary_ip else { continue };
+                let Some(primary_ip) = info.primary_ip else {
+                    continue;
+                };
                 let eni = Eni {
                     id: info.id.clone(),
                     device_number: att.device_index,
@@ -611,7 +622,9 @@ impl<E: Ec2> Manager<E> {
         for id in gone {
             match ds.remove_eni(&id) {
                 Ok(_) => info!(eni = %id, "ENI no longer attached in EC2; removed from the pool"),
-                Err(e) => error!(eni = %id, error = %e, "EC2 says this ENI is gone but pods use it; keeping their allocations"),
+                Err(e) => {
+                    error!(eni = %id, error = %e, "EC2 says this ENI is gone but pods use it; keeping their allocations")
+                }
             }
         }
     }

@@ -58,7 +58,12 @@ pub struct Imds {
 impl Imds {
     pub fn new() -> Imds {
         Imds {
-            client: Client::builder().build(),
+            client: Client::builder()
+                .configure(
+                    &aws_config::provider_config::ProviderConfig::default()
+                        .with_http_client(super::http_client()),
+                )
+                .build(),
         }
     }
 

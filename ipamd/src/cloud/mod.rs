@@ -183,6 +183,17 @@ pub trait Ec2: Send + Sync + 'static {
     ) -> Result<Option<crate::instance_types::InstanceLimits>, CloudError>;
 }
 
+/// The one HTTP client ipamd's SDK clients share: hyper with rustls on ring (the SDK's default
+/// features, and their second TLS stack, are off to keep the build lean).
+pub fn http_client() -> aws_sdk_ec2::config::SharedHttpClient {
+    use aws_smithy_http_client::tls;
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https()
+}
+
 /// Parse "a.b.c.d/28" into a prefix.
 pub fn parse_prefix(s: &str) -> Option<Prefix> {
     let (ip, len) = s.trim().split_once('/')?;

@@ -12,7 +12,6 @@ use aws_sdk_ec2::types::{
     Filter, NetworkInterface, NetworkInterfaceAttachmentChanges, ResourceType, Tag,
     TagSpecification,
 };
-use aws_smithy_http_client::tls;
 
 use super::{Attachment, CloudError, Ec2, EniFilter, EniInfo, NewEni};
 use crate::datastore::Prefix;
@@ -25,11 +24,7 @@ pub struct SdkEc2 {
 impl SdkEc2 {
     /// `endpoint`: upstream's `AWS_EC2_ENDPOINT`; the SDK also honours `AWS_ENDPOINT_URL_EC2`.
     pub async fn new(region: &str, endpoint: Option<&str>) -> SdkEc2 {
-        let http = aws_smithy_http_client::Builder::new()
-            .tls_provider(tls::Provider::Rustls(
-                tls::rustls_provider::CryptoMode::Ring,
-            ))
-            .build_https();
+        let http = super::http_client();
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .region(Region::new(region.to_string()))
             .http_client(http)

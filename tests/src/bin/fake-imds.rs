@@ -54,7 +54,10 @@ impl State {
     /// Record a fresh snapshot; keep enough history to serve any lag up to a minute.
     async fn poll(&self) -> anyhow::Result<()> {
         let v = self.fetch().await?;
-        let mut h = self.history.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        let mut h = self
+            .history
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?;
         h.push_back((Instant::now(), v));
         while h.len() > 2 && h[1].0.elapsed() > Duration::from_secs(60) {
             h.pop_front();
@@ -68,7 +71,10 @@ impl State {
         if lag.is_zero() {
             return self.fetch().await;
         }
-        let h = self.history.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        let h = self
+            .history
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?;
         let pick = h
             .iter()
             .rev()
@@ -174,12 +180,20 @@ fn render(view: &Value, path: &str) -> Response<Full<Bytes>> {
     }
 }
 
-async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(
+    st: Arc<State>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     if path == "/fake-imds/lag" {
         if method == Method::PUT || method == Method::POST {
-            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
             let ms: u64 = match String::from_utf8_lossy(&body).trim().parse() {
                 Ok(v) => v,
                 Err(_) => return Ok(text(StatusCode::BAD_REQUEST, "body: milliseconds")),
@@ -202,7 +216,10 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Full<
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u32>().ok());
         let Some(ttl) = ttl.filter(|t| (1..=21600).contains(t)) else {
-            return Ok(text(StatusCode::BAD_REQUEST, "missing or invalid TTL header"));
+            return Ok(text(
+                StatusCode::BAD_REQUEST,
+                "missing or invalid TTL header",
+            ));
         };
         let token = format!("fake-{:x}", rand_token());
         if let Ok(mut t) = st.tokens.lock() {
@@ -240,7 +257,10 @@ fn rand_token() -> u128 {
             .map(|d| d.as_nanos())
             .unwrap_or(0),
     );
-    ((h.finish() as u128) << 64) | std::collections::hash_map::RandomState::new().build_hasher().finish() as u128
+    ((h.finish() as u128) << 64)
+        | std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish() as u128
 }
 
 struct Args {

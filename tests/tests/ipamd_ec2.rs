@@ -1,0 +1,480 @@
+//! ipamd against the EC2 shim (moto) and the fake IMDS, all real processes: warm targets, ENI
+//! attach up to the instance limit, shrinking, prefix delegation, throttling, subnet exhaustion,
+//! leaked ENIs and a lagging IMDS.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use cni_proto::{AddNetworkRequest, DelNetworkRequest, FailureReason, StatusRequest};
+use integration::cloud::{eventually, ipamd_env, python, FakeImds, Instance, Shim};
+use integration::ipamd_proc::{client, health, Ipamd};
+use serde_json::json;
+
+fn add_req(cid: &str) -> AddNetworkRequest {
+    AddNetworkRequest {
+        client_version: "0.1.0".into(),
+        k8s_pod_name: format!("pod-{cid}"),
+        k8s_pod_namespace: "default".into(),
+        container_id: cid.into(),
+        if_name: "eth0".into(),
+        network_name: "aws-cni".into(),
+        netns: "/var/run/netns/x".into(),
+        ..Default::default()
+    }
+}
+
+fn del_req(cid: &str) -> DelNetworkRequest {
+    DelNetworkRequest {
+        client_version: "0.1.0".into(),
+        container_id: cid.into(),
+        if_name: "eth0".into(),
+        network_name: "aws-cni".into(),
+        ..Default::default()
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A shim, one instance, its IMDS and ipamd with the rig's fast clocks plus `env`.
+struct Node {
+    ipamd: Ipamd,
+    imds: FakeImds,
+    inst: Instance,
+    shim: Shim,
+    _dir: tempfile::TempDir,
+}
+
+fn node(instance_type: &str, subnet: &str, env: &[(&str, &str)]) -> Node {
+    node_with(instance_type, subnet, env, |_, _| {})
+}
+
+fn node_with(
+    instance_type: &str,
+    subnet: &str,
+    env: &[(&str, &str)],
+    before_start: impl FnOnce(&Shim, &Instance),
+) -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let shim = Shim::start(dir.path(), 0);
+    let inst = shim.instance(instance_type, subnet);
+    before_start(&shim, &inst);
+    let imds = FakeImds::start(dir.path(), &shim, &inst.id, 0);
+    let mut all = ipamd_env(&shim, &imds);
+    all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let refs: Vec<(&str, &str)> = all.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let ipamd = Ipamd::start(dir.path(), None, &refs);
+    Node {
+        ipamd,
+        imds,
+        inst,
+        shim,
+        _dir: dir,
+    }
+}
+
+impl Node {
+    /// (ENIs, secondary IPs, prefixes) attached in EC2.
+    fn ec2(&self) -> (usize, usize, usize) {
+        self.shim.addresses(&self.inst.id)
+    }
+
+    fn wait_ec2(&self, want: (usize, usize, usize), secs: u64) {
+        let mut last = (0, 0, 0);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            eventually(secs, &format!("EC2 to hold {want:?}"), || {
+                last = self.ec2();
+                (last == want).then_some(())
+            })
+        }));
+        if r.is_err() {
+            panic!(
+                "EC2 holds {last:?}, wanted {want:?}; ipamd log:\n{}",
+                self.ipamd.log_text()
+            );
+        }
+    }
+}
+
+#[test]
+fn fresh_node_reaches_warm_target_and_reports_ready() {
+    let n = node("t3.medium", "10.0.1.0/24", &[]);
+    // WARM_ENI_TARGET=1: one ENI's worth (5) of free addresses, on the primary ENI.
+    n.wait_ec2((1, 5, 0), 20);
+    eventually(10, "SERVING", || {
+        let h = block(health(&n.ipamd.socket));
+        (h == "SERVING").then_some(())
+    });
+    let calls = n.shim.calls();
+    assert_eq!(calls["by_action"]["AssignPrivateIpAddresses"], 1, "{calls}");
+    assert_eq!(
+        calls["by_action"].get("CreateNetworkInterface"),
+        None,
+        "{calls}"
+    );
+}
+
+/// Run a future to completion on a throwaway runtime (inside `eventually` closures).
+fn block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+#[test]
+fn pods_attach_enis_up_to_the_limit_then_shrink_back() {
+    let n = node("t3.medium", "10.0.1.0/24", &[]);
+    n.wait_ec2((1, 5, 0), 20);
+    n.shim.reset_calls();
+    rt().block_on(async {
+        let mut c = client(&n.ipamd.socket).await;
+        let mut ok = HashSet::new();
+        let mut refused = Vec::new();
+        for i in 0..30 {
+            let r = c
+                .add_network(add_req(&format!("c{i}")))
+                .await
+                .unwrap()
+                .into_inner();
+            if r.success {
+                assert!(
+                    ok.insert(r.ip_address[0].i_pv4_addr.clone()),
+                    "IP given twice"
+                );
+            } else {
+                refused.push(r);
+            }
+        }
+        assert_eq!(ok.len(), 15, "3 ENIs x 5 secondary IPs");
+        assert_eq!(refused.len(), 15);
+        for r in &refused {
+            assert_eq!(r.reason, FailureReason::PoolEmpty as i32, "{r:?}");
+            assert!(
+                r.message.contains("t3.medium: 3 ENIs")
+                    && r.message.contains("all 3 ENIs attached"),
+                "the refusal names the instance's limit: {}",
+                r.message
+            );
+        }
+    });
+    n.wait_ec2((3, 15, 0), 10);
+    let calls = n.shim.calls();
+    let by = &calls["by_action"];
+    // Two ENIs: create + attach + DeleteOnTermination each, never a 4th attach attempt.
+    assert_eq!(by["CreateNetworkInterface"], 2, "{calls}");
+    assert_eq!(by["AttachNetworkInterface"], 2, "{calls}");
+    assert_eq!(by["ModifyNetworkInterfaceAttribute"], 2, "{calls}");
+    eprintln!("EC2 calls for 30 pods' worth of AddNetwork on t3.medium: {calls}");
+    let enis = n.shim.attached(&n.inst.id);
+    for e in &enis[1..] {
+        assert_eq!(e["description"], format!("aws-K8S-{}", n.inst.id));
+        assert_eq!(e["tags"]["node.k8s.amazonaws.com/instance_id"], n.inst.id);
+        assert!(e["tags"]["node.k8s.amazonaws.com/createdAt"].is_string());
+    }
+
+    // Everything released: after the cooldown, the idle ENIs go back down to the target.
+    rt().block_on(async {
+        let mut c = client(&n.ipamd.socket).await;
+        for i in 0..30 {
+            c.del_network(del_req(&format!("c{i}"))).await.unwrap();
+        }
+    });
+    n.wait_ec2((1, 5, 0), 30);
+    let left: Vec<_> = n
+        .shim
+        .enis()
+        .into_iter()
+        .filter(|e| e["description"] == format!("aws-K8S-{}", n.inst.id))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "freed ENIs are deleted, not left detached: {left:?}"
+    );
+}
+
+#[test]
+fn warm_ip_and_minimum_ip_targets() {
+    let n = node(
+        "t3.medium",
+        "10.0.1.0/24",
+        &[("WARM_IP_TARGET", "2"), ("MINIMUM_IP_TARGET", "4")],
+    );
+    n.wait_ec2((1, 4, 0), 20);
+    rt().block_on(async {
+        let mut c = client(&n.ipamd.socket).await;
+        for i in 0..6 {
+            let r = c
+                .add_network(add_req(&format!("w{i}")))
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(r.success, "{r:?}");
+        }
+    });
+    // 6 used + 2 warm = 8: the primary's 5 and 3 on a second ENI.
+    n.wait_ec2((2, 8, 0), 20);
+    rt().block_on(async {
+        let mut c = client(&n.ipamd.socket).await;
+        for i in 0..6 {
+            c.del_network(del_req(&format!("w{i}"))).await.unwrap();
+        }
+    });
+    // Back to the minimum once the cooldown is over; the emptied ENI goes.
+    n.wait_ec2((1, 4, 0), 30);
+}
+
+#[test]
+fn prefix_delegation_hands_out_addresses_from_prefixes() {
+    let n = node(
+        "t3.medium",
+        "10.0.0.0/20",
+        &[
+            ("ENABLE_PREFIX_DELEGATION", "true"),
+            ("WARM_PREFIX_TARGET", "1"),
+        ],
+    );
+    n.wait_ec2((1, 0, 1), 20);
+    let prefix = n.shim.attached(&n.inst.id)[0]["prefixes"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    rt().block_on(async {
+        let mut c = client(&n.ipamd.socket).await;
+        let r = c.add_network(add_req("p0")).await.unwrap().into_inner();
+        assert!(r.success, "{r:?}");
+        let ip: std::net::Ipv4Addr = r.ip_address[0].i_pv4_addr.parse().unwrap();
+        let base: std::net::Ipv4Addr = prefix.trim_end_matches("/28").parse().unwrap();
+        assert_eq!(u32::from(ip) & !0xf, u32::from(base), "{ip} from {prefix}");
+        for i in 1..17 {
+            let r = c
+                .add_network(add_req(&format!("p{i}")))
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(r.success, "{r:?}");
+        }
+    });
+    // 17 pods: two full-ish prefixes and one warm (upstream's example P4).
+    n.wait_ec2((1, 0, 3), 20);
+    rt().block_on(async {
+        let st = client(&n.ipamd.socket)
+            .await
+            .status(StatusRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(st.available_addresses, 31);
+    });
+}
+
+#[test]
+fn throttling_slows_but_does_not_break_convergence() {
+    let n = node_with("t3.medium", "10.0.1.0/24", &[], |shim, _| {
+        shim.fault(json!({"action": "AssignPrivateIpAddresses", "kind": "throttle", "count": 4}));
+        shim.fault(json!({"action": "CreateNetworkInterface", "kind": "throttle", "count": 2}));
+    });
+    n.wait_ec2((1, 5, 0), 30);
+    rt().block_on(async {
+        let mut c = client(&n.ipamd.socket).await;
+        let r = c.add_network(add_req("t0")).await.unwrap().into_inner();
+        assert!(r.success, "{r:?}");
+    });
+    n.wait_ec2((2, 10, 0), 30);
+    let calls = n.shim.calls();
+    assert_eq!(calls["throttled"], 6, "{calls}");
+    assert!(n.ipamd.log_text().contains("retrying"));
+}
+
+#[test]
+fn subnet_exhaustion_gives_the_reason() {
+    // A /28: 11 usable addresses, the instance takes one, the primary ENI's 5 leave 5.
+    // A second ENI would need 6 (its own address + 5).
+    let n = node("t3.medium", "10.0.1.0/28", &[("WARM_ENI_TARGET", "1")]);
+    n.wait_ec2((1, 5, 0), 20);
+    rt().block_on(async {
+        let mut c = client(&n.ipamd.socket).await;
+        for i in 0..5 {
+            let r = c
+                .add_network(add_req(&format!("s{i}")))
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(r.success, "{r:?}");
+        }
+    });
+    let r = eventually(20, "a refusal naming the subnet", || {
+        let r = block(async {
+            client(&n.ipamd.socket)
+                .await
+                .add_network(add_req("s5"))
+                .await
+                .unwrap()
+                .into_inner()
+        });
+        (r.reason == FailureReason::SubnetFull as i32).then_some(r)
+    });
+    assert!(!r.success);
+    assert!(
+        r.message.contains(&n.inst.subnet_id) && r.message.contains("no free addresses"),
+        "{}",
+        r.message
+    );
+    assert!(n
+        .ipamd
+        .log_text()
+        .contains("InsufficientFreeAddressesInSubnet"));
+    // Nothing half-made: no detached ENI left in EC2.
+    assert!(
+        n.shim.enis().iter().all(|e| !e["instance_id"].is_null()),
+        "{:?}",
+        n.shim.enis()
+    );
+}
+
+/// Create an ENI through the EC2 API (boto3 against the shim), as a crashed ipamd would have.
+fn create_eni(shim: &Shim, inst: &Instance, tags: &[(&str, String)], description: &str) -> String {
+    let tags: Vec<_> = tags
+        .iter()
+        .map(|(k, v)| json!({"Key": k, "Value": v}))
+        .collect();
+    let script = format!(
+        "import boto3,json\n\
+         c=boto3.client('ec2',region_name='us-west-2',endpoint_url='{url}',aws_access_key_id='x',aws_secret_access_key='y')\n\
+         r=c.create_network_interface(SubnetId='{subnet}',Description='{description}',\
+         TagSpecifications=[{{'ResourceType':'network-interface','Tags':json.loads('{tags}')}}])\n\
+         print(r['NetworkInterface']['NetworkInterfaceId'])\n",
+        url = shim.url,
+        subnet = inst.subnet_id,
+        tags = serde_json::to_string(&tags).unwrap(),
+    );
+    let out = std::process::Command::new(python())
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn leaked_enis_are_deleted_at_start() {
+    let mut ids = Vec::new();
+    let n = node_with("t3.medium", "10.0.1.0/24", &[], |shim, inst| {
+        let old = humantime::format_rfc3339_seconds(
+            std::time::SystemTime::now() - Duration::from_secs(600),
+        )
+        .to_string();
+        let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        let desc = format!("aws-K8S-{}", inst.id);
+        let tag = |t: String| {
+            vec![
+                ("node.k8s.amazonaws.com/instance_id", inst.id.clone()),
+                ("node.k8s.amazonaws.com/createdAt", t),
+            ]
+        };
+        ids.push(create_eni(shim, inst, &tag(old.clone()), &desc)); // leaked
+        ids.push(create_eni(shim, inst, &tag(now), &desc)); // too young
+        let mut keep = tag(old.clone());
+        keep.push(("node.k8s.amazonaws.com/no_manage", "true".into()));
+        ids.push(create_eni(shim, inst, &keep, &desc)); // hands off
+        ids.push(create_eni(shim, inst, &tag(old), "someone elses")); // not ours
+    });
+    eventually(20, "the leaked ENI to be deleted", || {
+        let have: HashSet<String> = n
+            .shim
+            .enis()
+            .iter()
+            .filter_map(|e| e["id"].as_str().map(str::to_string))
+            .collect();
+        (!have.contains(&ids[0])).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let have: HashSet<String> = n
+        .shim
+        .enis()
+        .iter()
+        .filter_map(|e| e["id"].as_str().map(str::to_string))
+        .collect();
+    for kept in &ids[1..] {
+        assert!(have.contains(kept), "{kept} must stay");
+    }
+    assert!(n.ipamd.log_text().contains("deleted leaked ENI"));
+}
+
+#[test]
+fn disable_leaked_eni_cleanup_turns_the_sweep_off() {
+    let mut leaked = String::new();
+    let n = node_with(
+        "t3.medium",
+        "10.0.1.0/24",
+        &[("DISABLE_LEAKED_ENI_CLEANUP", "true")],
+        |shim, inst| {
+            let old = humantime::format_rfc3339_seconds(
+                std::time::SystemTime::now() - Duration::from_secs(600),
+            )
+            .to_string();
+            leaked = create_eni(
+                shim,
+                inst,
+                &[
+                    ("node.k8s.amazonaws.com/instance_id", inst.id.clone()),
+                    ("node.k8s.amazonaws.com/createdAt", old),
+                ],
+                &format!("aws-K8S-{}", inst.id),
+            );
+        },
+    );
+    n.wait_ec2((1, 5, 0), 20);
+    assert!(n.shim.enis().iter().any(|e| e["id"] == leaked.as_str()));
+}
+
+#[test]
+fn imds_lag_does_not_remove_addresses() {
+    let n = node("t3.medium", "10.0.1.0/24", &[]);
+    n.wait_ec2((1, 5, 0), 20);
+    // From now on IMDS shows the node as it was a minute ago... (it keeps the first snapshot).
+    n.imds.set_lag(60_000);
+    rt().block_on(async {
+        let mut c = client(&n.ipamd.socket).await;
+        for i in 0..3 {
+            let r = c
+                .add_network(add_req(&format!("l{i}")))
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(r.success, "{r:?}");
+        }
+    });
+    // A second ENI appears in EC2 but not in IMDS.
+    n.wait_ec2((2, 10, 0), 20);
+    // Several reconciles (every 2 s) later, EC2 still holds everything and so does ipamd.
+    eventually(20, "a reconcile that asked EC2", || {
+        n.ipamd
+            .log_text()
+            .contains("IMDS differs from the pool; asking EC2")
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(n.ec2(), (2, 10, 0));
+    rt().block_on(async {
+        let st = client(&n.ipamd.socket)
+            .await
+            .status(StatusRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(st.available_addresses, 7, "10 held, 3 assigned: {st:?}");
+    });
+    let log = n.ipamd.log_text();
+    assert!(!log.contains("removed from the pool"), "{log}");
+}
