@@ -130,7 +130,14 @@ fn block<F: std::future::Future>(f: F) -> F::Output {
 
 #[test]
 fn pods_attach_enis_up_to_the_limit_then_shrink_back() {
-    let n = node("t3.medium", "10.0.1.0/24", &[]);
+    let n = node(
+        "t3.medium",
+        "10.0.1.0/24",
+        &[
+            ("CLUSTER_NAME", "prod"),
+            ("ADDITIONAL_ENI_TAGS", r#"{"team":"net"}"#),
+        ],
+    );
     n.wait_ec2((1, 5, 0), 20);
     n.shim.reset_calls();
     rt().block_on(async {
@@ -177,6 +184,8 @@ fn pods_attach_enis_up_to_the_limit_then_shrink_back() {
         assert_eq!(e["description"], format!("aws-K8S-{}", n.inst.id));
         assert_eq!(e["tags"]["node.k8s.amazonaws.com/instance_id"], n.inst.id);
         assert!(e["tags"]["node.k8s.amazonaws.com/createdAt"].is_string());
+        assert_eq!(e["tags"]["cluster.k8s.amazonaws.com/name"], "prod");
+        assert_eq!(e["tags"]["team"], "net");
     }
 
     // Everything released: after the cooldown, the idle ENIs go back down to the target.
@@ -477,4 +486,135 @@ fn imds_lag_does_not_remove_addresses() {
     });
     let log = n.ipamd.log_text();
     assert!(!log.contains("removed from the pool"), "{log}");
+}
+
+/// Attach an ENI through the EC2 API at `device`.
+fn attach_eni(shim: &Shim, inst: &Instance, eni: &str, device: u32) {
+    let script = format!(
+        "import boto3\n\
+         c=boto3.client('ec2',region_name='us-west-2',endpoint_url='{url}',aws_access_key_id='x',aws_secret_access_key='y')\n\
+         c.attach_network_interface(NetworkInterfaceId='{eni}',InstanceId='{inst}',DeviceIndex={device})\n",
+        url = shim.url,
+        inst = inst.id,
+    );
+    let out = std::process::Command::new(python())
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn no_manage_eni_is_left_alone_but_takes_a_slot() {
+    let mut foreign = String::new();
+    let n = node_with("t3.medium", "10.0.1.0/24", &[], |shim, inst| {
+        foreign = create_eni(
+            shim,
+            inst,
+            &[("node.k8s.amazonaws.com/no_manage", "true".into())],
+            "hands off",
+        );
+        attach_eni(shim, inst, &foreign, 1);
+    });
+    n.wait_ec2((2, 5, 0), 20);
+    rt().block_on(async {
+        let mut c = client(&n.ipamd.socket).await;
+        let mut ok = 0;
+        for i in 0..15 {
+            if c.add_network(add_req(&format!("n{i}")))
+                .await
+                .unwrap()
+                .into_inner()
+                .success
+            {
+                ok += 1;
+            }
+        }
+        // The primary and one more ENI (device 2): the foreign ENI holds the third slot.
+        assert_eq!(ok, 10);
+    });
+    n.wait_ec2((3, 10, 0), 10);
+    let enis = n.shim.attached(&n.inst.id);
+    let f = enis.iter().find(|e| e["id"] == foreign.as_str()).unwrap();
+    assert_eq!(
+        f["secondary_ips"].as_array().map_or(0, Vec::len),
+        0,
+        "never given addresses"
+    );
+    assert_eq!(
+        enis[2]["device_index"], 2,
+        "the next free device index is used"
+    );
+}
+
+#[test]
+fn unauthorized_operation_names_the_missing_permission() {
+    let n = node_with("t3.medium", "10.0.1.0/24", &[], |shim, _| {
+        shim.fault(
+            json!({"action": "AssignPrivateIpAddresses", "kind": "error",
+                          "code": "UnauthorizedOperation", "count": -1}),
+        );
+    });
+    eventually(20, "the permission log line", || {
+        n.ipamd
+            .log_text()
+            .contains("lacks permission ec2:AssignPrivateIpAddresses")
+            .then_some(())
+    });
+    assert_eq!(n.ec2(), (1, 0, 0));
+    let r = rt().block_on(async {
+        client(&n.ipamd.socket)
+            .await
+            .add_network(add_req("u0"))
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    assert!(!r.success);
+    assert!(
+        r.message.contains("ec2:AssignPrivateIpAddresses"),
+        "{}",
+        r.message
+    );
+}
+
+/// The fallback for types missing from the built-in table: DescribeInstanceTypes through the
+/// SDK gives the same limits the table has.
+#[test]
+fn describe_instance_types_gives_the_tables_limits() {
+    use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
+    use ipamd::cloud::Ec2;
+    let dir = tempfile::tempdir().unwrap();
+    let shim = Shim::start(dir.path(), 0);
+    let conf = aws_sdk_ec2::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-west-2"))
+        .endpoint_url(&shim.url)
+        .credentials_provider(Credentials::new("x", "y", None, None, "test"))
+        .http_client(ipamd::cloud::http_client())
+        .build();
+    let ec2 = ipamd::cloud::sdk::SdkEc2::from_client(aws_sdk_ec2::Client::from_conf(conf));
+    rt().block_on(async {
+        for t in [
+            "t3.medium",
+            "m5.large",
+            "c5n.18xlarge",
+            "m5.metal",
+            "t2.micro",
+        ] {
+            let got = ec2.describe_instance_type(t).await.unwrap().unwrap();
+            assert_eq!(&got, ipamd::instance_types::lookup(t).unwrap(), "{t}");
+        }
+        assert_eq!(
+            ec2.describe_instance_type("x9.nonsense")
+                .await
+                .ok()
+                .flatten(),
+            None
+        );
+    });
 }

@@ -45,6 +45,13 @@ impl SdkEc2 {
     }
 }
 
+impl SdkEc2 {
+    /// Wrap a client configured elsewhere (tests point one at the shim).
+    pub fn from_client(client: aws_sdk_ec2::Client) -> SdkEc2 {
+        SdkEc2 { client }
+    }
+}
+
 fn cloud_err<E>(op: &'static str, e: SdkError<E>) -> CloudError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
