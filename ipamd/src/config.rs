@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::netconf::iptables::Randomize;
+use crate::netconf::NetConfig;
 use crate::warm::Targets;
 
 /// How often the pool manager does what. Upstream hard-codes these; ipamd reads them from
@@ -59,6 +61,7 @@ pub struct Config {
     /// `ADDITIONAL_ENI_TAGS`, a JSON object.
     pub additional_eni_tags: BTreeMap<String, String>,
     pub timing: Timing,
+    pub net: NetConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -134,6 +137,93 @@ fn count_var(
             why: "must be 0 or more".into(),
         }),
     }
+}
+
+fn cidr_list(
+    env: &dyn Fn(&str) -> Option<String>,
+    var: &'static str,
+) -> Result<Vec<String>, ConfigError> {
+    let Some(v) = env(var) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for c in v.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+        let ok =
+            c.split_once('/').is_some() && crate::netconf::iptables::normalise_cidr(c).is_some();
+        if !ok {
+            return Err(ConfigError {
+                var,
+                value: v.clone(),
+                why: format!("{c:?} is not an IPv4 CIDR"),
+            });
+        }
+        out.push(c.to_string());
+    }
+    Ok(out)
+}
+
+fn net_config(
+    env: &dyn Fn(&str) -> Option<String>,
+    veth_prefix: &str,
+    external_snat: bool,
+) -> Result<NetConfig, ConfigError> {
+    let d = NetConfig::default();
+    let mtu = match int_var(env, "AWS_VPC_ENI_MTU")? {
+        None => d.mtu,
+        Some(m) if (576..=9001).contains(&m) => m as u32,
+        Some(m) => {
+            return Err(ConfigError {
+                var: "AWS_VPC_ENI_MTU",
+                value: m.to_string(),
+                why: "must be between 576 and 9001".into(),
+            })
+        }
+    };
+    let mark = match env("AWS_VPC_K8S_CNI_CONNMARK").map(|v| v.trim().to_string()) {
+        None => d.mark,
+        Some(v) if v.is_empty() => d.mark,
+        Some(v) => {
+            let parsed = match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+                Some(hex) => u32::from_str_radix(hex, 16).ok(),
+                None => v.parse::<u32>().ok(),
+            };
+            match parsed {
+                Some(m) if m != 0 => m,
+                _ => {
+                    return Err(ConfigError {
+                        var: "AWS_VPC_K8S_CNI_CONNMARK",
+                        value: v,
+                        why: "must be a non-zero 32-bit mark, e.g. 0x80".into(),
+                    })
+                }
+            }
+        }
+    };
+    let randomize = match env("AWS_VPC_K8S_CNI_RANDOMIZESNAT")
+        .map(|v| v.trim().to_ascii_lowercase())
+        .as_deref()
+    {
+        None | Some("") | Some("prng") => Randomize::Fully,
+        Some("hashrandom") => Randomize::Hash,
+        Some("none") => Randomize::None,
+        Some(other) => {
+            return Err(ConfigError {
+                var: "AWS_VPC_K8S_CNI_RANDOMIZESNAT",
+                value: other.to_string(),
+                why: "must be prng, hashrandom or none".into(),
+            })
+        }
+    };
+    Ok(NetConfig {
+        mtu,
+        mark,
+        node_port_support: bool_var(env, "AWS_VPC_CNI_NODE_PORT_SUPPORT", true)?,
+        external_snat,
+        exclude_snat_cidrs: cidr_list(env, "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS")?,
+        external_service_cidrs: cidr_list(env, "AWS_EXTERNAL_SERVICE_CIDRS")?,
+        randomize,
+        veth_prefix: veth_prefix.to_string(),
+    })
 }
 
 fn eni_tags(env: &dyn Fn(&str) -> Option<String>) -> Result<BTreeMap<String, String>, ConfigError> {
@@ -229,7 +319,10 @@ impl Config {
                 why: "must be above 0".into(),
             });
         }
+        let external_snat = bool_var(env, "AWS_VPC_K8S_CNI_EXTERNALSNAT", false)?;
+        let net = net_config(env, &veth_prefix, external_snat)?;
         Ok(Config {
+            net,
             targets,
             ec2_endpoint: env("AWS_EC2_ENDPOINT").filter(|s| !s.trim().is_empty()),
             disable_leaked_eni_cleanup: bool_var(env, "DISABLE_LEAKED_ENI_CLEANUP", false)?,
@@ -243,7 +336,7 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from("/var/run/aws-node/ipam.json")),
             cooldown: Duration::from_secs(cooldown),
             veth_prefix,
-            external_snat: bool_var(env, "AWS_VPC_K8S_CNI_EXTERNALSNAT", false)?,
+            external_snat,
             max_eni,
             prefix_delegation,
             node_file: env("IPAMD_NODE_FILE")
@@ -286,6 +379,37 @@ mod tests {
         assert_eq!(c.targets.warm_eni, 1);
         assert!(!c.disable_leaked_eni_cleanup);
         assert_eq!(c.timing, Timing::default());
+        assert_eq!(c.net, NetConfig::default());
+    }
+
+    #[test]
+    fn node_network_settings() {
+        let c = Config::from_env(&with(&[
+            ("AWS_VPC_ENI_MTU", "1500"),
+            ("AWS_VPC_K8S_CNI_CONNMARK", "0x4000"),
+            ("AWS_VPC_K8S_CNI_RANDOMIZESNAT", "hashrandom"),
+            (
+                "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS",
+                "172.16.0.0/12, 192.168.0.0/16",
+            ),
+            ("AWS_VPC_K8S_CNI_EXTERNALSNAT", "true"),
+        ]))
+        .unwrap();
+        assert_eq!(c.net.mtu, 1500);
+        assert_eq!(c.net.mark, 0x4000);
+        assert_eq!(c.net.randomize, Randomize::Hash);
+        assert_eq!(c.net.exclude_snat_cidrs.len(), 2);
+        assert!(c.net.external_snat);
+        for (var, val) in [
+            ("AWS_VPC_ENI_MTU", "65000"),
+            ("AWS_VPC_K8S_CNI_CONNMARK", "mark"),
+            ("AWS_VPC_K8S_CNI_RANDOMIZESNAT", "yes"),
+            ("AWS_EXTERNAL_SERVICE_CIDRS", "10.0.0.0"),
+        ] {
+            let pairs: &'static [(&'static str, &'static str)] =
+                Box::leak(vec![(var, val)].into_boxed_slice());
+            assert_eq!(Config::from_env(&with(pairs)).unwrap_err().var, var);
+        }
     }
 
     #[test]

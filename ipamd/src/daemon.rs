@@ -21,6 +21,7 @@ use crate::instance_types;
 use crate::instance_types::InstanceLimits;
 use crate::manager::{CloudNode, Limits, Manager};
 use crate::maxpods;
+use crate::netconf::NodeNetwork;
 use crate::node::{self, NodeInfo};
 use crate::server::{self, Shared};
 
@@ -89,6 +90,8 @@ pub fn restore(
 
 /// The EC2 side of a node: the client, IMDS and what the pool manager needs.
 pub struct CloudSetup {
+    pub primary_mac: String,
+    pub primary_ip: Ipv4Addr,
     pub ec2: Arc<Guarded<SdkEc2>>,
     pub imds: Arc<Imds>,
     pub node: CloudNode,
@@ -179,12 +182,12 @@ async fn cloud_node(cfg: &Config) -> anyhow::Result<(NodeInfo, InstanceLimits, C
             attached_at: SystemTime::now(),
         });
     }
-    if !enis.iter().any(|e| e.primary) {
+    let Some(primary_ip) = enis.iter().find(|e| e.primary).map(|e| e.primary_ip) else {
         bail!(
             "EC2 lists no primary ENI (device 0) attached to {}",
             meta.instance_id
         );
-    }
+    };
     let node = NodeInfo {
         instance_id: meta.instance_id.clone(),
         instance_type: meta.instance_type.clone(),
@@ -195,6 +198,8 @@ async fn cloud_node(cfg: &Config) -> anyhow::Result<(NodeInfo, InstanceLimits, C
         node,
         limits,
         CloudSetup {
+            primary_mac: meta.primary_mac.clone(),
+            primary_ip,
             ec2,
             imds: Arc::new(imds),
             node: cloud,
@@ -296,6 +301,29 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     });
 
     if let Some(c) = cloud {
+        // The node's networking comes before the first pod: host rules and SNAT, then every
+        // secondary ENI already attached (a restart finds them in place and changes nothing).
+        let net = Arc::new(
+            NodeNetwork::new(cfg.net.clone(), &c.primary_mac, c.primary_ip)
+                .await
+                .with_context(|| format!("find the primary ENI's link (MAC {})", c.primary_mac))?,
+        );
+        net.setup_host(&node.vpc_cidrs)
+            .await
+            .context("set up node networking (rules, SNAT)")?;
+        let secondary: Vec<Eni> = shared
+            .ds
+            .lock()
+            .await
+            .enis()
+            .filter(|e| !e.primary)
+            .cloned()
+            .collect();
+        for e in &secondary {
+            if let Err(err) = net.setup_eni(e, Duration::from_secs(5)).await {
+                warn!(eni = %e.id, error = %err, "ENI networking not set up; pods on it will not work");
+            }
+        }
         let mut targets = cfg.targets.clone();
         targets.prefix_delegation = prefix_delegation;
         let unmanaged = c.node.unmanaged.len();
@@ -314,6 +342,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             cfg.additional_eni_tags.clone(),
             !cfg.disable_leaked_eni_cleanup,
         );
+        let mut mgr = mgr;
+        mgr.net = Some(net);
         tokio::spawn(mgr.run());
     }
 

@@ -12,6 +12,7 @@ pub mod instance_types;
 pub mod logging;
 pub mod manager;
 pub mod maxpods;
+pub mod netconf;
 pub mod node;
 pub mod server;
 pub mod warm;

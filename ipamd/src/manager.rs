@@ -18,6 +18,7 @@ use crate::cloud::imds::Imds;
 use crate::cloud::{self, CloudError, Ec2, EniFilter, EniInfo, ErrorKind, NewEni};
 use crate::config::Timing;
 use crate::datastore::{Datastore, Eni, Prefix};
+use crate::netconf::{NodeNetwork, LINK_WAIT};
 use crate::server::Shared;
 use crate::warm::{self, Ceiling, EniView, PoolView, Step, Targets};
 
@@ -59,6 +60,8 @@ pub struct Manager<E: Ec2> {
     pub cluster_name: String,
     pub extra_tags: BTreeMap<String, String>,
     pub leak_cleanup: bool,
+    /// Node networking (ENI links, tables, rules, SNAT); None in tests of the pool alone.
+    pub net: Option<Arc<NodeNetwork>>,
     last_release: Option<Instant>,
     growth_paused_until: Option<Instant>,
 }
@@ -125,6 +128,7 @@ impl<E: Ec2> Manager<E> {
             cluster_name,
             extra_tags,
             leak_cleanup,
+            net: None,
             last_release: None,
             growth_paused_until: None,
         }
@@ -431,7 +435,6 @@ impl<E: Ec2> Manager<E> {
                 0,
             ));
         };
-        self.node.attachments.insert(created.id.clone(), attachment);
         let eni = Eni {
             id: created.id.clone(),
             device_number: device,
@@ -443,6 +446,16 @@ impl<E: Ec2> Manager<E> {
             prefixes: created.prefixes.clone(),
             attached_at: SystemTime::now(),
         };
+        // Pods get addresses of this ENI only once its link, table and rule exist.
+        if let Some(net) = &self.net {
+            if let Err(e) = net.setup_eni(&eni, LINK_WAIT).await {
+                error!(eni = %eni.id, error = %e, "ENI attached but its networking failed; giving it back");
+                net.teardown_eni(&eni).await;
+                self.detach_and_delete(&created.id, &attachment).await;
+                return Err(CloudError::new("ENI setup", "", e.to_string(), 0));
+            }
+        }
+        self.node.attachments.insert(created.id.clone(), attachment);
         self.shared
             .ds
             .lock()
@@ -484,8 +497,16 @@ impl<E: Ec2> Manager<E> {
             // A pod got an address meanwhile: keep the ENI.
             Err(_) => return Ok(()),
         };
+        if let Some(net) = &self.net {
+            net.teardown_eni(&removed).await;
+        }
         if let Err(e) = self.ec2.detach_eni(&attachment).await {
             if e.kind != ErrorKind::NotFound {
+                if let Some(net) = &self.net {
+                    if let Err(se) = net.setup_eni(&removed, Duration::from_secs(1)).await {
+                        warn!(eni = eni_id, error = %se, "ENI networking not restored");
+                    }
+                }
                 let _ = self.shared.ds.lock().await.add_eni(removed);
                 return Err(e);
             }
@@ -532,6 +553,12 @@ impl<E: Ec2> Manager<E> {
                 return;
             }
         };
+        if let Some(primary) = ifaces
+            .iter()
+            .find(|i| i.device_number == 0 && i.network_card == 0)
+        {
+            self.refresh_host(&primary.vpc_cidrs).await;
+        }
         let differs = {
             let ds = self.shared.ds.lock().await;
             let imds_enis: HashSet<&str> = ifaces
@@ -573,8 +600,32 @@ impl<E: Ec2> Manager<E> {
         }
     }
 
+    /// Adopt the VPC's current CIDRs and re-assert the node-wide rules (cheap when unchanged).
+    async fn refresh_host(&self, vpc_cidrs: &[String]) {
+        if vpc_cidrs.is_empty() {
+            return;
+        }
+        let changed = match self.shared.vpc_cidrs.write() {
+            Ok(mut v) if v.as_slice() != vpc_cidrs => {
+                info!(old = ?*v, new = ?vpc_cidrs, "VPC CIDRs changed");
+                *v = vpc_cidrs.to_vec();
+                true
+            }
+            _ => false,
+        };
+        if let Some(net) = &self.net {
+            if let Err(e) = net.setup_host(vpc_cidrs).await {
+                error!(
+                    error = format!("{e:#}"),
+                    changed, "node networking not reconciled"
+                );
+            }
+        }
+    }
+
     /// Make the pool agree with EC2's list of this instance's ENIs.
     pub async fn sync_from_ec2(&mut self, enis: &[EniInfo]) {
+        let mut added = Vec::new();
         let mut ds = self.shared.ds.lock().await;
         let mut seen = HashSet::new();
         for info in enis {
@@ -606,8 +657,12 @@ impl<E: Ec2> Manager<E> {
                     prefixes: info.prefixes.clone(),
                     attached_at: SystemTime::now(),
                 };
+                let copy = eni.clone();
                 match ds.add_eni(eni) {
-                    Ok(()) => info!(eni = %info.id, "ENI found in EC2 added to the pool"),
+                    Ok(()) => {
+                        info!(eni = %info.id, "ENI found in EC2 added to the pool");
+                        added.push(copy);
+                    }
                     Err(e) => warn!(eni = %info.id, error = %e, "ENI not added"),
                 }
             } else {

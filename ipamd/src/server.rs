@@ -22,7 +22,8 @@ use crate::datastore::{AssignError, Datastore, Key, PodMeta};
 pub struct Shared {
     pub ds: Arc<Mutex<Datastore>>,
     pub committer: Arc<Committer>,
-    pub vpc_cidrs: Vec<String>,
+    /// The VPC's CIDRs, refreshed by the reconcile when the VPC gains or loses one.
+    pub vpc_cidrs: std::sync::RwLock<Vec<String>>,
     pub external_snat: bool,
     /// Words for "the instance's limit", e.g. "t3.medium: 3 ENIs x 5 IPv4 addresses".
     pub capacity: String,
@@ -56,7 +57,7 @@ impl Shared {
         Shared {
             ds,
             committer,
-            vpc_cidrs,
+            vpc_cidrs: std::sync::RwLock::new(vpc_cidrs),
             external_snat,
             capacity,
             initialised: AtomicBool::new(false),
@@ -216,7 +217,7 @@ impl CniBackend for Backend {
                 success: true,
                 ip_address: vec![ip_msg(&alloc)],
                 use_external_snat: s.external_snat,
-                vp_cv4_cid_rs: s.vpc_cidrs.clone(),
+                vp_cv4_cid_rs: s.vpc_cidrs.read().map(|v| v.clone()).unwrap_or_default(),
                 ..Default::default()
             }))
         }

@@ -198,34 +198,86 @@ impl Drop for Shim {
 
 pub struct FakeImds {
     child: Option<Child>,
+    /// IMDS as ipamd sees it (inside the node's namespace when there is one).
     pub url: String,
+    /// The EC2 relay as ipamd sees it.
+    pub ec2_url: String,
+    netns: Option<String>,
 }
 
 impl FakeImds {
     pub fn start(dir: &Path, shim: &Shim, instance: &str, lag_ms: u64) -> FakeImds {
-        let ready = dir.join(format!("imds-{instance}.port"));
+        Self::start_in(dir, shim, instance, lag_ms, None)
+    }
+
+    /// With `netns`, IMDS and an EC2 relay listen inside that namespace.
+    pub fn start_in(
+        dir: &Path,
+        shim: &Shim,
+        instance: &str,
+        lag_ms: u64,
+        netns: Option<&str>,
+    ) -> FakeImds {
+        let ready = dir.join(format!("imds-{instance}.ready"));
         let log = dir.join(format!("imds-{instance}.log"));
-        let mut child = Command::new(crate::bin("fake-imds"))
-            .args(["--shim", &shim.url, "--instance", instance])
+        let mut cmd = Command::new(crate::bin("fake-imds"));
+        cmd.args(["--shim", &shim.url, "--instance", instance])
             .args(["--lag-ms", &lag_ms.to_string()])
+            .args(["--ec2-listen", "127.0.0.1:0"])
             .arg("--ready-file")
-            .arg(&ready)
+            .arg(&ready);
+        if let Some(ns) = netns {
+            cmd.args(["--netns", ns]);
+        }
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("imds log"))
             .spawn()
             .expect("spawn fake-imds");
-        let port = wait_port(&mut child, &ready, "fake IMDS", &log);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (imds, ec2) = loop {
+            let text = std::fs::read_to_string(&ready).unwrap_or_default();
+            let port = |k: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(k))
+                    .and_then(|p| p.trim().parse::<u16>().ok())
+            };
+            if let (Some(i), Some(e)) = (port("imds="), port("ec2=")) {
+                break (i, e);
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!(
+                    "fake IMDS exited with {st}:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "fake IMDS did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        };
         FakeImds {
             child: Some(child),
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("http://127.0.0.1:{imds}"),
+            ec2_url: format!("http://127.0.0.1:{ec2}"),
+            netns: netns.map(str::to_string),
         }
     }
 
+    /// Serve the shim's state as it was `ms` ago.
     pub fn set_lag(&self, ms: u64) {
-        ureq::put(&format!("{}/fake-imds/lag", self.url))
-            .send(ms.to_string())
-            .expect("set IMDS lag");
+        let url = format!("{}/fake-imds/lag", self.url);
+        match &self.netns {
+            None => {
+                ureq::put(&url).send(ms.to_string()).expect("set IMDS lag");
+            }
+            // The test runs outside the node: reach its loopback from inside.
+            Some(ns) => {
+                let script = format!(
+                    "import urllib.request as u; u.urlopen(u.Request('{url}', data=b'{ms}', method='PUT')).read()"
+                );
+                crate::sh(&["ip", "netns", "exec", ns, "python3", "-c", &script]);
+            }
+        }
     }
 }
 

@@ -6,6 +6,7 @@ pub mod cloud;
 pub mod fake_ipamd;
 pub mod ipamd_proc;
 pub mod netns;
+pub mod vpc;
 
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};

@@ -6,8 +6,9 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use cni_proto::{AddNetworkRequest, DelNetworkRequest, FailureReason, StatusRequest};
-use integration::cloud::{eventually, ipamd_env, python, FakeImds, Instance, Shim};
-use integration::ipamd_proc::{client, health, Ipamd};
+use integration::cloud::{eventually, python, Instance, Shim};
+use integration::ipamd_proc::{client, health};
+use integration::vpc::{Vpc, VpcNode};
 use serde_json::json;
 
 fn add_req(cid: &str) -> AddNetworkRequest {
@@ -41,12 +42,11 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// A shim, one instance, its IMDS and ipamd with the rig's fast clocks plus `env`.
+/// A VPC (shim, router, fabric), one instance in it, its IMDS and ipamd inside the node's
+/// namespace with the rig's fast clocks plus `env`. Fields drop in order: node, then VPC.
 struct Node {
-    ipamd: Ipamd,
-    imds: FakeImds,
-    inst: Instance,
-    shim: Shim,
+    node: VpcNode,
+    vpc: Vpc,
     _dir: tempfile::TempDir,
 }
 
@@ -61,19 +61,14 @@ fn node_with(
     before_start: impl FnOnce(&Shim, &Instance),
 ) -> Node {
     let dir = tempfile::tempdir().unwrap();
-    let shim = Shim::start(dir.path(), 0);
-    let inst = shim.instance(instance_type, subnet);
-    before_start(&shim, &inst);
-    let imds = FakeImds::start(dir.path(), &shim, &inst.id, 0);
-    let mut all = ipamd_env(&shim, &imds);
-    all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    let refs: Vec<(&str, &str)> = all.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let ipamd = Ipamd::start(dir.path(), None, &refs);
+    let vpc = Vpc::start(dir.path(), 0);
+    let inst = vpc.shim.instance(instance_type, subnet);
+    before_start(&vpc.shim, &inst);
+    let mut node = vpc.add_node(dir.path(), &inst, 0);
+    node.start_ipamd(dir.path(), env);
     Node {
-        ipamd,
-        imds,
-        inst,
-        shim,
+        node,
+        vpc,
         _dir: dir,
     }
 }
@@ -81,7 +76,7 @@ fn node_with(
 impl Node {
     /// (ENIs, secondary IPs, prefixes) attached in EC2.
     fn ec2(&self) -> (usize, usize, usize) {
-        self.shim.addresses(&self.inst.id)
+        self.vpc.shim.addresses(&self.node.inst.id)
     }
 
     fn wait_ec2(&self, want: (usize, usize, usize), secs: u64) {
@@ -95,7 +90,7 @@ impl Node {
         if r.is_err() {
             panic!(
                 "EC2 holds {last:?}, wanted {want:?}; ipamd log:\n{}",
-                self.ipamd.log_text()
+                self.node.ipamd().log_text()
             );
         }
     }
@@ -107,10 +102,10 @@ fn fresh_node_reaches_warm_target_and_reports_ready() {
     // WARM_ENI_TARGET=1: one ENI's worth (5) of free addresses, on the primary ENI.
     n.wait_ec2((1, 5, 0), 20);
     eventually(10, "SERVING", || {
-        let h = block(health(&n.ipamd.socket));
+        let h = block(health(&n.node.ipamd().socket));
         (h == "SERVING").then_some(())
     });
-    let calls = n.shim.calls();
+    let calls = n.vpc.shim.calls();
     assert_eq!(calls["by_action"]["AssignPrivateIpAddresses"], 1, "{calls}");
     assert_eq!(
         calls["by_action"].get("CreateNetworkInterface"),
@@ -139,9 +134,9 @@ fn pods_attach_enis_up_to_the_limit_then_shrink_back() {
         ],
     );
     n.wait_ec2((1, 5, 0), 20);
-    n.shim.reset_calls();
+    n.vpc.shim.reset_calls();
     rt().block_on(async {
-        let mut c = client(&n.ipamd.socket).await;
+        let mut c = client(&n.node.ipamd().socket).await;
         let mut ok = HashSet::new();
         let mut refused = Vec::new();
         for i in 0..30 {
@@ -172,17 +167,20 @@ fn pods_attach_enis_up_to_the_limit_then_shrink_back() {
         }
     });
     n.wait_ec2((3, 15, 0), 10);
-    let calls = n.shim.calls();
+    let calls = n.vpc.shim.calls();
     let by = &calls["by_action"];
     // Two ENIs: create + attach + DeleteOnTermination each, never a 4th attach attempt.
     assert_eq!(by["CreateNetworkInterface"], 2, "{calls}");
     assert_eq!(by["AttachNetworkInterface"], 2, "{calls}");
     assert_eq!(by["ModifyNetworkInterfaceAttribute"], 2, "{calls}");
     eprintln!("EC2 calls for 30 pods' worth of AddNetwork on t3.medium: {calls}");
-    let enis = n.shim.attached(&n.inst.id);
+    let enis = n.vpc.shim.attached(&n.node.inst.id);
     for e in &enis[1..] {
-        assert_eq!(e["description"], format!("aws-K8S-{}", n.inst.id));
-        assert_eq!(e["tags"]["node.k8s.amazonaws.com/instance_id"], n.inst.id);
+        assert_eq!(e["description"], format!("aws-K8S-{}", n.node.inst.id));
+        assert_eq!(
+            e["tags"]["node.k8s.amazonaws.com/instance_id"],
+            n.node.inst.id
+        );
         assert!(e["tags"]["node.k8s.amazonaws.com/createdAt"].is_string());
         assert_eq!(e["tags"]["cluster.k8s.amazonaws.com/name"], "prod");
         assert_eq!(e["tags"]["team"], "net");
@@ -190,17 +188,18 @@ fn pods_attach_enis_up_to_the_limit_then_shrink_back() {
 
     // Everything released: after the cooldown, the idle ENIs go back down to the target.
     rt().block_on(async {
-        let mut c = client(&n.ipamd.socket).await;
+        let mut c = client(&n.node.ipamd().socket).await;
         for i in 0..30 {
             c.del_network(del_req(&format!("c{i}"))).await.unwrap();
         }
     });
     n.wait_ec2((1, 5, 0), 30);
     let left: Vec<_> = n
+        .vpc
         .shim
         .enis()
         .into_iter()
-        .filter(|e| e["description"] == format!("aws-K8S-{}", n.inst.id))
+        .filter(|e| e["description"] == format!("aws-K8S-{}", n.node.inst.id))
         .collect();
     assert!(
         left.is_empty(),
@@ -217,7 +216,7 @@ fn warm_ip_and_minimum_ip_targets() {
     );
     n.wait_ec2((1, 4, 0), 20);
     rt().block_on(async {
-        let mut c = client(&n.ipamd.socket).await;
+        let mut c = client(&n.node.ipamd().socket).await;
         for i in 0..6 {
             let r = c
                 .add_network(add_req(&format!("w{i}")))
@@ -230,7 +229,7 @@ fn warm_ip_and_minimum_ip_targets() {
     // 6 used + 2 warm = 8: the primary's 5 and 3 on a second ENI.
     n.wait_ec2((2, 8, 0), 20);
     rt().block_on(async {
-        let mut c = client(&n.ipamd.socket).await;
+        let mut c = client(&n.node.ipamd().socket).await;
         for i in 0..6 {
             c.del_network(del_req(&format!("w{i}"))).await.unwrap();
         }
@@ -250,12 +249,12 @@ fn prefix_delegation_hands_out_addresses_from_prefixes() {
         ],
     );
     n.wait_ec2((1, 0, 1), 20);
-    let prefix = n.shim.attached(&n.inst.id)[0]["prefixes"][0]
+    let prefix = n.vpc.shim.attached(&n.node.inst.id)[0]["prefixes"][0]
         .as_str()
         .unwrap()
         .to_string();
     rt().block_on(async {
-        let mut c = client(&n.ipamd.socket).await;
+        let mut c = client(&n.node.ipamd().socket).await;
         let r = c.add_network(add_req("p0")).await.unwrap().into_inner();
         assert!(r.success, "{r:?}");
         let ip: std::net::Ipv4Addr = r.ip_address[0].i_pv4_addr.parse().unwrap();
@@ -273,7 +272,7 @@ fn prefix_delegation_hands_out_addresses_from_prefixes() {
     // 17 pods: two full-ish prefixes and one warm (upstream's example P4).
     n.wait_ec2((1, 0, 3), 20);
     rt().block_on(async {
-        let st = client(&n.ipamd.socket)
+        let st = client(&n.node.ipamd().socket)
             .await
             .status(StatusRequest::default())
             .await
@@ -291,14 +290,14 @@ fn throttling_slows_but_does_not_break_convergence() {
     });
     n.wait_ec2((1, 5, 0), 30);
     rt().block_on(async {
-        let mut c = client(&n.ipamd.socket).await;
+        let mut c = client(&n.node.ipamd().socket).await;
         let r = c.add_network(add_req("t0")).await.unwrap().into_inner();
         assert!(r.success, "{r:?}");
     });
     n.wait_ec2((2, 10, 0), 30);
-    let calls = n.shim.calls();
+    let calls = n.vpc.shim.calls();
     assert_eq!(calls["throttled"], 6, "{calls}");
-    assert!(n.ipamd.log_text().contains("retrying"));
+    assert!(n.node.ipamd().log_text().contains("retrying"));
 }
 
 #[test]
@@ -308,7 +307,7 @@ fn subnet_exhaustion_gives_the_reason() {
     let n = node("t3.medium", "10.0.1.0/28", &[("WARM_ENI_TARGET", "1")]);
     n.wait_ec2((1, 5, 0), 20);
     rt().block_on(async {
-        let mut c = client(&n.ipamd.socket).await;
+        let mut c = client(&n.node.ipamd().socket).await;
         for i in 0..5 {
             let r = c
                 .add_network(add_req(&format!("s{i}")))
@@ -320,7 +319,7 @@ fn subnet_exhaustion_gives_the_reason() {
     });
     let r = eventually(20, "a refusal naming the subnet", || {
         let r = block(async {
-            client(&n.ipamd.socket)
+            client(&n.node.ipamd().socket)
                 .await
                 .add_network(add_req("s5"))
                 .await
@@ -331,19 +330,24 @@ fn subnet_exhaustion_gives_the_reason() {
     });
     assert!(!r.success);
     assert!(
-        r.message.contains(&n.inst.subnet_id) && r.message.contains("no free addresses"),
+        r.message.contains(&n.node.inst.subnet_id) && r.message.contains("no free addresses"),
         "{}",
         r.message
     );
     assert!(n
-        .ipamd
+        .node
+        .ipamd()
         .log_text()
         .contains("InsufficientFreeAddressesInSubnet"));
     // Nothing half-made: no detached ENI left in EC2.
     assert!(
-        n.shim.enis().iter().all(|e| !e["instance_id"].is_null()),
+        n.vpc
+            .shim
+            .enis()
+            .iter()
+            .all(|e| !e["instance_id"].is_null()),
         "{:?}",
-        n.shim.enis()
+        n.vpc.shim.enis()
     );
 }
 
@@ -400,6 +404,7 @@ fn leaked_enis_are_deleted_at_start() {
     });
     eventually(20, "the leaked ENI to be deleted", || {
         let have: HashSet<String> = n
+            .vpc
             .shim
             .enis()
             .iter()
@@ -409,6 +414,7 @@ fn leaked_enis_are_deleted_at_start() {
     });
     std::thread::sleep(Duration::from_secs(1));
     let have: HashSet<String> = n
+        .vpc
         .shim
         .enis()
         .iter()
@@ -417,7 +423,7 @@ fn leaked_enis_are_deleted_at_start() {
     for kept in &ids[1..] {
         assert!(have.contains(kept), "{kept} must stay");
     }
-    assert!(n.ipamd.log_text().contains("deleted leaked ENI"));
+    assert!(n.node.ipamd().log_text().contains("deleted leaked ENI"));
 }
 
 #[test]
@@ -444,7 +450,7 @@ fn disable_leaked_eni_cleanup_turns_the_sweep_off() {
         },
     );
     n.wait_ec2((1, 5, 0), 20);
-    assert!(n.shim.enis().iter().any(|e| e["id"] == leaked.as_str()));
+    assert!(n.vpc.shim.enis().iter().any(|e| e["id"] == leaked.as_str()));
 }
 
 #[test]
@@ -452,9 +458,9 @@ fn imds_lag_does_not_remove_addresses() {
     let n = node("t3.medium", "10.0.1.0/24", &[]);
     n.wait_ec2((1, 5, 0), 20);
     // From now on IMDS shows the node as it was a minute ago... (it keeps the first snapshot).
-    n.imds.set_lag(60_000);
+    n.node.imds.set_lag(60_000);
     rt().block_on(async {
-        let mut c = client(&n.ipamd.socket).await;
+        let mut c = client(&n.node.ipamd().socket).await;
         for i in 0..3 {
             let r = c
                 .add_network(add_req(&format!("l{i}")))
@@ -468,7 +474,8 @@ fn imds_lag_does_not_remove_addresses() {
     n.wait_ec2((2, 10, 0), 20);
     // Several reconciles (every 2 s) later, EC2 still holds everything and so does ipamd.
     eventually(20, "a reconcile that asked EC2", || {
-        n.ipamd
+        n.node
+            .ipamd()
             .log_text()
             .contains("IMDS differs from the pool; asking EC2")
             .then_some(())
@@ -476,7 +483,7 @@ fn imds_lag_does_not_remove_addresses() {
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(n.ec2(), (2, 10, 0));
     rt().block_on(async {
-        let st = client(&n.ipamd.socket)
+        let st = client(&n.node.ipamd().socket)
             .await
             .status(StatusRequest::default())
             .await
@@ -484,7 +491,7 @@ fn imds_lag_does_not_remove_addresses() {
             .into_inner();
         assert_eq!(st.available_addresses, 7, "10 held, 3 assigned: {st:?}");
     });
-    let log = n.ipamd.log_text();
+    let log = n.node.ipamd().log_text();
     assert!(!log.contains("removed from the pool"), "{log}");
 }
 
@@ -522,7 +529,7 @@ fn no_manage_eni_is_left_alone_but_takes_a_slot() {
     });
     n.wait_ec2((2, 5, 0), 20);
     rt().block_on(async {
-        let mut c = client(&n.ipamd.socket).await;
+        let mut c = client(&n.node.ipamd().socket).await;
         let mut ok = 0;
         for i in 0..15 {
             if c.add_network(add_req(&format!("n{i}")))
@@ -538,7 +545,7 @@ fn no_manage_eni_is_left_alone_but_takes_a_slot() {
         assert_eq!(ok, 10);
     });
     n.wait_ec2((3, 10, 0), 10);
-    let enis = n.shim.attached(&n.inst.id);
+    let enis = n.vpc.shim.attached(&n.node.inst.id);
     let f = enis.iter().find(|e| e["id"] == foreign.as_str()).unwrap();
     assert_eq!(
         f["secondary_ips"].as_array().map_or(0, Vec::len),
@@ -560,14 +567,15 @@ fn unauthorized_operation_names_the_missing_permission() {
         );
     });
     eventually(20, "the permission log line", || {
-        n.ipamd
+        n.node
+            .ipamd()
             .log_text()
             .contains("lacks permission ec2:AssignPrivateIpAddresses")
             .then_some(())
     });
     assert_eq!(n.ec2(), (1, 0, 0));
     let r = rt().block_on(async {
-        client(&n.ipamd.socket)
+        client(&n.node.ipamd().socket)
             .await
             .add_network(add_req("u0"))
             .await

@@ -1,6 +1,12 @@
 //! fake-imds: IMDSv2 for one instance, rendered from the EC2 shim's state.
 //!
-//! `fake-imds --shim URL --instance i-... [--listen 127.0.0.1:0] [--ready-file F] [--lag-ms N]`
+//! `fake-imds --shim URL --instance i-... [--listen 127.0.0.1:0] [--ready-file F] [--lag-ms N]
+//!            [--netns NAME] [--ec2-listen 127.0.0.1:0]`
+//!
+//! With `--netns`, the listeners are opened inside that network namespace (a node of the
+//! simulated VPC) while the shim is still reached on the host's loopback: a socket stays in the
+//! namespace it was opened in. `--ec2-listen` adds a plain TCP relay to the shim there, the
+//! node's "EC2 endpoint", since the node cannot reach the host's loopback itself.
 //!
 //! Real IMDS shows attach and assign some time after EC2 reports them; `--lag-ms` (or
 //! `PUT /fake-imds/lag` with the milliseconds as body) makes this one serve the shim's state
@@ -248,6 +254,53 @@ async fn handle(
     }
 }
 
+/// Bind TCP listeners, inside `netns` when given (on a throwaway thread: only that thread
+/// switches namespace, and the sockets stay where they were opened).
+fn bind_in(
+    netns: Option<&str>,
+    addrs: &[SocketAddr],
+) -> anyhow::Result<Vec<std::net::TcpListener>> {
+    let bind = |addrs: &[SocketAddr]| -> anyhow::Result<Vec<std::net::TcpListener>> {
+        addrs
+            .iter()
+            .map(|a| {
+                let l = std::net::TcpListener::bind(a).with_context(|| format!("bind {a}"))?;
+                l.set_nonblocking(true)?;
+                Ok(l)
+            })
+            .collect()
+    };
+    let Some(ns) = netns else {
+        return bind(addrs);
+    };
+    let path = format!("/var/run/netns/{ns}");
+    let f = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+                .with_context(|| format!("enter netns {ns}"))?;
+            bind(addrs)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
+    })
+}
+
+/// Relay every connection to `target` (host:port on this process's own loopback).
+async fn relay_to(l: tokio::net::TcpListener, target: String) {
+    loop {
+        let Ok((mut inbound, _)) = l.accept().await else {
+            continue;
+        };
+        let target = target.clone();
+        tokio::spawn(async move {
+            if let Ok(mut out) = tokio::net::TcpStream::connect(&target).await {
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+            }
+        });
+    }
+}
+
 fn rand_token() -> u128 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -269,6 +322,8 @@ struct Args {
     listen: SocketAddr,
     ready_file: Option<String>,
     lag: Duration,
+    netns: Option<String>,
+    ec2_listen: Option<SocketAddr>,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -278,6 +333,8 @@ fn args() -> anyhow::Result<Args> {
         listen: "127.0.0.1:0".parse()?,
         ready_file: None,
         lag: Duration::ZERO,
+        netns: None,
+        ec2_listen: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -288,6 +345,8 @@ fn args() -> anyhow::Result<Args> {
             "--listen" => a.listen = v()?.parse().context("--listen")?,
             "--ready-file" => a.ready_file = Some(v()?),
             "--lag-ms" => a.lag = Duration::from_millis(v()?.parse().context("--lag-ms")?),
+            "--netns" => a.netns = Some(v()?),
+            "--ec2-listen" => a.ec2_listen = Some(v()?.parse().context("--ec2-listen")?),
             _ => bail!("unknown argument {k}"),
         }
     }
@@ -301,7 +360,7 @@ fn args() -> anyhow::Result<Args> {
 async fn main() -> anyhow::Result<()> {
     let a = args()?;
     let st = Arc::new(State {
-        shim: a.shim,
+        shim: a.shim.clone(),
         instance: a.instance,
         lag: Mutex::new(a.lag),
         history: Mutex::default(),
@@ -319,11 +378,27 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     });
-    let listener = tokio::net::TcpListener::bind(a.listen).await?;
+    let mut addrs = vec![a.listen];
+    addrs.extend(a.ec2_listen);
+    let mut bound = bind_in(a.netns.as_deref(), &addrs)?.into_iter();
+    let listener = tokio::net::TcpListener::from_std(bound.next().context("listener")?)?;
     let addr = listener.local_addr()?;
+    let mut ready = format!("imds={}\n", addr.port());
+    if let Some(l) = bound.next() {
+        let relay = tokio::net::TcpListener::from_std(l)?;
+        ready.push_str(&format!("ec2={}\n", relay.local_addr()?.port()));
+        let target = a
+            .shim
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        tokio::spawn(relay_to(relay, target));
+    }
     if let Some(f) = &a.ready_file {
         let tmp = format!("{f}.tmp");
-        std::fs::write(&tmp, addr.port().to_string())?;
+        std::fs::write(&tmp, &ready)?;
         std::fs::rename(&tmp, f)?;
     }
     println!("fake-imds listening on http://{addr}");

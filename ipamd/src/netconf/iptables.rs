@@ -1,0 +1,430 @@
+//! SNAT and connmark rules, as upstream's networkutils lays them out, applied as one
+//! `iptables-restore --noflush` batch per table.
+//!
+//! The rules are written in the canonical form `iptables-save` prints them in, so comparing
+//! desired with saved text is exact: a restart that finds everything in place changes nothing,
+//! and one that finds duplicates or an earlier layout (AWS-SNAT-CHAIN-1.., the legacy
+//! `--state NEW` jump) replaces them within the same transaction.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+
+/// `AWS_VPC_K8S_CNI_RANDOMIZESNAT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Randomize {
+    /// `prng` (default): `--random-fully`.
+    Fully,
+    /// `hashrandom`: `--random`.
+    Hash,
+    /// `none`.
+    None,
+}
+
+/// Everything the rules depend on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnatSpec {
+    pub vpc_cidrs: Vec<String>,
+    /// `AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS`.
+    pub exclude_cidrs: Vec<String>,
+    pub primary_ip: Ipv4Addr,
+    /// Name of the primary ENI's link, e.g. eth0.
+    pub primary_if: String,
+    pub veth_prefix: String,
+    pub mark: u32,
+    pub external_snat: bool,
+    pub node_port_support: bool,
+    pub randomize: Randomize,
+}
+
+/// Comments that mark a rule in a built-in chain as ours.
+const OUR_COMMENTS: [&str; 4] = [
+    "\"AWS SNAT CHAIN\"",
+    "\"AWS, outbound connections\"",
+    "\"AWS, CONNMARK\"",
+    "\"AWS, primary ENI\"",
+];
+const SNAT_CHAIN: &str = "AWS-SNAT-CHAIN-0";
+const CONNMARK_CHAIN: &str = "AWS-CONNMARK-CHAIN-0";
+
+fn is_our_chain(name: &str) -> bool {
+    name.starts_with("AWS-SNAT-CHAIN-") || name.starts_with("AWS-CONNMARK-CHAIN-")
+}
+
+/// "10.0.1.7/16" -> "10.0.0.0/16", as iptables-save prints it; None if not an IPv4 CIDR.
+pub fn normalise_cidr(c: &str) -> Option<String> {
+    let (ip, len) = c.trim().split_once('/').unwrap_or((c.trim(), "32"));
+    let ip: Ipv4Addr = ip.parse().ok()?;
+    let len: u32 = len.parse().ok().filter(|l| *l <= 32)?;
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    Some(format!("{}/{len}", Ipv4Addr::from(u32::from(ip) & mask)))
+}
+
+/// One table's desired state: our chains with their rules in order, and our rules in
+/// built-in chains.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableRules {
+    pub chains: BTreeMap<String, Vec<String>>,
+    pub builtin: Vec<String>,
+}
+
+fn dst(cidr: &str) -> String {
+    if cidr == "0.0.0.0/0" {
+        String::new()
+    } else {
+        format!("-d {cidr} ")
+    }
+}
+
+/// The nat and mangle rules for `s`.
+pub fn desired(s: &SnatSpec) -> (TableRules, TableRules) {
+    let mark = format!("{:#x}", s.mark);
+    let mut nat = TableRules::default();
+    let mut mangle = TableRules::default();
+    let vpc: Vec<String> = s
+        .vpc_cidrs
+        .iter()
+        .filter_map(|c| normalise_cidr(c))
+        .collect();
+    let excl: Vec<String> = s
+        .exclude_cidrs
+        .iter()
+        .filter_map(|c| normalise_cidr(c))
+        .collect();
+    if !s.external_snat {
+        nat.builtin.push(format!(
+            "-A POSTROUTING -m comment --comment \"AWS SNAT CHAIN\" -j {SNAT_CHAIN}"
+        ));
+        let mut chain: Vec<String> = vpc
+            .iter()
+            .map(|c| {
+                format!(
+                    "-A {SNAT_CHAIN} {}-m comment --comment \"AWS SNAT CHAIN\" -j RETURN",
+                    dst(c)
+                )
+            })
+            .collect();
+        chain.extend(excl.iter().map(|c| {
+            format!(
+                "-A {SNAT_CHAIN} {}-m comment --comment \"AWS SNAT CHAIN EXCLUSION\" -j RETURN",
+                dst(c)
+            )
+        }));
+        let random = match s.randomize {
+            Randomize::Fully => " --random-fully",
+            Randomize::Hash => " --random",
+            Randomize::None => "",
+        };
+        chain.push(format!(
+            "-A {SNAT_CHAIN} ! -o vlan+ -m comment --comment \"AWS, SNAT\" -m addrtype ! --dst-type LOCAL -j SNAT --to-source {}{random}",
+            s.primary_ip
+        ));
+        nat.chains.insert(SNAT_CHAIN.into(), chain);
+
+        // Pod connections to outside the VPC are marked, so their replies (which come back to
+        // the primary address) are routed by the main table, not a secondary ENI's.
+        nat.builtin.push(format!(
+            "-A PREROUTING -i {}+ -m comment --comment \"AWS, outbound connections\" -j {CONNMARK_CHAIN}",
+            s.veth_prefix
+        ));
+        nat.builtin.push(format!(
+            "-A PREROUTING -m comment --comment \"AWS, CONNMARK\" -j CONNMARK --restore-mark --nfmask {mark} --ctmask {mark}"
+        ));
+        let mut cm: Vec<String> = vpc
+            .iter()
+            .chain(excl.iter())
+            .map(|c| {
+                format!(
+                    "-A {CONNMARK_CHAIN} {}-m comment --comment \"AWS CONNMARK CHAIN\" -j RETURN",
+                    dst(c)
+                )
+            })
+            .collect();
+        cm.push(format!(
+            "-A {CONNMARK_CHAIN} -m comment --comment \"AWS, CONNMARK\" -j CONNMARK --set-xmark {mark}/{mark}"
+        ));
+        nat.chains.insert(CONNMARK_CHAIN.into(), cm);
+    }
+    if s.node_port_support {
+        mangle.builtin.push(format!(
+            "-A PREROUTING -i {} -m comment --comment \"AWS, primary ENI\" -m addrtype --dst-type LOCAL --limit-iface-in -j CONNMARK --set-xmark {mark}/{mark}",
+            s.primary_if
+        ));
+    }
+    if s.node_port_support || !s.external_snat {
+        mangle.builtin.push(format!(
+            "-A PREROUTING -i {}+ -m comment --comment \"AWS, primary ENI\" -j CONNMARK --restore-mark --nfmask {mark} --ctmask {mark}",
+            s.veth_prefix
+        ));
+    }
+    if s.node_port_support {
+        mangle.builtin.push(format!(
+            "-A PREROUTING -i vlan+ -m comment --comment \"AWS, primary ENI\" -j CONNMARK --restore-mark --nfmask {mark} --ctmask {mark}"
+        ));
+    }
+    (nat, mangle)
+}
+
+/// What `iptables-save -t <table>` shows of ours.
+fn ours_in_saved(saved: &str) -> TableRules {
+    let mut t = TableRules::default();
+    for line in saved.lines() {
+        if let Some(decl) = line.strip_prefix(':') {
+            let name = decl.split_whitespace().next().unwrap_or("");
+            if is_our_chain(name) {
+                t.chains.entry(name.to_string()).or_default();
+            }
+        } else if let Some(rest) = line.strip_prefix("-A ") {
+            let chain = rest.split_whitespace().next().unwrap_or("");
+            if is_our_chain(chain) {
+                t.chains
+                    .entry(chain.to_string())
+                    .or_default()
+                    .push(line.to_string());
+            } else if OUR_COMMENTS.iter().any(|c| line.contains(c))
+                || line.contains("-j AWS-SNAT-CHAIN-")
+                || line.contains("-j AWS-CONNMARK-CHAIN-")
+            {
+                t.builtin.push(line.to_string());
+            }
+        }
+    }
+    t
+}
+
+/// The `iptables-restore --noflush` input that turns `saved` into `want` for `table`, or None
+/// when it already matches (so a restart touches nothing).
+pub fn restore_script(table: &str, saved: &str, want: &TableRules) -> Option<String> {
+    let have = ours_in_saved(saved);
+    let mut have_builtin = have.builtin.clone();
+    have_builtin.sort();
+    let mut want_builtin = want.builtin.clone();
+    want_builtin.sort();
+    if have.chains == want.chains && have_builtin == want_builtin {
+        return None;
+    }
+    let mut out = format!("*{table}\n");
+    // Declaring a chain flushes it (or creates it): ours are rebuilt whole.
+    for name in want.chains.keys().chain(have.chains.keys()) {
+        let decl = format!(":{name} - [0:0]\n");
+        if !out.contains(&decl) {
+            out.push_str(&decl);
+        }
+    }
+    for line in &have.builtin {
+        if let Some(rule) = line.strip_prefix("-A ") {
+            out.push_str(&format!("-D {rule}\n"));
+        }
+    }
+    for line in &want.builtin {
+        out.push_str(line);
+        out.push('\n');
+    }
+    for rules in want.chains.values() {
+        for line in rules {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    for name in have.chains.keys().filter(|n| !want.chains.contains_key(*n)) {
+        out.push_str(&format!("-X {name}\n"));
+    }
+    out.push_str("COMMIT\n");
+    Some(out)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IptablesError {
+    #[error("run {cmd}: {source}")]
+    Spawn { cmd: String, source: std::io::Error },
+    #[error("{cmd} failed: {stderr}")]
+    Failed { cmd: String, stderr: String },
+}
+
+/// The iptables front-end in use (`iptables`, or `iptables-legacy` on legacy nodes).
+#[derive(Debug, Clone)]
+pub struct Iptables {
+    pub save: String,
+    pub restore: String,
+}
+
+impl Default for Iptables {
+    fn default() -> Self {
+        Iptables {
+            save: "iptables-save".into(),
+            restore: "iptables-restore".into(),
+        }
+    }
+}
+
+impl Iptables {
+    fn saved(&self, table: &str) -> Result<String, IptablesError> {
+        let cmd = format!("{} -t {table}", self.save);
+        let out = Command::new(&self.save)
+            .args(["-t", table])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|source| IptablesError::Spawn {
+                cmd: cmd.clone(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(IptablesError::Failed {
+                cmd,
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Bring `table` to `want`; returns whether anything changed.
+    pub fn apply(&self, table: &str, want: &TableRules) -> Result<bool, IptablesError> {
+        let saved = self.saved(table)?;
+        let Some(script) = restore_script(table, &saved, want) else {
+            return Ok(false);
+        };
+        let cmd = format!("{} --noflush -w", self.restore);
+        let mut child = Command::new(&self.restore)
+            .args(["--noflush", "-w"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| IptablesError::Spawn {
+                cmd: cmd.clone(),
+                source,
+            })?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(script.as_bytes())
+                .map_err(|source| IptablesError::Spawn {
+                    cmd: cmd.clone(),
+                    source,
+                })?;
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|source| IptablesError::Spawn {
+                cmd: cmd.clone(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(IptablesError::Failed {
+                cmd,
+                stderr: format!(
+                    "{} (input:\n{script})",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            });
+        }
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> SnatSpec {
+        SnatSpec {
+            vpc_cidrs: vec!["10.0.0.0/16".into()],
+            exclude_cidrs: vec!["172.16.5.9/16".into()],
+            primary_ip: Ipv4Addr::new(10, 0, 1, 4),
+            primary_if: "eth0".into(),
+            veth_prefix: "eni".into(),
+            mark: 0x80,
+            external_snat: false,
+            node_port_support: true,
+            randomize: Randomize::Fully,
+        }
+    }
+
+    #[test]
+    fn upstream_layout() {
+        let (nat, mangle) = desired(&spec());
+        assert_eq!(
+            nat.chains[SNAT_CHAIN],
+            vec![
+                "-A AWS-SNAT-CHAIN-0 -d 10.0.0.0/16 -m comment --comment \"AWS SNAT CHAIN\" -j RETURN",
+                "-A AWS-SNAT-CHAIN-0 -d 172.16.0.0/16 -m comment --comment \"AWS SNAT CHAIN EXCLUSION\" -j RETURN",
+                "-A AWS-SNAT-CHAIN-0 ! -o vlan+ -m comment --comment \"AWS, SNAT\" -m addrtype ! --dst-type LOCAL -j SNAT --to-source 10.0.1.4 --random-fully",
+            ]
+        );
+        assert_eq!(nat.chains[CONNMARK_CHAIN].len(), 3);
+        assert_eq!(nat.builtin.len(), 3);
+        assert_eq!(mangle.builtin.len(), 3);
+        let none = SnatSpec {
+            randomize: Randomize::None,
+            ..spec()
+        };
+        assert!(desired(&none).0.chains[SNAT_CHAIN][2].ends_with("--to-source 10.0.1.4"));
+        let ext = SnatSpec {
+            external_snat: true,
+            node_port_support: false,
+            ..spec()
+        };
+        let (nat, mangle) = desired(&ext);
+        assert!(nat.chains.is_empty() && nat.builtin.is_empty() && mangle.builtin.is_empty());
+    }
+
+    fn saved_of(t: &TableRules, extra: &str) -> String {
+        let mut s = String::from("*nat\n:PREROUTING ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n");
+        for c in t.chains.keys() {
+            s.push_str(&format!(":{c} - [0:0]\n"));
+        }
+        s.push_str(extra);
+        for l in t.builtin.iter().chain(t.chains.values().flatten()) {
+            s.push_str(l);
+            s.push('\n');
+        }
+        s.push_str("COMMIT\n");
+        s
+    }
+
+    #[test]
+    fn nothing_to_do_when_in_place() {
+        let (nat, _) = desired(&spec());
+        let saved = saved_of(&nat, "-A POSTROUTING -j KUBE-POSTROUTING\n");
+        assert_eq!(restore_script("nat", &saved, &nat), None);
+    }
+
+    #[test]
+    fn duplicates_and_old_layouts_are_replaced() {
+        let (nat, _) = desired(&spec());
+        let extra = ":AWS-SNAT-CHAIN-1 - [0:0]\n\
+            -A POSTROUTING -m comment --comment \"AWS SNAT CHAIN\" -j AWS-SNAT-CHAIN-0\n\
+            -A AWS-SNAT-CHAIN-0 -m comment --comment \"AWS SNAT CHAIN\" -j AWS-SNAT-CHAIN-1\n\
+            -A PREROUTING -i eni+ -m comment --comment \"AWS, outbound connections\" -m state --state NEW -j AWS-CONNMARK-CHAIN-0\n\
+            -A POSTROUTING -j KUBE-POSTROUTING\n";
+        let saved = saved_of(&nat, extra);
+        let s = restore_script("nat", &saved, &nat).unwrap();
+        assert!(s.contains(":AWS-SNAT-CHAIN-1 - [0:0]\n"));
+        assert!(s.contains("-X AWS-SNAT-CHAIN-1\n"));
+        assert!(s.contains("-D PREROUTING -i eni+ -m comment --comment \"AWS, outbound connections\" -m state --state NEW"));
+        assert_eq!(s.matches("-D POSTROUTING -m comment").count(), 2);
+        assert_eq!(s.matches("-A POSTROUTING").count(), 1);
+        assert!(
+            !s.contains("KUBE-POSTROUTING"),
+            "other rules are not touched"
+        );
+    }
+
+    #[test]
+    fn external_snat_removes_everything() {
+        let (nat, _) = desired(&spec());
+        let saved = saved_of(&nat, "");
+        let none = TableRules::default();
+        let s = restore_script("nat", &saved, &none).unwrap();
+        assert!(s.contains("-X AWS-SNAT-CHAIN-0\n") && s.contains("-X AWS-CONNMARK-CHAIN-0\n"));
+        assert_eq!(s.matches("-D ").count(), 3);
+    }
+
+    #[test]
+    fn cidrs_normalised() {
+        assert_eq!(normalise_cidr("10.0.1.7/16").unwrap(), "10.0.0.0/16");
+        assert_eq!(normalise_cidr("1.2.3.4").unwrap(), "1.2.3.4/32");
+        assert_eq!(normalise_cidr("0.0.0.0/0").unwrap(), "0.0.0.0/0");
+        assert_eq!(normalise_cidr("nope"), None);
+    }
+}

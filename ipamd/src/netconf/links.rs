@@ -1,0 +1,464 @@
+//! The kernel side of node networking, through rtnetlink: ENI links, their per-ENI route
+//! tables and source rules, and the node-wide rules. Every operation converges (replace, or
+//! delete what differs), so running it again after a restart changes nothing.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures::TryStreamExt;
+use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressScope};
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::route::{RouteAttribute, RouteMessage, RouteScope};
+use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+use netlink_packet_route::AddressFamily;
+use rtnetlink::{Handle, IpVersion, LinkUnspec, RouteMessageBuilder};
+
+pub use cni_proto::MAIN_TABLE;
+
+/// `ip rule from <ENI primary IP> lookup <table>` (upstream's FromPrimaryIPofENIRulePriority).
+pub const ENI_RULE_PRIORITY: u32 = 32765;
+/// `ip rule fwmark <mark>/<mark> lookup main` (upstream's hostRulePriority).
+pub const FWMARK_RULE_PRIORITY: u32 = 1024;
+/// `ip rule to <cidr> lookup main` for AWS_EXTERNAL_SERVICE_CIDRS.
+pub const EXTERNAL_SERVICE_RULE_PRIORITY: u32 = 1535;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("netlink {what}: {source}")]
+    Netlink {
+        what: String,
+        source: rtnetlink::Error,
+    },
+    #[error("no link with MAC {0}")]
+    NoLink(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> LinkError {
+    let what = what.into();
+    move |source| LinkError::Netlink { what, source }
+}
+
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
+        _ => None,
+    }
+}
+
+/// What an ENI needs on the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EniNet {
+    pub mac: String,
+    pub primary_ip: Ipv4Addr,
+    pub prefix_len: u8,
+    pub gateway: Ipv4Addr,
+    pub table: u32,
+    pub mtu: u32,
+}
+
+/// A node-wide policy rule ipamd owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NodeRule {
+    pub priority: u32,
+    pub table: u32,
+    pub dst: Option<(Ipv4Addr, u8)>,
+    pub src: Option<(Ipv4Addr, u8)>,
+    pub fwmark: Option<(u32, u32)>,
+}
+
+/// Subnet gateway: the subnet's first address + 1, as in every VPC.
+pub fn gateway_of(cidr: &str) -> Option<(Ipv4Addr, u8)> {
+    let (ip, len) = cidr.split_once('/')?;
+    let ip: Ipv4Addr = ip.parse().ok()?;
+    let len: u8 = len.parse().ok().filter(|l| *l <= 30)?;
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    Some((Ipv4Addr::from((u32::from(ip) & mask) + 1), len))
+}
+
+pub fn mac_string(mac: &[u8]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+pub struct Links {
+    handle: Handle,
+}
+
+fn link_name(l: &LinkMessage) -> String {
+    l.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::IfName(n) => Some(n.clone()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+fn link_mac(l: &LinkMessage) -> String {
+    l.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Address(m) => Some(mac_string(m)),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+fn link_mtu(l: &LinkMessage) -> Option<u32> {
+    l.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Mtu(m) => Some(*m),
+        _ => None,
+    })
+}
+
+impl Links {
+    /// A netlink socket in ipamd's own network namespace (the node's).
+    pub fn new() -> std::io::Result<Links> {
+        let (conn, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(conn);
+        Ok(Links { handle })
+    }
+
+    /// (index, name) of the link with this MAC.
+    pub async fn link_by_mac(&self, mac: &str) -> Result<Option<(u32, String)>, LinkError> {
+        let links: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("list links"))?;
+        let mac = mac.to_ascii_lowercase();
+        Ok(links
+            .iter()
+            .find(|l| link_mac(l) == mac)
+            .map(|l| (l.header.index, link_name(l))))
+    }
+
+    async fn link(&self, index: u32) -> Result<LinkMessage, LinkError> {
+        let links: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .match_index(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("get link"))?;
+        links
+            .into_iter()
+            .next()
+            .ok_or_else(|| LinkError::NoLink(format!("index {index}")))
+    }
+
+    /// MTU and up, only if they differ.
+    pub async fn set_mtu_up(&self, index: u32, mtu: u32) -> Result<(), LinkError> {
+        let l = self.link(index).await?;
+        let up = l.header.flags.contains(LinkFlags::Up);
+        if link_mtu(&l) == Some(mtu) && up {
+            return Ok(());
+        }
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).mtu(mtu).up().build())
+            .execute()
+            .await
+            .map_err(nl(format!("set mtu {mtu} and up on link {index}")))
+    }
+
+    /// Make `ip/len` the link's only global IPv4 address, without a subnet route in main.
+    pub async fn set_only_address(
+        &self,
+        index: u32,
+        ip: Ipv4Addr,
+        len: u8,
+    ) -> Result<(), LinkError> {
+        let msgs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("list addresses"))?;
+        let mut present = false;
+        for m in msgs.into_iter().filter(|m| {
+            m.header.index == index
+                && m.header.family == AddressFamily::Inet
+                && m.header.scope == AddressScope::Universe
+        }) {
+            let addr = m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(IpAddr::V4(v)) => Some(*v),
+                _ => None,
+            });
+            let noprefix = m.attributes.iter().any(|a| {
+                matches!(a, AddressAttribute::Flags(f) if f.contains(AddressFlags::Noprefixroute))
+            });
+            if addr == Some(ip) && m.header.prefix_len == len && noprefix {
+                present = true;
+                continue;
+            }
+            self.handle
+                .address()
+                .del(m)
+                .execute()
+                .await
+                .map_err(nl("delete stale address"))?;
+        }
+        if present {
+            return Ok(());
+        }
+        let mut req = self.handle.address().add(index, IpAddr::V4(ip), len);
+        req.message_mut()
+            .attributes
+            .push(AddressAttribute::Flags(AddressFlags::Noprefixroute));
+        match req.execute().await {
+            Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(()),
+            r => r.map_err(nl(format!("add {ip}/{len} noprefixroute"))),
+        }
+    }
+
+    /// `<gw>/32 dev <link> scope link` and `default via <gw> dev <link>` in `table`.
+    pub async fn set_table(&self, index: u32, gw: Ipv4Addr, table: u32) -> Result<(), LinkError> {
+        let host = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(gw, 32)
+            .output_interface(index)
+            .scope(RouteScope::Link)
+            .table_id(table)
+            .build();
+        let default = RouteMessageBuilder::<Ipv4Addr>::new()
+            .gateway(gw)
+            .output_interface(index)
+            .table_id(table)
+            .build();
+        for r in [host, default] {
+            self.handle
+                .route()
+                .add(r)
+                .replace()
+                .execute()
+                .await
+                .map_err(nl(format!("route in table {table}")))?;
+        }
+        Ok(())
+    }
+
+    /// Every route in `table` goes (ENI removed).
+    pub async fn flush_table(&self, table: u32) -> Result<(), LinkError> {
+        let routes: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .table_id(table)
+                    .build(),
+            )
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("list routes"))?;
+        for r in routes {
+            let t = r
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    RouteAttribute::Table(t) => Some(*t),
+                    _ => None,
+                })
+                .unwrap_or(r.header.table as u32);
+            if t != table {
+                continue;
+            }
+            match self.handle.route().del(r).execute().await {
+                Err(e) if errno(&e) == Some(libc::ESRCH) => {}
+                r => r.map_err(nl(format!("flush table {table}")))?,
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn rules(&self) -> Result<Vec<NodeRule>, LinkError> {
+        let msgs: Vec<RuleMessage> = self
+            .handle
+            .rule()
+            .get(IpVersion::V4)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("list rules"))?;
+        Ok(msgs.iter().map(rule_of).collect())
+    }
+
+    pub async fn add_rule(&self, r: &NodeRule) -> Result<(), LinkError> {
+        let mut req = self
+            .handle
+            .rule()
+            .add()
+            .v4()
+            .action(RuleAction::ToTable)
+            .table_id(r.table)
+            .priority(r.priority);
+        if let Some((ip, len)) = r.dst {
+            req = req.destination_prefix(ip, len);
+        }
+        if let Some((ip, len)) = r.src {
+            req = req.source_prefix(ip, len);
+        }
+        if let Some((mark, mask)) = r.fwmark {
+            req.message_mut()
+                .attributes
+                .push(RuleAttribute::FwMark(mark));
+            req.message_mut()
+                .attributes
+                .push(RuleAttribute::FwMask(mask));
+        }
+        match req.execute().await {
+            Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(()),
+            res => res.map_err(nl(format!("add rule {r:?}"))),
+        }
+    }
+
+    pub async fn del_rule(&self, r: &NodeRule) -> Result<(), LinkError> {
+        let mut msg = RuleMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.action = RuleAction::ToTable;
+        msg.attributes.push(RuleAttribute::Priority(r.priority));
+        msg.attributes.push(RuleAttribute::Table(r.table));
+        if let Some((ip, len)) = r.dst {
+            msg.header.dst_len = len;
+            msg.attributes
+                .push(RuleAttribute::Destination(IpAddr::V4(ip)));
+        }
+        if let Some((ip, len)) = r.src {
+            msg.header.src_len = len;
+            msg.attributes.push(RuleAttribute::Source(IpAddr::V4(ip)));
+        }
+        if let Some((mark, mask)) = r.fwmark {
+            msg.attributes.push(RuleAttribute::FwMark(mark));
+            msg.attributes.push(RuleAttribute::FwMask(mask));
+        }
+        match self.handle.rule().del(msg).execute().await {
+            Err(e) if errno(&e) == Some(libc::ENOENT) => Ok(()),
+            r => r.map_err(nl("delete rule")),
+        }
+    }
+
+    /// Make the rules at `priority` exactly `want` (those at other priorities are not ours).
+    pub async fn converge_rules(&self, priority: u32, want: &[NodeRule]) -> Result<(), LinkError> {
+        let have: Vec<NodeRule> = self
+            .rules()
+            .await?
+            .into_iter()
+            .filter(|r| r.priority == priority)
+            .collect();
+        let mut kept = Vec::new();
+        for r in &have {
+            if want.contains(r) && !kept.contains(r) {
+                kept.push(*r);
+            } else {
+                self.del_rule(r).await?;
+            }
+        }
+        for r in want.iter().filter(|r| !kept.contains(r)) {
+            self.add_rule(r).await?;
+        }
+        Ok(())
+    }
+
+    /// Configure a secondary ENI's link, table and rule.
+    pub async fn setup_eni(&self, e: &EniNet) -> Result<String, LinkError> {
+        let (index, name) = self
+            .link_by_mac(&e.mac)
+            .await?
+            .ok_or_else(|| LinkError::NoLink(e.mac.clone()))?;
+        self.set_mtu_up(index, e.mtu).await?;
+        self.set_only_address(index, e.primary_ip, e.prefix_len)
+            .await?;
+        self.set_table(index, e.gateway, e.table).await?;
+        // Replies to traffic for the ENI's own address leave by the ENI.
+        let rule = NodeRule {
+            priority: ENI_RULE_PRIORITY,
+            table: e.table,
+            dst: None,
+            src: Some((e.primary_ip, 32)),
+            fwmark: None,
+        };
+        for r in self.rules().await? {
+            if r.priority == ENI_RULE_PRIORITY && r.src == rule.src && r != rule {
+                self.del_rule(&r).await?;
+            }
+        }
+        self.add_rule(&rule).await?;
+        // Loose reverse-path filtering: the router's replies to pods come in by this ENI while
+        // the main table would route them elsewhere.
+        set_rp_filter(&name, 2)?;
+        Ok(name)
+    }
+
+    /// Undo `setup_eni`: the ENI's rule and table (the link goes with the detach).
+    pub async fn teardown_eni(&self, primary_ip: Ipv4Addr, table: u32) -> Result<(), LinkError> {
+        for r in self.rules().await? {
+            if r.priority == ENI_RULE_PRIORITY && r.src == Some((primary_ip, 32)) {
+                self.del_rule(&r).await?;
+            }
+        }
+        self.flush_table(table).await
+    }
+}
+
+pub fn set_rp_filter(ifname: &str, value: u8) -> std::io::Result<()> {
+    std::fs::write(
+        format!("/proc/sys/net/ipv4/conf/{ifname}/rp_filter"),
+        value.to_string(),
+    )
+}
+
+fn rule_of(m: &RuleMessage) -> NodeRule {
+    let mut r = NodeRule {
+        priority: 0,
+        table: m.header.table as u32,
+        dst: None,
+        src: None,
+        fwmark: None,
+    };
+    let mut mark = None;
+    let mut mask = None;
+    for a in &m.attributes {
+        match a {
+            RuleAttribute::Priority(p) => r.priority = *p,
+            RuleAttribute::Table(t) => r.table = *t,
+            RuleAttribute::Source(IpAddr::V4(s)) => r.src = Some((*s, m.header.src_len)),
+            RuleAttribute::Destination(IpAddr::V4(d)) => r.dst = Some((*d, m.header.dst_len)),
+            RuleAttribute::FwMark(v) => mark = Some(*v),
+            RuleAttribute::FwMask(v) => mask = Some(*v),
+            _ => {}
+        }
+    }
+    if let Some(mark) = mark {
+        r.fwmark = Some((mark, mask.unwrap_or(u32::MAX)));
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateways() {
+        assert_eq!(
+            gateway_of("10.0.1.0/24"),
+            Some((Ipv4Addr::new(10, 0, 1, 1), 24))
+        );
+        assert_eq!(
+            gateway_of("10.0.64.7/18"),
+            Some((Ipv4Addr::new(10, 0, 64, 1), 18))
+        );
+        assert_eq!(gateway_of("nope"), None);
+    }
+}

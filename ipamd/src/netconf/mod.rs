@@ -1,0 +1,200 @@
+//! Node networking owned by ipamd, as upstream's pkg/networkutils does it: secondary ENI links
+//! with their route tables and rules, the node-wide policy rules, and SNAT/connmark.
+//!
+//! `iptables` holds the pure rule layout (unit-tested) and its atomic application; `links`
+//! the rtnetlink side. This module decides what to apply when.
+
+pub mod iptables;
+pub mod links;
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use self::iptables::{Iptables, Randomize, SnatSpec};
+use self::links::{EniNet, LinkError, Links, NodeRule};
+use crate::datastore::Eni;
+
+/// Node networking settings, upstream's variable names and defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// AWS_VPC_ENI_MTU (9001).
+    pub mtu: u32,
+    /// AWS_VPC_K8S_CNI_CONNMARK (0x80).
+    pub mark: u32,
+    /// AWS_VPC_CNI_NODE_PORT_SUPPORT (true).
+    pub node_port_support: bool,
+    /// AWS_VPC_K8S_CNI_EXTERNALSNAT (false).
+    pub external_snat: bool,
+    /// AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS.
+    pub exclude_snat_cidrs: Vec<String>,
+    /// AWS_EXTERNAL_SERVICE_CIDRS.
+    pub external_service_cidrs: Vec<String>,
+    /// AWS_VPC_K8S_CNI_RANDOMIZESNAT (prng).
+    pub randomize: Randomize,
+    pub veth_prefix: String,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig {
+            mtu: 9001,
+            mark: 0x80,
+            node_port_support: true,
+            external_snat: false,
+            exclude_snat_cidrs: Vec::new(),
+            external_service_cidrs: Vec::new(),
+            randomize: Randomize::Fully,
+            veth_prefix: "eni".into(),
+        }
+    }
+}
+
+/// How long to wait for an attached ENI's link to show up on the node.
+pub const LINK_WAIT: Duration = Duration::from_secs(30);
+
+fn cidr_tuple(c: &str) -> Option<(Ipv4Addr, u8)> {
+    let n = iptables::normalise_cidr(c)?;
+    let (ip, len) = n.split_once('/')?;
+    Some((ip.parse().ok()?, len.parse().ok()?))
+}
+
+pub struct NodeNetwork {
+    pub cfg: NetConfig,
+    pub primary_ip: Ipv4Addr,
+    pub primary_if: String,
+    pub primary_mac: String,
+    links: Links,
+    iptables: Iptables,
+}
+
+impl NodeNetwork {
+    /// Find the primary ENI's link by its MAC.
+    pub async fn new(
+        cfg: NetConfig,
+        primary_mac: &str,
+        primary_ip: Ipv4Addr,
+    ) -> Result<NodeNetwork, LinkError> {
+        let links = Links::new()?;
+        let (_, primary_if) = links
+            .link_by_mac(primary_mac)
+            .await?
+            .ok_or_else(|| LinkError::NoLink(primary_mac.to_string()))?;
+        Ok(NodeNetwork {
+            cfg,
+            primary_ip,
+            primary_if,
+            primary_mac: primary_mac.to_ascii_lowercase(),
+            links,
+            iptables: Iptables::default(),
+        })
+    }
+
+    /// Node-wide state: primary ENI MTU and rp_filter, the fwmark and external-service rules,
+    /// SNAT and connmark. Idempotent; run at start and at every reconcile.
+    pub async fn setup_host(&self, vpc_cidrs: &[String]) -> anyhow::Result<()> {
+        use anyhow::Context;
+        if let Some((idx, _)) = self.links.link_by_mac(&self.primary_mac).await? {
+            self.links.set_mtu_up(idx, self.cfg.mtu).await?;
+        }
+        if self.cfg.node_port_support {
+            links::set_rp_filter(&self.primary_if, 2)
+                .with_context(|| format!("loose rp_filter on {}", self.primary_if))?;
+        }
+        let mark = if self.cfg.node_port_support || !self.cfg.external_snat {
+            vec![NodeRule {
+                priority: links::FWMARK_RULE_PRIORITY,
+                table: links::MAIN_TABLE,
+                dst: None,
+                src: None,
+                fwmark: Some((self.cfg.mark, self.cfg.mark)),
+            }]
+        } else {
+            Vec::new()
+        };
+        self.links
+            .converge_rules(links::FWMARK_RULE_PRIORITY, &mark)
+            .await?;
+        let ext: Vec<NodeRule> = self
+            .cfg
+            .external_service_cidrs
+            .iter()
+            .filter_map(|c| cidr_tuple(c))
+            .map(|dst| NodeRule {
+                priority: links::EXTERNAL_SERVICE_RULE_PRIORITY,
+                table: links::MAIN_TABLE,
+                dst: Some(dst),
+                src: None,
+                fwmark: None,
+            })
+            .collect();
+        self.links
+            .converge_rules(links::EXTERNAL_SERVICE_RULE_PRIORITY, &ext)
+            .await?;
+        let spec = SnatSpec {
+            vpc_cidrs: vpc_cidrs.to_vec(),
+            exclude_cidrs: self.cfg.exclude_snat_cidrs.clone(),
+            primary_ip: self.primary_ip,
+            primary_if: self.primary_if.clone(),
+            veth_prefix: self.cfg.veth_prefix.clone(),
+            mark: self.cfg.mark,
+            external_snat: self.cfg.external_snat,
+            node_port_support: self.cfg.node_port_support,
+            randomize: self.cfg.randomize,
+        };
+        let (nat, mangle) = iptables::desired(&spec);
+        let ipt = self.iptables.clone();
+        let changed = tokio::task::spawn_blocking(move || -> anyhow::Result<(bool, bool)> {
+            Ok((ipt.apply("nat", &nat)?, ipt.apply("mangle", &mangle)?))
+        })
+        .await??;
+        if changed.0 || changed.1 {
+            info!(
+                nat = changed.0,
+                mangle = changed.1,
+                external_snat = self.cfg.external_snat,
+                ?vpc_cidrs,
+                "iptables rules updated"
+            );
+        }
+        Ok(())
+    }
+
+    /// Wait for the ENI's link (it appears some time after the attach), then configure it.
+    pub async fn setup_eni(&self, eni: &Eni, wait: Duration) -> Result<String, LinkError> {
+        let (gateway, prefix_len) = links::gateway_of(&eni.subnet_cidr).ok_or_else(|| {
+            LinkError::NoLink(format!("subnet {:?} of {}", eni.subnet_cidr, eni.id))
+        })?;
+        let deadline = Instant::now() + wait;
+        while self.links.link_by_mac(&eni.mac).await?.is_none() {
+            if Instant::now() >= deadline {
+                return Err(LinkError::NoLink(eni.mac.clone()));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let name = self
+            .links
+            .setup_eni(&EniNet {
+                mac: eni.mac.clone(),
+                primary_ip: eni.primary_ip,
+                prefix_len,
+                gateway,
+                table: eni.route_table(),
+                mtu: self.cfg.mtu,
+            })
+            .await?;
+        info!(eni = %eni.id, link = %name, table = eni.route_table(), "ENI networking set up");
+        Ok(name)
+    }
+
+    pub async fn teardown_eni(&self, eni: &Eni) {
+        if let Err(e) = self
+            .links
+            .teardown_eni(eni.primary_ip, eni.route_table())
+            .await
+        {
+            warn!(eni = %eni.id, error = %e, "ENI networking teardown incomplete");
+        }
+    }
+}
