@@ -3,17 +3,30 @@
 use std::fs::OpenOptions;
 use std::sync::Mutex;
 
-use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::filter::{EnvFilter, LevelFilter};
 
 fn level(s: &str) -> LevelFilter {
     // tracing's parser takes upstream's level names in any case ("DEBUG", "Info", "off").
     s.trim().parse().unwrap_or(LevelFilter::INFO)
 }
 
+/// ipamd's own events at the chosen level; the SDK, hyper and rustls only from WARN up (their
+/// DEBUG is several lines per HTTP request).
+fn filter(lvl: &str) -> EnvFilter {
+    let l = level(lvl);
+    EnvFilter::default()
+        .add_directive(LevelFilter::WARN.min(l).into())
+        .add_directive(
+            format!("ipamd={l}")
+                .parse()
+                .unwrap_or_else(|_| LevelFilter::INFO.into()),
+        )
+}
+
 pub fn init(file: &str, lvl: &str) {
     let b = tracing_subscriber::fmt()
         .json()
-        .with_max_level(level(lvl))
+        .with_env_filter(filter(lvl))
         .with_current_span(true)
         .with_span_list(false);
     match file {
@@ -35,7 +48,7 @@ pub fn init(file: &str, lvl: &str) {
                     eprintln!("ipamd: cannot open log file {path}: {e}; logging to stdout");
                     let _ = tracing_subscriber::fmt()
                         .json()
-                        .with_max_level(level(lvl))
+                        .with_env_filter(filter(lvl))
                         .try_init();
                 }
             }

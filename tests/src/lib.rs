@@ -3,6 +3,7 @@
 //! plugin's kernel tests.
 
 pub mod cloud;
+pub mod cni;
 pub mod fake_ipamd;
 pub mod ipamd_proc;
 pub mod netns;

@@ -62,6 +62,19 @@ fn strs(v: &Value) -> Vec<String> {
 }
 
 impl Fabric {
+    /// `ip -n <router> <args>`.
+    fn ip(&self, args: &str) {
+        let mut full = vec!["ip", "-n", &self.router];
+        full.extend(args.split_whitespace());
+        sh(&full);
+    }
+
+    fn try_ip(&self, args: &str) {
+        let mut full = vec!["ip", "-n", &self.router];
+        full.extend(args.split_whitespace());
+        try_sh(&full);
+    }
+
     fn sync(&self) -> Result<(), String> {
         let enis: Value = ureq::get(&format!("{}/_shim/enis", self.shim_url))
             .call()
@@ -159,39 +172,25 @@ impl Fabric {
                 );
             }
             let w = wired.get_mut(id).ok_or("wired")?;
+            let primary = e["primary_ip"].as_str().unwrap_or("").to_string();
             let mut want: HashSet<String> = HashSet::new();
-            if let Some(p) = e["primary_ip"].as_str() {
-                want.insert(format!("{p}/32"));
-            }
-            want.extend(
-                strs(&e["secondary_ips"])
-                    .into_iter()
-                    .map(|a| format!("{a}/32")),
-            );
+            want.insert(format!("{primary}/32"));
+            want.extend(strs(&e["secondary_ips"]).iter().map(|a| format!("{a}/32")));
             want.extend(strs(&e["prefixes"]));
+            let rif = w.router_if.clone();
             for r in want.difference(&w.routes) {
-                sh(&[
-                    "ip",
-                    "-n",
-                    &self.router,
-                    "route",
-                    "replace",
-                    r,
-                    "dev",
-                    &w.router_if,
-                ]);
+                // Like the VPC fabric, the router sends a secondary address's traffic to the
+                // ENI itself (its MAC, learnt through the ENI's own address): the node does not
+                // answer ARP for pod addresses.
+                let route = if *r == format!("{primary}/32") {
+                    format!("route replace {r} dev {rif}")
+                } else {
+                    format!("route replace {r} via {primary} dev {rif} onlink")
+                };
+                self.ip(&route);
             }
             for r in w.routes.difference(&want) {
-                try_sh(&[
-                    "ip",
-                    "-n",
-                    &self.router,
-                    "route",
-                    "del",
-                    r,
-                    "dev",
-                    &w.router_if,
-                ]);
+                self.try_ip(&format!("route del {r} dev {rif}"));
             }
             w.routes = want;
         }

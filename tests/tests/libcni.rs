@@ -3,83 +3,11 @@
 
 use std::process::Command;
 
+use integration::cni::CniClient;
 use integration::ipamd_proc::{enis, Ipamd};
 use integration::netns::Netns;
-use integration::{cniclient, ping_eventually, result_ip, sh, NODE_IP};
-use serde_json::{json, Value};
-
-struct Client<'a> {
-    node: &'a Netns,
-    conflist: std::path::PathBuf,
-    bindir: std::path::PathBuf,
-    cache: std::path::PathBuf,
-}
-
-impl<'a> Client<'a> {
-    /// The conflist `aws-cni` + `portmap`, as upstream ships it, pointed at `ipamd`.
-    fn new(node: &'a Netns, dir: &std::path::Path, ipamd: &Ipamd) -> Client<'a> {
-        let bindir = dir.join("bin");
-        std::fs::create_dir_all(&bindir).unwrap();
-        std::os::unix::fs::symlink(integration::bin("aws-cni"), bindir.join("aws-cni")).unwrap();
-        std::os::unix::fs::symlink("/usr/lib/cni/portmap", bindir.join("portmap")).unwrap();
-        let conflist = dir.join("10-aws.conflist");
-        std::fs::write(
-            &conflist,
-            json!({
-                "cniVersion": "1.0.0",
-                "name": "aws-cni",
-                "disableCheck": false,
-                "plugins": [
-                    {
-                        "name": "aws-cni", "type": "aws-cni", "vethPrefix": "eni", "mtu": "9001",
-                        "podSGEnforcingMode": "strict",
-                        "pluginLogFile": dir.join("plugin.log"), "pluginLogLevel": "DEBUG",
-                        "ipamdSocket": ipamd.socket, "stateDir": dir.join("state"),
-                    },
-                    { "type": "portmap", "capabilities": { "portMappings": true }, "snat": true }
-                ]
-            })
-            .to_string(),
-        )
-        .unwrap();
-        Client {
-            node,
-            conflist,
-            bindir,
-            cache: dir.join("cache"),
-        }
-    }
-
-    fn run(
-        &self,
-        cmd: &str,
-        cid: &str,
-        pod: &Netns,
-        name: &str,
-        ports: &str,
-    ) -> std::process::Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.node.name])
-            .arg(cniclient())
-            .arg(cmd)
-            .arg(&self.conflist)
-            .arg(&self.bindir)
-            .arg(&self.cache)
-            .args([cid, &pod.path(), "eth0", "default", name, ports])
-            .output()
-            .unwrap()
-    }
-    fn ok(&self, cmd: &str, cid: &str, pod: &Netns, name: &str, ports: &str) -> String {
-        let out = self.run(cmd, cid, pod, name, ports);
-        assert!(
-            out.status.success(),
-            "{cmd} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
+use integration::{ping_eventually, result_ip, sh, NODE_IP};
+use serde_json::Value;
 
 fn iptables_save(ns: &Netns) -> String {
     String::from_utf8_lossy(&ns.exec(&["iptables-save"]).stdout).into_owned()
@@ -91,7 +19,7 @@ fn libcni_drives_aws_cni_and_portmap_with_real_ipamd() {
     let dir = tempfile::tempdir().unwrap();
     let d = Ipamd::standalone(dir.path(), Some(&node.name), "t3.medium", &enis(2, 5), &[]);
 
-    let c = Client::new(&node, dir.path(), &d);
+    let c = CniClient::new(&node.name, dir.path(), &d.socket);
 
     let web = Netns::new("lcw");
     let cli = Netns::new("lcc");
@@ -136,16 +64,7 @@ fn libcni_drives_aws_cni_and_portmap_with_real_ipamd() {
     // CHECK through libcni. Debian's portmap 1.1.1 fails CHECK for any IPv4-only pod once
     // ip6tables works (it looks for an IPv6 DNAT chain it never made), so the chain's CHECK is
     // run on the aws-cni entry alone; libcni hands it the cached result of the whole chain.
-    let only_aws = dir.path().join("check.conflist");
-    let mut cl: Value = serde_json::from_slice(&std::fs::read(&c.conflist).unwrap()).unwrap();
-    cl["plugins"].as_array_mut().unwrap().truncate(1);
-    std::fs::write(&only_aws, cl.to_string()).unwrap();
-    let checker = Client {
-        node: &node,
-        conflist: only_aws,
-        bindir: c.bindir.clone(),
-        cache: c.cache.clone(),
-    };
+    let checker = c.first_plugin_only(dir.path());
     checker.ok("check", "cid-web", &web, "web", ports);
     // And CHECK notices damage: the pod's default route removed.
     sh(&["ip", "-n", &web.name, "route", "del", "default"]);
@@ -179,7 +98,7 @@ fn pool_exhaustion_reaches_the_runtime_with_its_cause_and_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     // One ENI with a single secondary address.
     let d = Ipamd::standalone(dir.path(), Some(&node.name), "t3.medium", &enis(1, 1), &[]);
-    let c = Client::new(&node, dir.path(), &d);
+    let c = CniClient::new(&node.name, dir.path(), &d.socket);
     let first = Netns::new("lx1");
     let second = Netns::new("lx2");
     c.ok("add", "cid-1", &first, "first", "");

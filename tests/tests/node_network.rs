@@ -1,0 +1,378 @@
+//! Node networking owned by ipamd, on a node of the namespace VPC: ENI links, per-ENI tables
+//! and rules, SNAT/connmark in iptables, after start, restart, VPC CIDR change and external
+//! SNAT; and the traffic that follows from them, seen from the router and the internet.
+
+use std::time::Duration;
+
+use integration::cloud::eventually;
+use integration::cni::CniClient;
+use integration::netns::Netns;
+use integration::vpc::{Vpc, VpcNode, INTERNET_IP};
+use integration::{ip_json, ping, sh};
+use serde_json::{json, Value};
+
+struct Setup {
+    node: VpcNode,
+    vpc: Vpc,
+    dir: tempfile::TempDir,
+}
+
+/// A t3.medium node whose ipamd keeps two ENIs' worth warm, so a secondary ENI is attached
+/// from the start.
+fn setup(env: &[(&str, &str)]) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vpc = Vpc::start(dir.path(), 0);
+    vpc.add_internet();
+    let inst = vpc.shim.instance("t3.medium", "10.0.1.0/24");
+    let mut node = vpc.add_node(dir.path(), &inst, 0);
+    let mut all = vec![("WARM_ENI_TARGET", "2")];
+    all.extend_from_slice(env);
+    node.start_ipamd(dir.path(), &all);
+    let s = Setup { node, vpc, dir };
+    s.wait_eni1();
+    s
+}
+
+impl Setup {
+    fn ns(&self) -> &str {
+        &self.node.ns.name
+    }
+
+    fn eni(&self, dev: u64) -> Value {
+        self.vpc
+            .shim
+            .attached(&self.node.inst.id)
+            .into_iter()
+            .find(|e| e["device_index"] == dev)
+            .unwrap_or_else(|| panic!("no ENI at device {dev}"))
+    }
+
+    /// The ENI at device 1 attached and its table populated by ipamd.
+    fn wait_eni1(&self) {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            eventually(30, "eth1 set up by ipamd", || {
+                let out = integration::try_sh(&[
+                    "ip",
+                    "-n",
+                    self.ns(),
+                    "-j",
+                    "route",
+                    "show",
+                    "table",
+                    "2",
+                ]);
+                let routes: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+                (routes.as_array().map_or(0, Vec::len) == 2).then_some(())
+            })
+        }));
+        if r.is_err() {
+            panic!(
+                "eth1 not set up; fabric: {:?}; ipamd log:\n{}",
+                self.vpc.fabric_error(),
+                self.node.ipamd().log_text()
+            );
+        }
+    }
+
+    fn iptables(&self, table: &str) -> String {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            self.ns(),
+            "iptables-save",
+            "-t",
+            table,
+        ])
+    }
+
+    fn restart(&mut self, env: &[(&str, &str)]) {
+        if let Some(mut d) = self.node.ipamd.take() {
+            d.stop();
+        }
+        let mut all = vec![("WARM_ENI_TARGET", "2")];
+        all.extend_from_slice(env);
+        self.node.start_ipamd(self.dir.path(), &all);
+    }
+}
+
+fn our_lines(save: &str) -> Vec<String> {
+    save.lines()
+        .filter(|l| l.starts_with("-A ") && l.contains("AWS"))
+        .map(str::to_string)
+        .collect()
+}
+
+fn rules(ns: &str) -> Vec<Value> {
+    ip_json(ns, &["rule", "show"])
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn rules_routes_and_iptables_survive_restart_and_follow_settings() {
+    let mut s = setup(&[("AWS_EXTERNAL_SERVICE_CIDRS", "198.51.100.0/24")]);
+    let primary_ip = s.eni(0)["primary_ip"].as_str().unwrap().to_string();
+    let eni1_ip = s.eni(1)["primary_ip"].as_str().unwrap().to_string();
+
+    // The secondary ENI: up, MTU 9001, only its primary address without a subnet route in main.
+    let link = &ip_json(s.ns(), &["addr", "show", "dev", "eth1"])[0];
+    assert_eq!(link["mtu"], 9001);
+    assert!(link["flags"].as_array().unwrap().iter().any(|f| f == "UP"));
+    let addrs: Vec<&Value> = link["addr_info"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["family"] == "inet")
+        .collect();
+    assert_eq!(addrs.len(), 1, "{link}");
+    assert_eq!(addrs[0]["local"], eni1_ip.as_str());
+    assert_eq!(addrs[0]["prefixlen"], 24);
+    assert_eq!(addrs[0]["noprefixroute"], true, "{link}");
+    let main = ip_json(s.ns(), &["route", "show", "table", "main", "dev", "eth1"]);
+    assert!(main.as_array().unwrap().is_empty(), "{main}");
+    let table2 = ip_json(s.ns(), &["route", "show", "table", "2"]);
+    assert!(
+        table2
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["dst"] == "default" && r["gateway"] == "10.0.1.1" && r["dev"] == "eth1"),
+        "{table2}"
+    );
+    assert!(
+        table2
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["dst"] == "10.0.1.1" && r["dev"] == "eth1" && r["scope"] == "link"),
+        "{table2}"
+    );
+    let rp = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        s.ns(),
+        "sysctl",
+        "-n",
+        "net.ipv4.conf.eth1.rp_filter",
+    ]);
+    assert_eq!(rp.trim(), "2");
+
+    let check_rules = |s: &Setup| {
+        let r = rules(s.ns());
+        let eni_rules: Vec<_> = r
+            .iter()
+            .filter(|x| x["priority"] == 32765 && x["src"] == eni1_ip.as_str())
+            .collect();
+        assert_eq!(eni_rules.len(), 1, "{r:?}");
+        assert_eq!(eni_rules[0]["table"], "2");
+        let fwmark: Vec<_> = r.iter().filter(|x| x["priority"] == 1024).collect();
+        assert_eq!(fwmark.len(), 1, "{r:?}");
+        assert_eq!(fwmark[0]["fwmark"], "0x80");
+        assert_eq!(fwmark[0]["fwmask"], "0x80");
+        assert_eq!(fwmark[0]["table"], "main");
+        let ext: Vec<_> = r.iter().filter(|x| x["priority"] == 1535).collect();
+        assert_eq!(ext.len(), 1, "{r:?}");
+        assert_eq!(ext[0]["dst"], "198.51.100.0");
+    };
+    check_rules(&s);
+
+    let nat = s.iptables("nat");
+    let want_nat = vec![
+        "-A PREROUTING -i eni+ -m comment --comment \"AWS, outbound connections\" -j AWS-CONNMARK-CHAIN-0".to_string(),
+        "-A PREROUTING -m comment --comment \"AWS, CONNMARK\" -j CONNMARK --restore-mark --nfmask 0x80 --ctmask 0x80".into(),
+        "-A POSTROUTING -m comment --comment \"AWS SNAT CHAIN\" -j AWS-SNAT-CHAIN-0".into(),
+        "-A AWS-CONNMARK-CHAIN-0 -d 10.0.0.0/16 -m comment --comment \"AWS CONNMARK CHAIN\" -j RETURN".into(),
+        "-A AWS-CONNMARK-CHAIN-0 -m comment --comment \"AWS, CONNMARK\" -j CONNMARK --set-xmark 0x80/0x80".into(),
+        "-A AWS-SNAT-CHAIN-0 -d 10.0.0.0/16 -m comment --comment \"AWS SNAT CHAIN\" -j RETURN".into(),
+        format!("-A AWS-SNAT-CHAIN-0 ! -o vlan+ -m comment --comment \"AWS, SNAT\" -m addrtype ! --dst-type LOCAL -j SNAT --to-source {primary_ip} --random-fully"),
+    ];
+    assert_eq!(our_lines(&nat), want_nat, "{nat}");
+    let mangle = s.iptables("mangle");
+    assert_eq!(our_lines(&mangle).len(), 3, "{mangle}");
+    assert!(mangle.contains("-A PREROUTING -i eth0 -m comment --comment \"AWS, primary ENI\" -m addrtype --dst-type LOCAL --limit-iface-in -j CONNMARK --set-xmark 0x80/0x80"), "{mangle}");
+
+    // A restart finds everything in place: exactly one copy of each rule.
+    s.restart(&[("AWS_EXTERNAL_SERVICE_CIDRS", "198.51.100.0/24")]);
+    s.wait_eni1();
+    std::thread::sleep(Duration::from_secs(1));
+    check_rules(&s);
+    assert_eq!(our_lines(&s.iptables("nat")), want_nat);
+    assert_eq!(our_lines(&s.iptables("mangle")).len(), 3);
+
+    // The VPC gains a CIDR: the reconcile adds it to both chains.
+    s.vpc.shim.post(
+        "/_shim/vpc-cidr",
+        json!({"vpc_id": s.node.inst.vpc_id, "cidr": "10.1.0.0/16"}),
+    );
+    eventually(20, "the new VPC CIDR in the SNAT chain", || {
+        let nat = s.iptables("nat");
+        (nat.contains(
+            "-A AWS-SNAT-CHAIN-0 -d 10.1.0.0/16 -m comment --comment \"AWS SNAT CHAIN\" -j RETURN",
+        ) && nat.contains("-A AWS-CONNMARK-CHAIN-0 -d 10.1.0.0/16"))
+        .then_some(())
+    });
+    assert_eq!(our_lines(&s.iptables("nat")).len(), 9);
+
+    // External SNAT: SNAT and connmark go; the NodePort rules stay.
+    s.restart(&[
+        ("AWS_VPC_K8S_CNI_EXTERNALSNAT", "true"),
+        ("AWS_EXTERNAL_SERVICE_CIDRS", ""),
+    ]);
+    eventually(20, "SNAT rules removed", || {
+        our_lines(&s.iptables("nat")).is_empty().then_some(())
+    });
+    let nat = s.iptables("nat");
+    assert!(
+        !nat.contains("AWS-SNAT-CHAIN") && !nat.contains("AWS-CONNMARK-CHAIN"),
+        "{nat}"
+    );
+    assert_eq!(our_lines(&s.iptables("mangle")).len(), 3);
+    let r = rules(s.ns());
+    assert_eq!(r.iter().filter(|x| x["priority"] == 1024).count(), 1);
+    assert_eq!(
+        r.iter().filter(|x| x["priority"] == 1535).count(),
+        0,
+        "{r:?}"
+    );
+}
+
+/// Packets the `inet` namespace received from `src` (an INPUT counter rule per source).
+fn counted(ns: &str, src: &str) -> u64 {
+    let out = sh(&["ip", "netns", "exec", ns, "iptables", "-nvxL", "INPUT"]);
+    out.lines()
+        .filter(|l| l.contains(&format!(" {src} ")))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+fn count_from(ns: &str, src: &str) {
+    sh(&[
+        "ip", "netns", "exec", ns, "iptables", "-A", "INPUT", "-p", "icmp", "-s", src,
+    ]);
+}
+
+#[test]
+fn traffic_leaves_by_the_owning_eni_and_is_snated_outside_the_vpc() {
+    let s = setup(&[("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS", "198.51.100.0/24")]);
+    let primary_ip = s.eni(0)["primary_ip"].as_str().unwrap().to_string();
+    let eni1 = s.eni(1);
+    let eni1_ips: Vec<String> = eni1["secondary_ips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    let client = CniClient::new(s.ns(), s.dir.path(), &s.node.ipamd().socket);
+    // The primary's five addresses go first; the sixth pod lands on the secondary ENI.
+    let pods: Vec<Netns> = (0..6).map(|_| Netns::new("vp")).collect();
+    let mut ips = Vec::new();
+    for (i, p) in pods.iter().enumerate() {
+        ips.push(
+            client
+                .add(&format!("cid{i}"), p, &format!("pod{i}"), "")
+                .unwrap(),
+        );
+    }
+    let (sec_pod, sec_ip) = pods
+        .iter()
+        .zip(&ips)
+        .find(|(_, ip)| eni1_ips.contains(ip))
+        .expect("a pod on the secondary ENI");
+    let (pri_pod, pri_ip) = pods
+        .iter()
+        .zip(&ips)
+        .find(|(_, ip)| !eni1_ips.contains(ip))
+        .unwrap();
+
+    // To the VPC: the pod's own address, out of its own ENI (the router's strict rp_filter
+    // would drop it on any other link; count what arrives on the ENI's router link).
+    let router = s.vpc.router.name.clone();
+    let rif = |ip: &str| -> String {
+        let r = ip_json(&router, &["route", "get", ip]);
+        r[0]["dev"].as_str().unwrap().to_string()
+    };
+    let eni1_link = rif(sec_ip);
+    sh(&[
+        "ip", "netns", "exec", &router, "iptables", "-A", "INPUT", "-p", "icmp", "-i", &eni1_link,
+        "-s", sec_ip,
+    ]);
+    if !ping(&sec_pod.name, "10.0.1.1") {
+        let d = |ns: &str, a: &[&str]| {
+            let mut full = vec!["ip", "-n", ns];
+            full.extend_from_slice(a);
+            String::from_utf8_lossy(&integration::try_sh(&full).stdout).into_owned()
+        };
+        panic!(
+            "pod {sec_ip} on eth1 cannot reach the router\nnode rules:\n{}\nnode main:\n{}\ntable2:\n{}\nnode neigh:\n{}\nrouter routes:\n{}\nrouter neigh:\n{}\nnode links:\n{}\nrouter links:\n{}\npod:\n{}",
+            d(s.ns(), &["rule"]), d(s.ns(), &["route"]), d(s.ns(), &["route", "show", "table", "2"]),
+            d(s.ns(), &["neigh"]), d(&router, &["route"]), d(&router, &["neigh"]),
+            d(s.ns(), &["-br", "addr"]), d(&router, &["-br", "addr"]), d(&sec_pod.name, &["route"]),
+        );
+    }
+    let out = sh(&["ip", "netns", "exec", &router, "iptables", "-nvxL", "INPUT"]);
+    let n: u64 = out
+        .lines()
+        .filter(|l| l.contains(&eni1_link) && l.contains(sec_ip.as_str()))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    assert!(
+        n >= 1,
+        "router saw the secondary-ENI pod on its ENI's link: {out}"
+    );
+    assert!(ping(&pri_pod.name, "10.0.1.1"));
+
+    // To the internet: SNAT to the node's primary address, for pods on any ENI.
+    let inet = s.vpc.internet.as_ref().unwrap().name.clone();
+    for ip in [&primary_ip, sec_ip, pri_ip] {
+        count_from(&inet, ip);
+    }
+    assert!(
+        ping(&sec_pod.name, INTERNET_IP),
+        "secondary-ENI pod reaches the internet"
+    );
+    assert!(ping(&pri_pod.name, INTERNET_IP));
+    assert!(counted(&inet, &primary_ip) >= 2);
+    assert_eq!(
+        counted(&inet, sec_ip),
+        0,
+        "pod address must not leave the VPC"
+    );
+    assert_eq!(counted(&inet, pri_ip), 0);
+
+    // An excluded CIDR keeps the pod's address: give the internet namespace one.
+    sh(&[
+        "ip",
+        "-n",
+        &inet,
+        "addr",
+        "add",
+        "198.51.100.7/24",
+        "dev",
+        "eth0",
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        &router,
+        "route",
+        "add",
+        "198.51.100.0/24",
+        "dev",
+        "qinet",
+    ]);
+    assert!(
+        ping(&sec_pod.name, "198.51.100.7"),
+        "excluded CIDR reachable"
+    );
+    assert!(
+        counted(&inet, sec_ip) >= 1,
+        "excluded CIDR sees the pod's own address"
+    );
+
+    for (i, p) in pods.iter().enumerate() {
+        client.ok("del", &format!("cid{i}"), p, &format!("pod{i}"), "");
+    }
+}
