@@ -20,6 +20,18 @@ pub fn python() -> PathBuf {
     repo_root().join(".venv/bin/python")
 }
 
+/// Note a helper process in `dir/pids`, so a teardown after a crash can stop it.
+fn record_pid(dir: &Path, pid: u32) {
+    use std::io::Write;
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("pids"))
+    {
+        let _ = writeln!(f, "{pid}");
+    }
+}
+
 fn wait_port(child: &mut Child, ready: &Path, what: &str, log: &Path) -> u16 {
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
@@ -89,6 +101,7 @@ impl Shim {
             .stderr(std::fs::File::create(&log).expect("shim log"))
             .spawn()
             .expect("spawn the EC2 shim (run scripts/setup.sh for the venv)");
+        record_pid(dir, child.id());
         let port = wait_port(&mut child, &ready, "EC2 shim", &log);
         Shim {
             child: Some(child),
@@ -137,6 +150,29 @@ impl Shim {
             primary_ip: s("primary_ip"),
             raw: v,
         }
+    }
+
+    /// Another instance in the same VPC and subnet as `other`.
+    pub fn instance_beside(&self, instance_type: &str, other: &Instance) -> Instance {
+        let v = self.post(
+            "/_shim/instance",
+            json!({"instance_type": instance_type, "vpc_id": other.vpc_id,
+                   "subnet_id": other.subnet_id, "az": "us-west-2a"}),
+        );
+        let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+        Instance {
+            id: s("instance_id"),
+            instance_type: s("instance_type"),
+            vpc_id: s("vpc_id"),
+            subnet_id: s("subnet_id"),
+            primary_eni: s("primary_eni"),
+            primary_ip: s("primary_ip"),
+            raw: v,
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Every ENI the shim knows.
@@ -235,6 +271,7 @@ impl FakeImds {
             .stderr(std::fs::File::create(&log).expect("imds log"))
             .spawn()
             .expect("spawn fake-imds");
+        record_pid(dir, child.id());
         let deadline = Instant::now() + Duration::from_secs(30);
         let (imds, ec2) = loop {
             let text = std::fs::read_to_string(&ready).unwrap_or_default();
@@ -261,6 +298,10 @@ impl FakeImds {
             ec2_url: format!("http://127.0.0.1:{ec2}"),
             netns: netns.map(str::to_string),
         }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Serve the shim's state as it was `ms` ago.

@@ -84,6 +84,10 @@ impl Ipamd {
         panic!("ipamd did not come up; log:\n{}", self.log_text());
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

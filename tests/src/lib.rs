@@ -7,6 +7,7 @@ pub mod cni;
 pub mod fake_ipamd;
 pub mod ipamd_proc;
 pub mod netns;
+pub mod sim;
 pub mod vpc;
 
 use std::path::PathBuf;
@@ -41,7 +42,11 @@ pub fn bin(name: &str) -> PathBuf {
         return PathBuf::from(d).join(name);
     }
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(|p| p.parent()).expect("target dir");
+    // Test executables live in target/debug/deps, binaries (the `sim` command) in target/debug.
+    let mut dir = exe.parent().expect("exe dir");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target dir");
+    }
     let p = dir.join(name);
     assert!(
         p.exists(),

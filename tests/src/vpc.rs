@@ -211,6 +211,9 @@ impl Fabric {
 }
 
 pub struct Vpc {
+    /// Every namespace of this VPC is named with this prefix (so a teardown after a crash
+    /// can find them).
+    pub prefix: String,
     fabric: Arc<Fabric>,
     thread: Option<JoinHandle<()>>,
     pub router: Netns,
@@ -221,8 +224,14 @@ pub struct Vpc {
 impl Vpc {
     /// Start the shim (in `dir`), the router namespace and the fabric.
     pub fn start(dir: &Path, shim_latency_ms: u64) -> Vpc {
+        Self::start_named(dir, shim_latency_ms, "v")
+    }
+
+    /// As `start`, with namespaces named `<prefix>r...` (router), `<prefix>n...` (nodes),
+    /// `<prefix>i...` (internet).
+    pub fn start_named(dir: &Path, shim_latency_ms: u64, prefix: &str) -> Vpc {
         let shim = Shim::start(dir, shim_latency_ms);
-        let router = Netns::new("vr");
+        let router = Netns::new(&format!("{prefix}r"));
         for s in [
             "net.ipv4.ip_forward=1",
             "net.ipv4.conf.all.rp_filter=1",
@@ -251,6 +260,7 @@ impl Vpc {
             }
         });
         Vpc {
+            prefix: prefix.to_string(),
             fabric,
             thread: Some(thread),
             router,
@@ -262,7 +272,7 @@ impl Vpc {
     /// An "internet" namespace at [`INTERNET_IP`] beyond the router; it routes the VPC back
     /// through the router.
     pub fn add_internet(&mut self) -> &Netns {
-        let inet = Netns::new("vi");
+        let inet = Netns::new(&format!("{}i", self.prefix));
         sh(&[
             "ip",
             "link",
@@ -322,7 +332,7 @@ impl Vpc {
     /// A node for `inst`: its namespace, wired by the fabric (eth0 up with the primary address
     /// before this returns), and its fake IMDS + EC2 relay inside it.
     pub fn add_node(&self, dir: &Path, inst: &Instance, imds_lag_ms: u64) -> VpcNode {
-        let ns = Netns::new("vn");
+        let ns = Netns::new(&format!("{}n", self.prefix));
         sh(&[
             "ip",
             "netns",

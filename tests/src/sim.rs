@@ -1,0 +1,359 @@
+//! The simulated cluster: a namespace VPC with nodes running the real ipamd, pods created by
+//! libcni through `aws-cni` + `portmap`, and the checks an operator would make (cross-node pod
+//! pings, the SNAT source the internet sees, a port mapping). Shared by the `sim` command and
+//! the end-to-end tests.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::cloud::{eventually, Instance};
+use crate::cni::CniClient;
+use crate::ipamd_proc::health;
+use crate::netns::Netns;
+use crate::vpc::{Vpc, VpcNode, INTERNET_IP};
+use crate::try_sh;
+
+/// A port the internet namespace answers on with the address it sees the caller as.
+pub const WHOAMI_PORT: u16 = 8081;
+
+pub struct NodeSpec {
+    pub instance_type: String,
+    pub env: Vec<(String, String)>,
+}
+
+impl NodeSpec {
+    pub fn new(instance_type: &str, env: &[(&str, &str)]) -> NodeSpec {
+        NodeSpec {
+            instance_type: instance_type.into(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+}
+
+pub struct Pod {
+    pub name: String,
+    pub cid: String,
+    pub ns: Netns,
+    pub ip: String,
+    pub ports: String,
+}
+
+pub struct SimNode {
+    pub pods: Vec<Pod>,
+    pub cni: CniClient,
+    pub node: VpcNode,
+    pub dir: PathBuf,
+    pub env: Vec<(String, String)>,
+}
+
+impl SimNode {
+    pub fn ns(&self) -> &str {
+        &self.node.ns.name
+    }
+    pub fn inst(&self) -> &Instance {
+        &self.node.inst
+    }
+}
+
+/// Field order is drop order: nodes (pods, ipamd, IMDS, namespaces) before the VPC.
+pub struct Sim {
+    pub nodes: Vec<SimNode>,
+    pub vpc: Vpc,
+    pub dir: PathBuf,
+    whoami: Option<std::process::Child>,
+}
+
+fn block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(f)
+}
+
+impl Sim {
+    /// The VPC (namespaces named `<prefix>...`), an internet, one node per spec (all in one
+    /// subnet), each ipamd serving (an address allocatable) before this returns.
+    pub fn up(dir: &Path, prefix: &str, specs: &[NodeSpec]) -> Sim {
+        let mut vpc = Vpc::start_named(dir, 0, prefix);
+        vpc.add_internet();
+        let mut first: Option<Instance> = None;
+        let mut nodes = Vec::new();
+        for (i, spec) in specs.iter().enumerate() {
+            let inst = match &first {
+                None => vpc.shim.instance(&spec.instance_type, "10.0.0.0/20"),
+                Some(f) => vpc.shim.instance_beside(&spec.instance_type, f),
+            };
+            first.get_or_insert_with(|| inst.clone());
+            let ndir = dir.join(format!("node{}", i + 1));
+            std::fs::create_dir_all(&ndir).expect("node dir");
+            let mut node = vpc.add_node(&ndir, &inst, 0);
+            let env: Vec<(&str, &str)> = spec
+                .env
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            node.start_ipamd(&ndir, &env);
+            let cni = CniClient::new(&node.ns.name, &ndir, &node.ipamd().socket);
+            nodes.push(SimNode {
+                pods: Vec::new(),
+                cni,
+                node,
+                dir: ndir,
+                env: spec.env.clone(),
+            });
+        }
+        let sim = Sim {
+            nodes,
+            vpc,
+            dir: dir.to_path_buf(),
+            whoami: None,
+        };
+        for n in &sim.nodes {
+            let sock = n.node.ipamd().socket.clone();
+            eventually(30, "ipamd SERVING", || {
+                (block(health(&sock)) == "SERVING").then_some(())
+            });
+        }
+        sim
+    }
+
+    /// ADD a pod through libcni on `node`; its IP, or the runtime's error text.
+    pub fn add_pod(&mut self, node: usize, name: &str, ports: &str) -> Result<String, String> {
+        let ns = Netns::new(&format!("{}p", self.vpc.prefix));
+        let cid = format!("cid-{name}");
+        let n = &mut self.nodes[node];
+        match n.cni.add(&cid, &ns, name, ports) {
+            Ok(ip) => {
+                n.pods.push(Pod {
+                    name: name.into(),
+                    cid,
+                    ns,
+                    ip: ip.clone(),
+                    ports: ports.into(),
+                });
+                Ok(ip)
+            }
+            Err(e) => {
+                // What a runtime does after a failed ADD: DEL, then drop the sandbox.
+                let _ = n.cni.run("del", &cid, &ns, name, ports);
+                Err(e)
+            }
+        }
+    }
+
+    pub fn pod(&self, node: usize, name: &str) -> &Pod {
+        self.nodes[node]
+            .pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name} on node {node}"))
+    }
+
+    pub fn del_pod(&mut self, node: usize, name: &str) {
+        let n = &mut self.nodes[node];
+        if let Some(i) = n.pods.iter().position(|p| p.name == name) {
+            let p = n.pods.remove(i);
+            n.cni.ok("del", &p.cid, &p.ns, &p.name, &p.ports);
+        }
+    }
+
+    /// Stop ipamd on `node` (SIGTERM).
+    pub fn stop_ipamd(&mut self, node: usize) {
+        if let Some(mut d) = self.nodes[node].node.ipamd.take() {
+            d.stop();
+        }
+    }
+
+    pub fn start_ipamd(&mut self, node: usize) {
+        let n = &mut self.nodes[node];
+        let env: Vec<(&str, &str)> = n.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        n.node.start_ipamd(&n.dir, &env);
+    }
+
+    /// Round-trip time of one ping from a pod, or None.
+    pub fn ping(&self, from: &Pod, dst: &str) -> Option<f64> {
+        for _ in 0..3 {
+            // Two packets: the first also pays for neighbour resolution on every hop.
+            let out = try_sh(&[
+                "ip", "netns", "exec", &from.ns.name, "ping", "-c", "2", "-i", "0.2", "-W", "1", dst,
+            ]);
+            if out.status.success() {
+                let text = String::from_utf8_lossy(&out.stdout);
+                return text
+                    .rsplit("time=")
+                    .next()
+                    .and_then(|t| t.split_whitespace().next())
+                    .and_then(|t| t.parse().ok())
+                    .or(Some(0.0));
+            }
+        }
+        None
+    }
+
+    /// Start (once) a server in the internet namespace that answers with the caller's address.
+    pub fn start_whoami(&mut self) {
+        if self.whoami.is_some() {
+            return;
+        }
+        let inet = self.vpc.internet.as_ref().expect("internet").name.clone();
+        let script = format!(
+            "import socket\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+             s.bind(('0.0.0.0',{WHOAMI_PORT}));s.listen(64)\n\
+             while True:\n  c,a=s.accept();c.sendall(a[0].encode());c.close()\n"
+        );
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", &inet, "python3", "-c", &script])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("whoami server");
+        self.whoami = Some(child);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    /// The address the internet sees `pod` as (after SNAT), or the error.
+    pub fn seen_from_internet(&mut self, pod: (usize, &str)) -> Result<String, String> {
+        self.start_whoami();
+        let p = self.pod(pod.0, pod.1);
+        tcp_text(&p.ns.name, INTERNET_IP, WHOAMI_PORT)
+    }
+
+    /// The ENIs EC2 shows for a node: (device, ENI id, primary IP, secondary IPs, prefixes).
+    pub fn enis(&self, node: usize) -> Vec<(u64, String, String, Vec<String>, Vec<String>)> {
+        let strs = |v: &Value| -> Vec<String> {
+            v.as_array()
+                .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+                .unwrap_or_default()
+        };
+        self.vpc
+            .shim
+            .attached(&self.nodes[node].inst().id)
+            .iter()
+            .map(|e| {
+                (
+                    e["device_index"].as_u64().unwrap_or(0),
+                    e["id"].as_str().unwrap_or("").to_string(),
+                    e["primary_ip"].as_str().unwrap_or("").to_string(),
+                    strs(&e["secondary_ips"]),
+                    strs(&e["prefixes"]),
+                )
+            })
+            .collect()
+    }
+
+    /// Which device's ENI holds `ip` on `node`.
+    pub fn device_of(&self, node: usize, ip: &str) -> Option<u64> {
+        self.enis(node)
+            .into_iter()
+            .find(|e| e.3.iter().any(|a| a == ip))
+            .map(|e| e.0)
+    }
+
+    /// Every pod gone through libcni, every ipamd stopped; namespaces go when dropped.
+    pub fn down(mut self) {
+        for n in &mut self.nodes {
+            for p in std::mem::take(&mut n.pods) {
+                let _ = n.cni.run("del", &p.cid, &p.ns, &p.name, &p.ports);
+            }
+            if let Some(mut d) = n.node.ipamd.take() {
+                d.stop();
+            }
+        }
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.whoami.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Connect from `ns` to `ip:port` and read what the server says.
+pub fn tcp_text(ns: &str, ip: &str, port: u16) -> Result<String, String> {
+    let script = format!(
+        "import socket;s=socket.create_connection(('{ip}',{port}),timeout=3);print(s.recv(200).decode())"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = try_sh(&["ip", "netns", "exec", ns, "python3", "-c", &script]);
+        if out.status.success() {
+            return Ok(String::from_utf8_lossy(&out.stdout).trim().to_string());
+        }
+        if Instant::now() > deadline {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A one-shot TCP server in `ns` on `port` answering `text`.
+pub fn serve_text(ns: &str, port: u16, text: &str) -> std::process::Child {
+    let script = format!(
+        "import socket\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+         s.bind(('0.0.0.0',{port}));s.listen(8)\n\
+         while True:\n  c,a=s.accept();c.sendall(b'{text}');c.close()\n"
+    );
+    let c = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "python3", "-c", &script])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("server");
+    std::thread::sleep(Duration::from_millis(300));
+    c
+}
+
+/// Remove everything a crashed run left: processes in namespaces named `prefix*` and listed in
+/// `dir/pids`, then the namespaces, then `dir`.
+pub fn teardown(dir: &Path, prefix: &str) -> Vec<String> {
+    let mut done = Vec::new();
+    let list = String::from_utf8_lossy(&try_sh(&["ip", "netns", "list"]).stdout).into_owned();
+    let names: Vec<String> = list
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(prefix))
+        .map(str::to_string)
+        .collect();
+    for ns in &names {
+        let pids = String::from_utf8_lossy(&try_sh(&["ip", "netns", "pids", ns]).stdout).into_owned();
+        for pid in pids.split_whitespace() {
+            try_sh(&["kill", "-9", pid]);
+            done.push(format!("killed {pid} in {ns}"));
+        }
+    }
+    // Helpers outside the namespaces (the shim, fake IMDS) carry the state directory in
+    // their command line.
+    let needle = dir.to_string_lossy().into_owned();
+    let me = std::process::id().to_string();
+    if let Ok(procs) = std::fs::read_dir("/proc") {
+        for p in procs.flatten() {
+            let pid = p.file_name().to_string_lossy().into_owned();
+            if !pid.chars().all(|c| c.is_ascii_digit()) || pid == me {
+                continue;
+            }
+            let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(&needle) && try_sh(&["kill", "-9", &pid]).status.success() {
+                done.push(format!("killed {pid} ({})", cmdline.trim()));
+            }
+        }
+    }
+    for ns in &names {
+        try_sh(&["ip", "netns", "del", ns]);
+        done.push(format!("deleted netns {ns}"));
+    }
+    if dir.exists() {
+        let _ = std::fs::remove_dir_all(dir);
+        done.push(format!("removed {}", dir.display()));
+    }
+    done
+}
