@@ -25,6 +25,9 @@ pub struct Timing {
     pub leak_cleanup: Duration,
     /// Pause in growth after the subnet ran out of addresses (upstream: 120 s).
     pub subnet_full_backoff: Duration,
+    /// An allocation this young is kept even without its pod's host veth: the plugin may still
+    /// be wiring it. Older ones without a veth are released (at start and periodically).
+    pub allocation_grace: Duration,
 }
 
 impl Default for Timing {
@@ -36,6 +39,7 @@ impl Default for Timing {
             min_eni_age: Duration::from_secs(60),
             leak_cleanup: Duration::from_secs(3600),
             subnet_full_backoff: Duration::from_secs(120),
+            allocation_grace: Duration::from_secs(60),
         }
     }
 }
@@ -311,6 +315,7 @@ impl Config {
             min_eni_age: secs_var(env, "IPAMD_MIN_ENI_AGE", d.min_eni_age)?,
             leak_cleanup: secs_var(env, "IPAMD_LEAKED_ENI_CLEANUP_INTERVAL", d.leak_cleanup)?,
             subnet_full_backoff: secs_var(env, "IPAMD_SUBNET_FULL_BACKOFF", d.subnet_full_backoff)?,
+            allocation_grace: secs_var(env, "IPAMD_ALLOCATION_GRACE", d.allocation_grace)?,
         };
         if timing.pool_check.is_zero() {
             return Err(ConfigError {

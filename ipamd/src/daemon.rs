@@ -25,9 +25,28 @@ use crate::netconf::NodeNetwork;
 use crate::node::{self, NodeInfo};
 use crate::server::{self, Shared};
 
-/// An allocation this young is kept at restart even without a host veth: the plugin may
-/// still be wiring it (ipamd answered, then restarted before the veth existed).
-pub const RESTORE_GRACE: Duration = Duration::from_secs(60);
+/// Allocations whose pod's host veth is gone and which are older than `grace`: the plugin's
+/// DEL never reached ipamd (it was down or unreachable; the plugin still cleaned the host).
+pub fn orphaned(
+    ds: &Datastore,
+    veth_prefix: &str,
+    now: SystemTime,
+    grace: Duration,
+    veth_exists: &dyn Fn(&str) -> bool,
+) -> Vec<crate::datastore::Key> {
+    ds.allocations()
+        .filter(|a| !a.pod.name.is_empty())
+        .filter(|a| now.duration_since(a.allocated_at).unwrap_or_default() >= grace)
+        .filter(|a| {
+            !veth_exists(&cni_proto::naming::host_veth_name(
+                veth_prefix,
+                &a.pod.namespace,
+                &a.pod.name,
+            ))
+        })
+        .map(|a| a.key.clone())
+        .collect()
+}
 
 /// Does a host interface with this name exist in our network namespace?
 pub fn link_exists(name: &str) -> bool {
@@ -40,6 +59,7 @@ pub fn restore(
     loaded: &checkpoint::Loaded,
     veth_prefix: &str,
     now: SystemTime,
+    grace: Duration,
     veth_exists: &dyn Fn(&str) -> bool,
 ) -> Vec<String> {
     let mut dropped = loaded.problems.clone();
@@ -58,7 +78,7 @@ pub fn restore(
             ));
             continue;
         }
-        let old = now.duration_since(at).unwrap_or_default() >= RESTORE_GRACE;
+        let old = now.duration_since(at).unwrap_or_default() >= grace;
         if old && !pod.name.is_empty() {
             let veth = cni_proto::naming::host_veth_name(veth_prefix, &pod.namespace, &pod.name);
             if !veth_exists(&veth) {
@@ -261,6 +281,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         &loaded,
         &cfg.veth_prefix,
         SystemTime::now(),
+        cfg.timing.allocation_grace,
         &link_exists,
     ) {
         warn!("checkpoint: {d}");
@@ -289,6 +310,39 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     ));
     shared.initialised.store(true, Ordering::Release);
     shared.update_health().await;
+
+    // Addresses of pods whose DEL never arrived go back to the pool.
+    let sweeper = shared.clone();
+    let (veth_prefix, grace, every) = (
+        cfg.veth_prefix.clone(),
+        cfg.timing.allocation_grace,
+        cfg.timing.reconcile,
+    );
+    tokio::spawn(async move {
+        let mut t = tokio::time::interval(every);
+        t.tick().await;
+        loop {
+            t.tick().await;
+            let (released, gen) = {
+                let mut ds = sweeper.ds.lock().await;
+                let now = SystemTime::now();
+                let stale = orphaned(&ds, &veth_prefix, now, grace, &link_exists);
+                let released: Vec<_> = stale.iter().filter_map(|k| ds.release(k, now)).collect();
+                (released, ds.generation())
+            };
+            if released.is_empty() {
+                continue;
+            }
+            for a in &released {
+                warn!(container = %a.key.container_id, pod = %format!("{}/{}", a.pod.namespace, a.pod.name), ip = %a.ip, "pod's host veth is gone and no DEL came; address released");
+            }
+            if let Err(e) = sweeper.committer.commit(gen).await {
+                warn!(error = %e, "checkpoint after releasing orphaned allocations");
+            }
+            sweeper.pool_changed.notify_one();
+            sweeper.update_health().await;
+        }
+    });
 
     // Cooldowns expire on their own; health must follow them without a request.
     let ticker = shared.clone();

@@ -12,8 +12,8 @@ use crate::cloud::{eventually, Instance};
 use crate::cni::CniClient;
 use crate::ipamd_proc::health;
 use crate::netns::Netns;
-use crate::vpc::{Vpc, VpcNode, INTERNET_IP};
 use crate::try_sh;
+use crate::vpc::{Vpc, VpcNode, INTERNET_IP};
 
 /// A port the internet namespace answers on with the address it sees the caller as.
 pub const WHOAMI_PORT: u16 = 8081;
@@ -33,6 +33,15 @@ impl NodeSpec {
                 .collect(),
         }
     }
+}
+
+/// An ENI as EC2 shows it.
+pub struct SimEni {
+    pub device: u64,
+    pub id: String,
+    pub primary_ip: String,
+    pub secondary: Vec<String>,
+    pub prefixes: Vec<String>,
 }
 
 pub struct Pod {
@@ -172,7 +181,11 @@ impl Sim {
 
     pub fn start_ipamd(&mut self, node: usize) {
         let n = &mut self.nodes[node];
-        let env: Vec<(&str, &str)> = n.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let env: Vec<(&str, &str)> = n
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         n.node.start_ipamd(&n.dir, &env);
     }
 
@@ -181,7 +194,18 @@ impl Sim {
         for _ in 0..3 {
             // Two packets: the first also pays for neighbour resolution on every hop.
             let out = try_sh(&[
-                "ip", "netns", "exec", &from.ns.name, "ping", "-c", "2", "-i", "0.2", "-W", "1", dst,
+                "ip",
+                "netns",
+                "exec",
+                &from.ns.name,
+                "ping",
+                "-c",
+                "2",
+                "-i",
+                "0.2",
+                "-W",
+                "1",
+                dst,
             ]);
             if out.status.success() {
                 let text = String::from_utf8_lossy(&out.stdout);
@@ -202,19 +226,7 @@ impl Sim {
             return;
         }
         let inet = self.vpc.internet.as_ref().expect("internet").name.clone();
-        let script = format!(
-            "import socket\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
-             s.bind(('0.0.0.0',{WHOAMI_PORT}));s.listen(64)\n\
-             while True:\n  c,a=s.accept();c.sendall(a[0].encode());c.close()\n"
-        );
-        let child = std::process::Command::new("ip")
-            .args(["netns", "exec", &inet, "python3", "-c", &script])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("whoami server");
-        self.whoami = Some(child);
-        std::thread::sleep(Duration::from_millis(300));
+        self.whoami = Some(whoami(&inet, WHOAMI_PORT));
     }
 
     /// The address the internet sees `pod` as (after SNAT), or the error.
@@ -224,25 +236,27 @@ impl Sim {
         tcp_text(&p.ns.name, INTERNET_IP, WHOAMI_PORT)
     }
 
-    /// The ENIs EC2 shows for a node: (device, ENI id, primary IP, secondary IPs, prefixes).
-    pub fn enis(&self, node: usize) -> Vec<(u64, String, String, Vec<String>, Vec<String>)> {
+    /// The ENIs EC2 shows for a node.
+    pub fn enis(&self, node: usize) -> Vec<SimEni> {
         let strs = |v: &Value| -> Vec<String> {
             v.as_array()
-                .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_str().map(str::to_string))
+                        .collect()
+                })
                 .unwrap_or_default()
         };
         self.vpc
             .shim
             .attached(&self.nodes[node].inst().id)
             .iter()
-            .map(|e| {
-                (
-                    e["device_index"].as_u64().unwrap_or(0),
-                    e["id"].as_str().unwrap_or("").to_string(),
-                    e["primary_ip"].as_str().unwrap_or("").to_string(),
-                    strs(&e["secondary_ips"]),
-                    strs(&e["prefixes"]),
-                )
+            .map(|e| SimEni {
+                device: e["device_index"].as_u64().unwrap_or(0),
+                id: e["id"].as_str().unwrap_or("").to_string(),
+                primary_ip: e["primary_ip"].as_str().unwrap_or("").to_string(),
+                secondary: strs(&e["secondary_ips"]),
+                prefixes: strs(&e["prefixes"]),
             })
             .collect()
     }
@@ -251,8 +265,8 @@ impl Sim {
     pub fn device_of(&self, node: usize, ip: &str) -> Option<u64> {
         self.enis(node)
             .into_iter()
-            .find(|e| e.3.iter().any(|a| a == ip))
-            .map(|e| e.0)
+            .find(|e| e.secondary.iter().any(|a| a == ip))
+            .map(|e| e.device)
     }
 
     /// Every pod gone through libcni, every ipamd stopped; namespaces go when dropped.
@@ -295,7 +309,24 @@ pub fn tcp_text(ns: &str, ip: &str, port: u16) -> Result<String, String> {
     }
 }
 
-/// A one-shot TCP server in `ns` on `port` answering `text`.
+/// A TCP server in `ns` that answers every caller with the address it sees it as.
+pub fn whoami(ns: &str, port: u16) -> std::process::Child {
+    let script = format!(
+        "import socket\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+         s.bind(('0.0.0.0',{port}));s.listen(64)\n\
+         while True:\n  c,a=s.accept();c.sendall(a[0].encode());c.close()\n"
+    );
+    let c = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "python3", "-c", &script])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("whoami server");
+    std::thread::sleep(Duration::from_millis(300));
+    c
+}
+
+/// A TCP server in `ns` on `port` answering `text`.
 pub fn serve_text(ns: &str, port: u16, text: &str) -> std::process::Child {
     let script = format!(
         "import socket\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
@@ -324,7 +355,8 @@ pub fn teardown(dir: &Path, prefix: &str) -> Vec<String> {
         .map(str::to_string)
         .collect();
     for ns in &names {
-        let pids = String::from_utf8_lossy(&try_sh(&["ip", "netns", "pids", ns]).stdout).into_owned();
+        let pids =
+            String::from_utf8_lossy(&try_sh(&["ip", "netns", "pids", ns]).stdout).into_owned();
         for pid in pids.split_whitespace() {
             try_sh(&["kill", "-9", pid]);
             done.push(format!("killed {pid} in {ns}"));

@@ -67,7 +67,10 @@ fn run(keep: bool) -> bool {
     let t0 = std::time::Instant::now();
     let spec = || NodeSpec::new("t3.medium", &[]);
     let mut sim = Sim::up(&dir, PREFIX, &[spec(), spec()]);
-    println!("sim: both ipamds serving after {:.1}s", t0.elapsed().as_secs_f64());
+    println!(
+        "sim: both ipamds serving after {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
 
     let mut all_ok = true;
     // Node 1: a web pod with a host port, then enough pods that one lands on a secondary ENI.
@@ -102,7 +105,8 @@ fn run(keep: bool) -> bool {
             n.inst().instance_type,
             n.inst().primary_ip
         );
-        for (dev, id, ip, sec, pfx) in sim.enis(i) {
+        for e in sim.enis(i) {
+            let (dev, id, ip, sec, pfx) = (e.device, e.id, e.primary_ip, e.secondary, e.prefixes);
             println!(
                 "  eth{dev} {id} {ip}: {} secondary IPs {}{}",
                 sec.len(),
@@ -119,7 +123,8 @@ fn run(keep: bool) -> bool {
                 "  pod {:<4} {:<12} on eth{}",
                 p.name,
                 p.ip,
-                sim.device_of(i, &p.ip).map_or("?".into(), |d| d.to_string())
+                sim.device_of(i, &p.ip)
+                    .map_or("?".into(), |d| d.to_string())
             );
         }
     }
@@ -189,13 +194,23 @@ fn run(keep: bool) -> bool {
 
     println!();
     if keep {
-        println!("sim: left running (state in {}); `sim down` removes it", dir.display());
+        println!(
+            "sim: left running (state in {}); `sim down` removes it",
+            dir.display()
+        );
         std::mem::forget(sim);
     } else {
         sim.down();
         teardown(&dir, PREFIX);
         println!("sim: torn down");
     }
-    println!("sim: {}", if all_ok { "all checks passed" } else { "some checks FAILED" });
+    println!(
+        "sim: {}",
+        if all_ok {
+            "all checks passed"
+        } else {
+            "some checks FAILED"
+        }
+    );
     all_ok
 }
