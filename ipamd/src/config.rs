@@ -66,6 +66,10 @@ pub struct Config {
     pub additional_eni_tags: BTreeMap<String, String>,
     pub timing: Timing,
     pub net: NetConfig,
+    /// INTROSPECTION_BIND_ADDRESS (127.0.0.1:61679); None with DISABLE_INTROSPECTION=true.
+    pub introspection: Option<std::net::SocketAddr>,
+    /// Metrics on :61678 (ours: IPAMD_METRICS_BIND_ADDRESS); None with DISABLE_METRICS=true.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -326,7 +330,36 @@ impl Config {
         }
         let external_snat = bool_var(env, "AWS_VPC_K8S_CNI_EXTERNALSNAT", false)?;
         let net = net_config(env, &veth_prefix, external_snat)?;
+        let addr =
+            |var: &'static str, default: &str| -> Result<std::net::SocketAddr, ConfigError> {
+                let v = env(var)
+                    .filter(|v| !v.trim().is_empty())
+                    .unwrap_or_else(|| default.into());
+                // Go's ":61678" means every address.
+                let v2 = if v.starts_with(':') {
+                    format!("0.0.0.0{v}")
+                } else {
+                    v.clone()
+                };
+                v2.parse().map_err(|_| ConfigError {
+                    var,
+                    value: v,
+                    why: "must be host:port, e.g. 127.0.0.1:61679".into(),
+                })
+            };
+        let introspection = if bool_var(env, "DISABLE_INTROSPECTION", false)? {
+            None
+        } else {
+            Some(addr("INTROSPECTION_BIND_ADDRESS", "127.0.0.1:61679")?)
+        };
+        let metrics = if bool_var(env, "DISABLE_METRICS", false)? {
+            None
+        } else {
+            Some(addr("IPAMD_METRICS_BIND_ADDRESS", ":61678")?)
+        };
         Ok(Config {
+            introspection,
+            metrics,
             net,
             targets,
             ec2_endpoint: env("AWS_EC2_ENDPOINT").filter(|s| !s.trim().is_empty()),

@@ -311,6 +311,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     shared.initialised.store(true, Ordering::Release);
     shared.update_health().await;
 
+    let m = crate::metrics::global();
+    m.eni_max.set(enis_allowed as i64);
+    m.ip_max.set(
+        (enis_allowed as i64)
+            * (limits.ipv4_per_eni.saturating_sub(1) as i64)
+            * if prefix_delegation { 16 } else { 1 },
+    );
+    if let Some(a) = cfg.metrics {
+        tokio::spawn(crate::http::serve(a, shared.clone(), true));
+    }
+    if let Some(a) = cfg.introspection {
+        tokio::spawn(crate::http::serve(a, shared.clone(), false));
+    }
+
     // Addresses of pods whose DEL never arrived go back to the pool.
     let sweeper = shared.clone();
     let (veth_prefix, grace, every) = (

@@ -174,6 +174,10 @@ impl<E: Ec2> Manager<E> {
                     self.node.unmanaged.len(),
                     self.timing.min_eni_age,
                 );
+                let (short, over) = warm::short_over(&v, &self.targets);
+                let m = crate::metrics::global();
+                m.pool_short.set(short as i64);
+                m.pool_over.set(over as i64);
                 (
                     warm::plan(&v, &self.targets, may_release),
                     warm::ceiling(&v, &self.targets),
@@ -233,6 +237,19 @@ impl<E: Ec2> Manager<E> {
     }
 
     fn on_error(&mut self, step: &Step, e: &CloudError) {
+        let what = match step {
+            Step::AssignIps { .. } | Step::AssignPrefixes { .. } => {
+                "increaseIPPoolAllocIPAddressesFailed"
+            }
+            Step::NewEni { .. } => "increaseIPPoolAllocENI",
+            Step::ReleaseIps { .. } | Step::ReleasePrefixes { .. } => "decreaseIPPoolFreeIPsFailed",
+            Step::FreeEni { .. } => "decreaseIPPoolFreeENIFailed",
+            Step::Nothing => "pool",
+        };
+        crate::metrics::global()
+            .ipamd_error_count
+            .with_label_values(&[what])
+            .inc();
         match e.kind {
             ErrorKind::SubnetFull | ErrorKind::NoCidrBlocks => {
                 let what = if e.kind == ErrorKind::SubnetFull {
@@ -590,6 +607,10 @@ impl<E: Ec2> Manager<E> {
             return;
         }
         info!("IMDS differs from the pool; asking EC2");
+        crate::metrics::global()
+            .reconcile_count
+            .with_label_values(&["eniReconcile"])
+            .inc();
         match self
             .ec2
             .describe_enis(EniFilter::AttachedTo(self.node.instance_id.clone()))

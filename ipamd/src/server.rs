@@ -147,6 +147,9 @@ impl CniBackend for Backend {
         let r = req.into_inner();
         let span = info_span!("AddNetwork", pod = %format!("{}/{}", r.k8s_pod_namespace, r.k8s_pod_name), container = %r.container_id, ifname = %r.if_name);
         async move {
+            let m = crate::metrics::global();
+            m.add_ip_req_count.inc();
+            let _timer = m.add_network_seconds.start_timer();
             check_client(&r.client_version, "AddNetwork");
             let s = &self.0;
             if r.container_id.is_empty() || r.if_name.is_empty() {
@@ -198,10 +201,12 @@ impl CniBackend for Backend {
             let alloc = match res {
                 Ok(a) => a,
                 Err(e @ AssignError::MaxPods(_)) => {
+                    m.no_available_ip_addresses.inc();
                     warn!(error = %e, "refused");
                     return Ok(add_refusal(FailureReason::MaxPodsReached, e.to_string()));
                 }
                 Err(e @ AssignError::PoolEmpty { .. }) => {
+                    m.no_available_ip_addresses.inc();
                     let (reason, msg) = s.empty_pool_reason(&e);
                     warn!(error = %msg, "refused");
                     s.update_health().await;
@@ -232,6 +237,15 @@ impl CniBackend for Backend {
         let r = req.into_inner();
         let span = info_span!("DelNetwork", pod = %format!("{}/{}", r.k8s_pod_namespace, r.k8s_pod_name), container = %r.container_id, ifname = %r.if_name, reason = %r.reason);
         async move {
+            let m = crate::metrics::global();
+            m.del_ip_req_count
+                .with_label_values(&[if r.reason.is_empty() {
+                    "PodDeleted"
+                } else {
+                    r.reason.as_str()
+                }])
+                .inc();
+            let _timer = m.del_network_seconds.start_timer();
             check_client(&r.client_version, "DelNetwork");
             let s = &self.0;
             let key = Key {

@@ -181,6 +181,25 @@ pub fn too_low(v: &PoolView, t: &Targets) -> bool {
     avail < target * unit || (target == 0 && avail == 0)
 }
 
+/// (short, over) of the targets, for metrics: addresses (prefixes under delegation with IP
+/// targets, as upstream counts them).
+pub fn short_over(v: &PoolView, t: &Targets) -> (usize, usize) {
+    if t.ip_targets() {
+        return ip_target_state(v, t);
+    }
+    let short = if too_low(v, t) {
+        let (target, unit) = if t.prefix_delegation {
+            (t.warm_prefix as usize, PREFIX_SIZE)
+        } else {
+            (t.warm_eni as usize, v.slots_per_eni)
+        };
+        (target * unit).max(1).saturating_sub(v.available())
+    } else {
+        0
+    };
+    (short, surplus(v, t))
+}
+
 /// Surplus to give back now, in addresses (IP mode) or prefixes (prefix mode). Warm-ENI mode
 /// never returns single addresses, only whole ENIs.
 pub fn surplus(v: &PoolView, t: &Targets) -> usize {

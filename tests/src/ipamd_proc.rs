@@ -37,8 +37,13 @@ impl Ipamd {
             .env("IPAMD_SOCKET_PATH", &socket)
             .env("AWS_VPC_K8S_CNI_BACKING_STORE", &checkpoint)
             .env("AWS_VPC_K8S_CNI_LOG_FILE", &log)
-            .env("AWS_VPC_K8S_CNI_LOGLEVEL", "DEBUG")
-            .envs(env.iter().copied())
+            .env("AWS_VPC_K8S_CNI_LOGLEVEL", "DEBUG");
+        if netns.is_none() {
+            // Outside a namespace of its own, ipamd would listen on the machine's ports.
+            cmd.env("DISABLE_METRICS", "true")
+                .env("DISABLE_INTROSPECTION", "true");
+        }
+        cmd.envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());

@@ -389,3 +389,16 @@ pub fn teardown(dir: &Path, prefix: &str) -> Vec<String> {
     }
     done
 }
+
+/// GET `url` from inside `ns`: (status, body).
+pub fn http_get(ns: &str, url: &str) -> (u16, String) {
+    let script = format!(
+        "import urllib.request as u, urllib.error as e, sys\n\
+         try:\n r=u.urlopen('{url}',timeout=5); print(r.status); sys.stdout.write(r.read().decode())\n\
+         except e.HTTPError as x:\n print(x.code); sys.stdout.write(x.read().decode())\n"
+    );
+    let out = try_sh(&["ip", "netns", "exec", ns, "python3", "-c", &script]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (status, body) = text.split_once('\n').unwrap_or((&text, ""));
+    (status.trim().parse().unwrap_or(0), body.to_string())
+}

@@ -123,6 +123,18 @@ impl<E: Ec2> Guarded<E> {
     }
 
     fn record(&self, op: &'static str, took: Duration, err: Option<&CloudError>) {
+        crate::metrics::global().ec2_call(
+            op,
+            took.as_secs_f64() * 1000.0,
+            err.map(|e| {
+                let code = if e.code.is_empty() {
+                    "transport"
+                } else {
+                    e.code.as_str()
+                };
+                (code, e.kind == ErrorKind::Throttled)
+            }),
+        );
         if let Ok(mut s) = self.stats.lock() {
             s.total += 1;
             *s.calls.entry(op).or_default() += 1;

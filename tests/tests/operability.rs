@@ -1,0 +1,109 @@
+//! What an operator reads off a running ipamd on the simulated VPC: introspection and
+//! Prometheus metrics, checked against the pool's real state.
+
+use integration::cloud::eventually;
+use integration::sim::{http_get, NodeSpec, Sim};
+use serde_json::Value;
+
+fn metric(text: &str, line_prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(line_prefix) && l[line_prefix.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn introspection_and_metrics_match_the_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Sim::up(dir.path(), "o", &[NodeSpec::new("t3.medium", &[])]);
+    for name in ["a", "b", "c"] {
+        s.add_pod(0, name, "").unwrap();
+    }
+    let ns = s.nodes[0].ns().to_string();
+    // Let the pool settle (the first pod makes ipamd attach a second ENI).
+    eventually(20, "two ENIs", || (s.enis(0).len() == 2).then_some(()));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let enis = s.enis(0);
+    let total: usize = enis.iter().map(|e| e.secondary.len()).sum();
+
+    let (st, body) = http_get(&ns, "http://127.0.0.1:61679/v1/enis");
+    assert_eq!(st, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let card = &v["0"];
+    assert_eq!(card["AssignedIPs"], 3);
+    assert_eq!(card["TotalIPs"], total);
+    for e in &enis {
+        let got = &card["ENIs"][&e.id];
+        assert_eq!(got["DeviceNumber"], e.device, "{got}");
+        assert_eq!(got["IsPrimary"], e.device == 0);
+        for ip in &e.secondary {
+            let cidr = &got["AvailableIPv4Cidrs"][format!("{ip}/32")];
+            assert_eq!(cidr["Cidr"]["Mask"], "/////w==", "{cidr}");
+        }
+    }
+    for p in &s.nodes[0].pods {
+        let dev = s.device_of(0, &p.ip).unwrap();
+        let eni = &enis.iter().find(|e| e.device == dev).unwrap().id;
+        let a =
+            &card["ENIs"][eni]["AvailableIPv4Cidrs"][format!("{}/32", p.ip)]["IPAddresses"][&p.ip];
+        assert_eq!(a["IPAMMetadata"]["k8sPodName"], p.name.as_str(), "{a}");
+        assert_eq!(
+            a["IPAMKey"]["containerID"], "",
+            "container ids are scrubbed"
+        );
+        assert_ne!(a["AssignedTime"], "0001-01-01T00:00:00Z");
+    }
+    assert!(!body.contains("cid-"), "no container id anywhere");
+
+    let (st, body) = http_get(&ns, "http://127.0.0.1:61679/v1/pods");
+    assert_eq!(st, 200);
+    let pods: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(pods.as_array().unwrap().len(), 3);
+    let (st, body) = http_get(&ns, "http://127.0.0.1:61679/v1/ipamd-env-settings");
+    assert_eq!(st, 200);
+    let env: Value = serde_json::from_str(&body).unwrap();
+    assert!(env.get("WARM_ENI_TARGET").is_some(), "{env}");
+    let (st, body) = http_get(&ns, "http://127.0.0.1:61679/v1/networkutils-env-settings");
+    assert_eq!(st, 200);
+    assert!(body.contains("AWS_VPC_K8S_CNI_EXTERNALSNAT"));
+    assert_eq!(
+        http_get(&ns, "http://127.0.0.1:61679/v1/eni-configs").0,
+        404
+    );
+
+    let (st, m) = http_get(&ns, "http://127.0.0.1:61678/metrics");
+    assert_eq!(st, 200);
+    assert_eq!(metric(&m, "awscni_assigned_ip_addresses"), Some(3.0), "{m}");
+    assert_eq!(metric(&m, "awscni_total_ip_addresses"), Some(total as f64));
+    assert_eq!(metric(&m, "awscni_eni_allocated"), Some(enis.len() as f64));
+    assert_eq!(metric(&m, "awscni_eni_max"), Some(3.0));
+    assert_eq!(metric(&m, "awscni_ip_max"), Some(15.0));
+    assert_eq!(metric(&m, "awscni_add_ip_req_count"), Some(3.0));
+    assert_eq!(metric(&m, "awscni_add_network_seconds_count"), Some(3.0));
+    assert_eq!(metric(&m, "awscni_cooldown_ip_addresses"), Some(0.0));
+    assert!(
+        metric(
+            &m,
+            "awscni_ec2api_req_count{fn=\"AssignPrivateIpAddresses\"}"
+        )
+        .unwrap()
+            >= 1.0
+    );
+    assert_eq!(
+        metric(&m, "awscni_ec2api_req_count{fn=\"CreateNetworkInterface\"}"),
+        Some(1.0)
+    );
+    assert!(m.contains("awscni_build_info{"));
+
+    // A DEL shows up as a cooling address.
+    s.del_pod(0, "c");
+    let (_, m) = http_get(&ns, "http://127.0.0.1:61678/metrics");
+    assert_eq!(metric(&m, "awscni_assigned_ip_addresses"), Some(2.0));
+    assert_eq!(metric(&m, "awscni_cooldown_ip_addresses"), Some(1.0));
+    assert_eq!(
+        metric(&m, "awscni_del_ip_req_count{reason=\"PodDeleted\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    s.down();
+}
