@@ -415,8 +415,29 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tokio::spawn(mgr.run());
     }
 
-    server::serve(&cfg.socket, shared, shutdown_signal()).await
+    // On SIGTERM the server stops taking connections and finishes what is in flight; a client
+    // that keeps an idle connection open must not hold the node's daemon up, so the wait is
+    // bounded.
+    let stopping = Arc::new(tokio::sync::Notify::new());
+    let s2 = stopping.clone();
+    let signalled = async move {
+        shutdown_signal().await;
+        s2.notify_one();
+    };
+    tokio::select! {
+        r = server::serve(&cfg.socket, shared, signalled) => r,
+        _ = async {
+            stopping.notified().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            warn!("connections still open {}s after SIGTERM; exiting", SHUTDOWN_GRACE.as_secs());
+            Ok(())
+        }
+    }
 }
+
+/// How long in-flight requests get after SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};

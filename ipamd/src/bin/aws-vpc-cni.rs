@@ -1,0 +1,194 @@
+//! `aws-vpc-cni`: the aws-node container's entrypoint.
+//!
+//! `aws-vpc-cni`              validate, install aws-cni, run ipamd, write the conflist once an
+//!                            address can be allocated, then supervise ipamd.
+//! `aws-vpc-cni init`         the init container: install the chained plugins, set sysctls.
+//! `aws-vpc-cni probe [--live]` exit 0 when ipamd is ready (SERVING), or with --live when it
+//!                            answers at all: the readiness and liveness probes.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use ipamd::entrypoint::{self, EntryConfig};
+
+fn env(k: &str) -> Option<String> {
+    std::env::var(k).ok()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("aws-vpc-cni: cannot start runtime: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn socket() -> std::path::PathBuf {
+    env("IPAMD_SOCKET_PATH")
+        .filter(|s| !s.is_empty())
+        .map(Into::into)
+        .unwrap_or_else(|| cni_proto::DEFAULT_SOCKET.into())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        None => run(),
+        Some("init") => init(),
+        Some("probe") => {
+            let live = args.iter().any(|a| a == "--live");
+            match runtime().block_on(entrypoint::health(&socket())) {
+                Some(true) => ExitCode::SUCCESS,
+                Some(false) if live => ExitCode::SUCCESS,
+                Some(false) => {
+                    eprintln!("ipamd answers but cannot allocate an address yet");
+                    ExitCode::FAILURE
+                }
+                None => {
+                    eprintln!("ipamd does not answer on {}", socket().display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Some(other) => {
+            eprintln!("aws-vpc-cni: unknown command {other:?} (init, probe)");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init() -> ExitCode {
+    let to = env("HOST_CNI_BIN_PATH")
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "/host/opt/cni/bin".into());
+    let r = entrypoint::exe_dir().and_then(|from| {
+        entrypoint::install_plugins(
+            &from,
+            to.as_ref(),
+            &["loopback", "portmap", "bandwidth", "host-local"],
+            &[],
+        )
+    });
+    match r {
+        Ok(done) => println!("aws-vpc-cni init: installed {} into {to}", done.join(", ")),
+        Err(e) => {
+            eprintln!("aws-vpc-cni init: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    }
+    // Pods' traffic is routed by the node.
+    if let Err(e) = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1") {
+        eprintln!("aws-vpc-cni init: net.ipv4.ip_forward=1: {e}");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+fn run() -> ExitCode {
+    let (entry, _cfg) = match EntryConfig::from_env(&env) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("aws-vpc-cni: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let conflist = match entry.render_conflist() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("aws-vpc-cni: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let dir = match entrypoint::exe_dir() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("aws-vpc-cni: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) =
+        entrypoint::install_plugins(&dir, &entry.host_cni_bin, &["aws-cni"], &["aws-cni"])
+    {
+        eprintln!("aws-vpc-cni: installing aws-cni: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    println!(
+        "aws-vpc-cni: installed aws-cni into {}",
+        entry.host_cni_bin.display()
+    );
+    let mut child = match std::process::Command::new(dir.join("ipamd")).spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("aws-vpc-cni: start ipamd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // From here SIGTERM/SIGINT go to ipamd (blocked in this thread and those it starts, waited
+    // for by one of them); ipamd was started before, so it does not inherit the block.
+    let pid = child.id() as i32;
+    if let Some(signals) = signal_set() {
+        std::thread::spawn(move || {
+            if let Ok(sig) = signals.wait() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+            }
+        });
+    }
+    let sock = socket();
+    let t0 = Instant::now();
+    // The node is ready for pods when an ADD would get an address, not when gRPC first answers.
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            eprintln!("aws-vpc-cni: ipamd exited with {st} before it could allocate an address");
+            return ExitCode::FAILURE;
+        }
+        // A runtime per check: dropping it closes the connection (an idle one left open would
+        // hold up ipamd's graceful shutdown).
+        if runtime().block_on(entrypoint::health(&sock)) == Some(true) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if let Err(e) = entrypoint::write_atomic(
+        &entry.host_cni_conf,
+        entrypoint::CONFLIST_NAME,
+        conflist.as_bytes(),
+        0o644,
+    ) {
+        eprintln!("aws-vpc-cni: writing the conflist: {e:#}");
+        let _ = child.kill();
+        return ExitCode::FAILURE;
+    }
+    println!(
+        "aws-vpc-cni: ipamd can allocate after {:.1}s; wrote {}",
+        t0.elapsed().as_secs_f64(),
+        entry
+            .host_cni_conf
+            .join(entrypoint::CONFLIST_NAME)
+            .display()
+    );
+    match child.wait() {
+        Ok(s) if s.success() => ExitCode::SUCCESS,
+        Ok(s) => {
+            eprintln!("aws-vpc-cni: ipamd exited with {s}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("aws-vpc-cni: waiting for ipamd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn signal_set() -> Option<nix::sys::signal::SigSet> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut s = SigSet::empty();
+    s.add(Signal::SIGTERM);
+    s.add(Signal::SIGINT);
+    s.thread_block().ok()?;
+    Some(s)
+}

@@ -1,0 +1,232 @@
+//! What upstream's `aws-vpc-cni` (the aws-node container's entrypoint) and `aws-vpc-cni-init`
+//! (its init container) do: validate the environment, install the plugins on the host, start
+//! ipamd, and only once ipamd can hand out an address, write `10-aws.conflist` - the moment the
+//! kubelet considers the node's network ready. Upstream writes it as soon as gRPC answers, so
+//! pods are scheduled onto a node that cannot give them an address yet (issues #330, #1724).
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use crate::config::{Config, ConfigError};
+
+/// The conflist template shipped in the image (`config/10-aws.conflist`).
+pub const CONFLIST_TEMPLATE: &str = include_str!("../../config/10-aws.conflist");
+pub const CONFLIST_NAME: &str = "10-aws.conflist";
+
+/// The entrypoint's own settings (ipamd's are validated by `Config`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryConfig {
+    pub host_cni_bin: PathBuf,
+    pub host_cni_conf: PathBuf,
+    pub veth_prefix: String,
+    pub pod_mtu: u32,
+    pub sg_mode: String,
+    pub plugin_log_file: String,
+    pub plugin_log_level: String,
+    pub randomize_snat: String,
+}
+
+fn err(var: &'static str, value: &str, why: &str) -> ConfigError {
+    ConfigError {
+        var,
+        value: value.to_string(),
+        why: why.to_string(),
+    }
+}
+
+impl EntryConfig {
+    /// Validate everything the entrypoint and ipamd read, naming the first bad variable.
+    pub fn from_env(
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<(EntryConfig, Config), ConfigError> {
+        let cfg = Config::from_env(env)?;
+        let get = |k: &str, d: &str| {
+            env(k)
+                .filter(|v| !v.trim().is_empty())
+                .unwrap_or_else(|| d.to_string())
+        };
+        let pod_mtu = match env("POD_MTU").filter(|v| !v.trim().is_empty()) {
+            None => cfg.net.mtu,
+            Some(v) => match v.trim().parse::<u32>() {
+                Ok(m) if (576..=9001).contains(&m) => m,
+                _ => return Err(err("POD_MTU", &v, "must be between 576 and 9001")),
+            },
+        };
+        let sg_mode = get("POD_SECURITY_GROUP_ENFORCING_MODE", "strict");
+        if sg_mode != "strict" && sg_mode != "standard" {
+            return Err(err(
+                "POD_SECURITY_GROUP_ENFORCING_MODE",
+                &sg_mode,
+                "must be strict or standard",
+            ));
+        }
+        let plugin_log_level = get("AWS_VPC_K8S_PLUGIN_LOG_LEVEL", "Debug");
+        if plugin_log_level
+            .parse::<tracing_subscriber::filter::LevelFilter>()
+            .is_err()
+        {
+            return Err(err(
+                "AWS_VPC_K8S_PLUGIN_LOG_LEVEL",
+                &plugin_log_level,
+                "must be a log level (debug, info, warn, error, off)",
+            ));
+        }
+        let randomize_snat = get("AWS_VPC_K8S_CNI_RANDOMIZESNAT", "prng");
+        Ok((
+            EntryConfig {
+                host_cni_bin: PathBuf::from(get("HOST_CNI_BIN_PATH", "/host/opt/cni/bin")),
+                host_cni_conf: PathBuf::from(get("HOST_CNI_CONFDIR_PATH", "/host/etc/cni/net.d")),
+                veth_prefix: cfg.veth_prefix.clone(),
+                pod_mtu,
+                sg_mode,
+                plugin_log_file: get(
+                    "AWS_VPC_K8S_PLUGIN_LOG_FILE",
+                    "/var/log/aws-routed-eni/plugin.log",
+                ),
+                plugin_log_level,
+                randomize_snat,
+            },
+            cfg,
+        ))
+    }
+
+    /// The conflist with upstream's substitutions, checked to be JSON.
+    pub fn render_conflist(&self) -> anyhow::Result<String> {
+        let out = CONFLIST_TEMPLATE
+            .replace("__VETHPREFIX__", &self.veth_prefix)
+            .replace("__MTU__", &self.pod_mtu.to_string())
+            .replace("__PODSGENFORCINGMODE__", &self.sg_mode)
+            .replace("__PLUGINLOGFILE__", &self.plugin_log_file)
+            .replace("__PLUGINLOGLEVEL__", &self.plugin_log_level)
+            .replace("__RANDOMIZESNAT__", &self.randomize_snat);
+        serde_json::from_str::<serde_json::Value>(&out).context("rendered conflist is not JSON")?;
+        Ok(out)
+    }
+}
+
+/// Write `data` to `dir/name` so readers see the old file or the whole new one.
+pub fn write_atomic(dir: &Path, name: &str, data: &[u8], mode: u32) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+    f.write_all(data)?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, dir.join(name))
+        .with_context(|| format!("rename into {}", dir.display()))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Copy the plugin binaries found next to this executable into the host's CNI bin directory.
+pub fn install_plugins(
+    from: &Path,
+    to: &Path,
+    names: &[&str],
+    required: &[&str],
+) -> anyhow::Result<Vec<String>> {
+    let mut done = Vec::new();
+    for name in names {
+        let src = from.join(name);
+        if !src.exists() {
+            if required.contains(name) {
+                bail!("{} is missing from the image", src.display());
+            }
+            continue;
+        }
+        let data = std::fs::read(&src).with_context(|| format!("read {}", src.display()))?;
+        write_atomic(to, name, &data, 0o755)?;
+        done.push(name.to_string());
+    }
+    Ok(done)
+}
+
+/// The directory holding this executable (the image's binaries live together).
+pub fn exe_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("find own executable")?;
+    Ok(exe
+        .parent()
+        .context("executable has no directory")?
+        .to_path_buf())
+}
+
+/// gRPC health of ipamd over its socket: Some(true) SERVING, Some(false) answering but not
+/// serving, None when it does not answer.
+pub async fn health(socket: &Path) -> Option<bool> {
+    use tonic_health::pb::health_client::HealthClient;
+    let path = socket.to_path_buf();
+    let channel = tonic::transport::Endpoint::from_static("http://ipamd.sock")
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(2))
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .ok()?;
+    let r = HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .ok()?;
+    Some(r.into_inner().status() == tonic_health::pb::health_check_response::ServingStatus::Serving)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn renders_upstream_substitutions() {
+        let (e, _) = EntryConfig::from_env(&with(&[
+            ("POD_MTU", "1500"),
+            ("AWS_VPC_K8S_CNI_VETHPREFIX", "abc"),
+        ]))
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&e.render_conflist().unwrap()).unwrap();
+        let p = &v["plugins"][0];
+        assert_eq!(p["type"], "aws-cni");
+        assert_eq!(p["vethPrefix"], "abc");
+        assert_eq!(p["mtu"], "1500");
+        assert_eq!(p["podSGEnforcingMode"], "strict");
+        assert_eq!(p["pluginLogLevel"], "Debug");
+        assert_eq!(v["plugins"][1]["type"], "portmap");
+        assert!(!e.render_conflist().unwrap().contains("__"));
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (var, val) in [
+            ("POD_MTU", "100"),
+            ("POD_SECURITY_GROUP_ENFORCING_MODE", "loose"),
+            ("AWS_VPC_K8S_PLUGIN_LOG_LEVEL", "chatty"),
+            ("AWS_VPC_K8S_CNI_VETHPREFIX", "eth"),
+            ("AWS_VPC_ENI_MTU", "20000"),
+        ] {
+            let pairs: &'static [(&'static str, &'static str)] =
+                Box::leak(vec![(var, val)].into_boxed_slice());
+            assert_eq!(EntryConfig::from_env(&with(pairs)).unwrap_err().var, var);
+        }
+    }
+}
