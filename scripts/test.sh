@@ -14,12 +14,18 @@ cargo test --workspace --lib --bins --tests --no-fail-fast 2>&1 | tee "$log" || 
 pylog=$(mktemp)
 trap 'rm -f "$log" "$pylog"' EXIT
 .venv/bin/python -m unittest discover -s tests/rig -p 'test_*.py' 2>&1 | tee "$pylog" || rc=$?
-# One closing line over all test binaries and the shim's suite.
+# The manifests, the Helm chart (rendered by Go's text/template) and the conflist template.
+mlog=$(mktemp)
+trap 'rm -f "$log" "$pylog" "$mlog"' EXIT
+.venv/bin/python scripts/check-manifests.py 2>&1 | tee "$mlog" || rc=$?
+# One closing line over all test binaries, the shim's suite and the manifest checks.
 awk '/^test result:/ { p += $4; f += $6 } END { printf "%d %d\n", p, f }' "$log" | {
   read -r p f
   ran=$(sed -n 's/^Ran \([0-9]*\) tests\?.*/\1/p' "$pylog" | tail -1)
   pyfail=$(awk '/^FAILED \(/ { while (match($0, /[0-9]+/)) { n += substr($0, RSTART, RLENGTH); $0 = substr($0, RSTART + RLENGTH) } } END { print n + 0 }' "$pylog")
   ran=${ran:-0}; pyfail=${pyfail:-0}
-  echo "tests: $((p + ran - pyfail)) passed, $((f + pyfail)) failed"
+  mok=$(sed -n 's/^manifests: \([0-9]*\) checks passed/\1/p' "$mlog")
+  mfail=$(grep -c '^FAIL ' "$mlog" || true)
+  echo "tests: $((p + ran - pyfail + ${mok:-0})) passed, $((f + pyfail + mfail)) failed"
 }
 exit "$rc"
