@@ -18,6 +18,14 @@ trap 'rm -f "$log" "$pylog"' EXIT
 mlog=$(mktemp)
 trap 'rm -f "$log" "$pylog" "$mlog"' EXIT
 .venv/bin/python scripts/check-manifests.py 2>&1 | tee "$mlog" || rc=$?
+# The benchmark in smoke mode (a few iterations of everything), so it does not rot.
+if target/debug/bench --smoke --out target/bench/smoke.json > target/bench-smoke.log 2>&1; then
+  echo "bench --smoke: ran"
+else
+  rc=1
+  echo "FAIL bench --smoke (target/bench-smoke.log)" | tee -a "$mlog"
+  tail -20 target/bench-smoke.log
+fi
 # One closing line over all test binaries, the shim's suite and the manifest checks.
 awk '/^test result:/ { p += $4; f += $6 } END { printf "%d %d\n", p, f }' "$log" | {
   read -r p f

@@ -39,7 +39,13 @@ pub fn unique(prefix: &str) -> String {
 /// `deps/` directory (target/debug), where `cargo build --workspace --bins` puts it.
 pub fn bin(name: &str) -> PathBuf {
     if let Ok(d) = std::env::var("AWS_CNI_BIN_DIR") {
-        return PathBuf::from(d).join(name);
+        let d = PathBuf::from(d);
+        let d = if d.is_relative() {
+            std::env::current_dir().expect("cwd").join(d)
+        } else {
+            d
+        };
+        return d.join(name);
     }
     let exe = std::env::current_exe().expect("current exe");
     // Test executables live in target/debug/deps, binaries (the `sim` command) in target/debug.

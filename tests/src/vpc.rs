@@ -62,13 +62,6 @@ fn strs(v: &Value) -> Vec<String> {
 }
 
 impl Fabric {
-    /// `ip -n <router> <args>`.
-    fn ip(&self, args: &str) {
-        let mut full = vec!["ip", "-n", &self.router];
-        full.extend(args.split_whitespace());
-        sh(&full);
-    }
-
     fn try_ip(&self, args: &str) {
         let mut full = vec!["ip", "-n", &self.router];
         full.extend(args.split_whitespace());
@@ -86,6 +79,7 @@ impl Fabric {
         let nodes = self.nodes.lock().map_err(|_| "poisoned")?.clone();
         let mut wired = self.wired.lock().map_err(|_| "poisoned")?;
         let mut present = HashSet::new();
+        let mut errors: Vec<String> = Vec::new();
         for e in &enis {
             let (Some(id), Some(inst)) = (e["id"].as_str(), e["instance_id"].as_str()) else {
                 continue;
@@ -93,6 +87,10 @@ impl Fabric {
             let Some(node) = nodes.get(inst) else {
                 continue;
             };
+            // A node whose namespace is gone took its links with it: forget its ENIs.
+            if !Path::new(&format!("/var/run/netns/{node}")).exists() {
+                continue;
+            }
             let dev = e["device_index"].as_u64().unwrap_or(0);
             let cidr = e["subnet_cidr"].as_str().unwrap_or("");
             let gw = gateway(cidr).ok_or(format!("subnet {cidr:?}"))?;
@@ -187,7 +185,16 @@ impl Fabric {
                 } else {
                     format!("route replace {r} via {primary} dev {rif} onlink")
                 };
-                self.ip(&route);
+                let mut full = vec!["ip", "-n", &self.router];
+                full.extend(route.split_whitespace());
+                let out = try_sh(&full);
+                if !out.status.success() {
+                    // Keep wiring the other ENIs; report this one.
+                    errors.push(format!(
+                        "{route}: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ));
+                }
             }
             for r in w.routes.difference(&want) {
                 self.try_ip(&format!("route del {r} dev {rif}"));
@@ -206,7 +213,11 @@ impl Fabric {
                 let _ = w.node_ns;
             }
         }
-        Ok(())
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
     }
 }
 
@@ -251,7 +262,19 @@ impl Vpc {
         let f = fabric.clone();
         let thread = std::thread::spawn(move || {
             while !f.stop.load(Ordering::Relaxed) {
-                if let Err(e) = f.sync() {
+                // A failed `ip` command panics; the fabric must keep going (and say why).
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f.sync()));
+                let err = match r {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e),
+                    Err(p) => Some(
+                        p.downcast_ref::<String>()
+                            .cloned()
+                            .unwrap_or_else(|| "fabric step panicked".into()),
+                    ),
+                };
+                if let Some(e) = err {
+                    eprintln!("vpc fabric: {e}");
                     if let Ok(mut g) = f.error.lock() {
                         *g = Some(e);
                     }

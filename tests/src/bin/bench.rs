@@ -1,0 +1,785 @@
+//! bench: where the project stands, measured on the simulated VPC with the real binaries.
+//!
+//! `bench [--smoke] [--out FILE]`. Every timing is printed next to a baseline measured in the
+//! same run (Debian's bridge + host-local driven by the same libcni client, or /bin/true), as a
+//! ratio, and next to the kernel floor where there is one. Figures go to stdout as one table and
+//! to a JSON file (default target/bench/results.json). `--smoke` runs a few iterations of
+//! everything, to keep the benchmark from rotting; its figures mean nothing.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cni_proto::{AddNetworkRequest, DelNetworkRequest, StatusRequest};
+use integration::cloud::{eventually, Instance};
+use integration::cni::CniClient;
+use integration::ipamd_proc::client;
+use integration::netns::Netns;
+use integration::vpc::{Vpc, VpcNode};
+use serde_json::{json, Value};
+
+struct Row {
+    section: &'static str,
+    name: String,
+    ours: String,
+    baseline: String,
+    ratio: String,
+    floor: String,
+}
+
+#[derive(Default)]
+struct Report {
+    rows: Vec<Row>,
+    json: serde_json::Map<String, Value>,
+}
+
+impl Report {
+    fn row(
+        &mut self,
+        section: &'static str,
+        name: &str,
+        ours: String,
+        baseline: Option<String>,
+        ratio: Option<f64>,
+        floor: Option<String>,
+    ) {
+        self.rows.push(Row {
+            section,
+            name: name.to_string(),
+            ours,
+            baseline: baseline.unwrap_or_else(|| "-".into()),
+            ratio: ratio.map_or("-".into(), |r| format!("{r:.2}")),
+            floor: floor.unwrap_or_else(|| "-".into()),
+        });
+    }
+    fn set(&mut self, key: &str, v: Value) {
+        self.json.insert(key.to_string(), v);
+    }
+    fn print(&self) {
+        println!();
+        println!(
+            "{:<14} {:<44} {:>24} {:>24} {:>7} {:>16}",
+            "section", "measure", "ours", "baseline", "ratio", "floor"
+        );
+        println!("{}", "-".repeat(134));
+        for r in &self.rows {
+            println!(
+                "{:<14} {:<44} {:>24} {:>24} {:>7} {:>16}",
+                r.section, r.name, r.ours, r.baseline, r.ratio, r.floor
+            );
+        }
+    }
+}
+
+/// (p50, p90, p99, max) in ms.
+fn pct(mut v: Vec<f64>) -> [f64; 4] {
+    if v.is_empty() {
+        return [0.0; 4];
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    [at(0.5), at(0.9), at(0.99), v[v.len() - 1]]
+}
+
+fn fmt4(p: [f64; 4]) -> String {
+    format!("{:.1}/{:.1}/{:.1}/{:.1}", p[0], p[1], p[2], p[3])
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn add_req(cid: &str) -> AddNetworkRequest {
+    AddNetworkRequest {
+        client_version: "bench".into(),
+        k8s_pod_name: cid.into(),
+        k8s_pod_namespace: "bench".into(),
+        container_id: cid.into(),
+        if_name: "eth0".into(),
+        network_name: "aws-cni".into(),
+        netns: "/var/run/netns/none".into(),
+        ..Default::default()
+    }
+}
+
+fn del_req(cid: &str) -> DelNetworkRequest {
+    DelNetworkRequest {
+        client_version: "bench".into(),
+        container_id: cid.into(),
+        if_name: "eth0".into(),
+        network_name: "aws-cni".into(),
+        reason: "PodDeleted".into(),
+        ..Default::default()
+    }
+}
+
+/// The baseline chain: Debian's bridge with host-local, driven by the same libcni client.
+fn bridge_client(node: &str, dir: &Path) -> CniClient {
+    let bindir = dir.join("bin");
+    std::fs::create_dir_all(&bindir).expect("bin");
+    for p in ["bridge", "host-local"] {
+        let _ = std::os::unix::fs::symlink(format!("/usr/lib/cni/{p}"), bindir.join(p));
+    }
+    let conflist = dir.join("bridge.conflist");
+    std::fs::write(
+        &conflist,
+        json!({"cniVersion": "1.0.0", "name": "bridge-net", "plugins": [{
+            "type": "bridge", "bridge": "cnibr0", "isGateway": true, "ipMasq": false,
+            "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.88.0.0/16"}]],
+                     "dataDir": dir.join("host-local")}}]})
+        .to_string(),
+    )
+    .expect("conflist");
+    CniClient {
+        node: node.to_string(),
+        conflist,
+        bindir,
+        cache: dir.join("cache"),
+    }
+}
+
+/// ADD then DEL `n` times, one pod at a time: (add ms, del ms).
+fn sequential(c: &CniClient, pod: &Netns, tag: &str, n: usize) -> (Vec<f64>, Vec<f64>) {
+    let (mut adds, mut dels) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let cid = format!("{tag}-{i}");
+        let t = Instant::now();
+        c.ok("add", &cid, pod, "p", "");
+        adds.push(ms(t.elapsed()));
+        let t = Instant::now();
+        c.ok("del", &cid, pod, "p", "");
+        dels.push(ms(t.elapsed()));
+    }
+    (adds, dels)
+}
+
+/// `n` pods at once: every ADD started together, then every DEL: (add ms each, del ms each).
+fn burst(c: &CniClient, pods: &[Netns], tag: &str) -> (Vec<f64>, Vec<f64>) {
+    let run = |cmd: &'static str| -> Vec<f64> {
+        std::thread::scope(|s| {
+            let hs: Vec<_> = pods
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    s.spawn(move || {
+                        let t = Instant::now();
+                        c.ok(cmd, &format!("{tag}-{i}"), p, &format!("b{i}"), "");
+                        ms(t.elapsed())
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().expect("burst thread"))
+                .collect()
+        })
+    };
+    let adds = run("add");
+    let dels = run("del");
+    (adds, dels)
+}
+
+/// The bare kernel work of one ADD, done directly: veth pair created in place, pod address, the
+/// two pod routes, the neighbour, the host route and the rule. (Deleting the veth is not timed.)
+fn floor(node: &Netns, pod: &Netns, n: usize) -> Vec<f64> {
+    use aws_cni::netlink::{gateway_route, host_route, Netlink, Rule, MAIN_TABLE};
+    use std::net::Ipv4Addr;
+    let rt = rt();
+    rt.block_on(async {
+        let host_ns = std::fs::File::open(node.path()).expect("node ns");
+        let pod_ns = std::fs::File::open(pod.path()).expect("pod ns");
+        let host = Netlink::in_netns(&host_ns).expect("host netlink");
+        let inner = Netlink::in_netns(&pod_ns).expect("pod netlink");
+        let ip = Ipv4Addr::new(10, 99, 0, 5);
+        let gw = Ipv4Addr::new(169, 254, 1, 1);
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let t = Instant::now();
+            host.add_veth_into("flr0", "eth0", 9001, &pod_ns)
+                .await
+                .expect("veth");
+            let h = host
+                .link_by_name("flr0")
+                .await
+                .expect("link")
+                .expect("host veth");
+            let p = inner
+                .link_by_name("eth0")
+                .await
+                .expect("link")
+                .expect("pod veth");
+            let (hi, pi) = (h.header.index, p.header.index);
+            host.set_up(hi).await.expect("up");
+            inner.set_up(pi).await.expect("up");
+            inner.add_addr(pi, ip, 32).await.expect("addr");
+            inner
+                .replace_route(host_route(gw, pi, MAIN_TABLE))
+                .await
+                .expect("route");
+            inner
+                .replace_route(gateway_route(gw, pi))
+                .await
+                .expect("default");
+            let mac = aws_cni::netlink::link_mac(&h);
+            inner.replace_neighbour(pi, gw, &mac).await.expect("neigh");
+            host.replace_route(host_route(ip, hi, MAIN_TABLE))
+                .await
+                .expect("host route");
+            host.add_rule(&Rule {
+                priority: 512,
+                table: MAIN_TABLE,
+                src: None,
+                dst: Some(ip),
+            })
+            .await
+            .expect("rule");
+            out.push(ms(t.elapsed()));
+            host.del_rule(&Rule {
+                priority: 512,
+                table: MAIN_TABLE,
+                src: None,
+                dst: Some(ip),
+            })
+            .await
+            .expect("del rule");
+            host.del_link(hi).await.expect("del veth");
+        }
+        out
+    })
+}
+
+fn wall(cmd: &[&str], env: &[(&str, &str)], n: usize) -> Vec<f64> {
+    (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            let _ = Command::new(cmd[0])
+                .args(&cmd[1..])
+                .envs(env.iter().copied())
+                .output();
+            ms(t.elapsed())
+        })
+        .collect()
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// CPU seconds (user + system) the process has used.
+fn cpu_s(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 of /proc/pid/stat (utime, stime) are 11 and 12 after the ")".
+    (t(11) + t(12)) / 100.0
+}
+
+fn status(sock: &Path) -> i32 {
+    rt().block_on(async {
+        client(sock)
+            .await
+            .status(StatusRequest::default())
+            .await
+            .map(|r| r.into_inner().available_addresses)
+            .unwrap_or(0)
+    })
+}
+
+/// `n` ADD+DEL cycles `gap` apart, as pods come and go; a refused ADD is retried after 200 ms
+/// (as the kubelet would). Returns the number of refusals.
+fn paced_churn(sock: &Path, tag: &str, n: usize, gap: Duration) -> usize {
+    rt().block_on(async {
+        let mut c = client(sock).await;
+        let mut refused = 0;
+        for i in 0..n {
+            let cid = format!("{tag}-{i}");
+            loop {
+                let r = c
+                    .add_network(add_req(&cid))
+                    .await
+                    .expect("add")
+                    .into_inner();
+                if r.success {
+                    break;
+                }
+                refused += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            c.del_network(del_req(&cid)).await.expect("del");
+            tokio::time::sleep(gap).await;
+        }
+        refused
+    })
+}
+
+fn grpc_churn(sock: &Path, tag: &str, n: usize, hold: bool) -> Vec<f64> {
+    rt().block_on(async {
+        let mut c = client(sock).await;
+        let mut lat = Vec::new();
+        for i in 0..n {
+            let cid = format!("{tag}-{i}");
+            let t = Instant::now();
+            let r = c
+                .add_network(add_req(&cid))
+                .await
+                .expect("add")
+                .into_inner();
+            lat.push(ms(t.elapsed()));
+            assert!(r.success, "AddNetwork: {}", r.message);
+            if !hold {
+                c.del_network(del_req(&cid)).await.expect("del");
+            }
+        }
+        lat
+    })
+}
+
+/// A new instance beside the first one (one VPC, one subnet: the router serves one VPC).
+fn instance(vpc: &Vpc, itype: &str) -> Instance {
+    static FIRST: std::sync::OnceLock<Instance> = std::sync::OnceLock::new();
+    match FIRST.get() {
+        Some(f) => vpc.shim.instance_beside(itype, f),
+        None => {
+            let i = vpc.shim.instance(itype, "10.0.0.0/16");
+            let _ = FIRST.set(i.clone());
+            i
+        }
+    }
+}
+
+/// A fresh node of `itype` in `vpc` with ipamd started with `env` (after the rig's defaults).
+fn node(vpc: &Vpc, dir: &Path, itype: &str, env: &[(&str, &str)]) -> VpcNode {
+    let inst = instance(vpc, itype);
+    let mut n = vpc.add_node(dir, &inst, 0);
+    n.start_ipamd(dir, env);
+    n
+}
+
+/// Upstream's clocks, except a 5 s cooldown so 1,000 cycles fit in a minute without the
+/// cooling addresses exhausting the node.
+const UPSTREAM_DEFAULTS: &[(&str, &str)] = &[
+    ("IPAMD_POOL_CHECK_INTERVAL", "5"),
+    ("IPAMD_DECREASE_INTERVAL", "30"),
+    ("IPAMD_RECONCILE_INTERVAL", "60"),
+    ("IPAMD_MIN_ENI_AGE", "60"),
+    ("IP_COOLDOWN_PERIOD", "5"),
+];
+
+fn calls(vpc: &Vpc) -> (u64, Value) {
+    let c = vpc.shim.calls();
+    (c["total"].as_u64().unwrap_or(0), c["by_action"].clone())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let smoke = args.iter().any(|a| a == "--smoke");
+    let out = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target/bench/results.json"));
+    let n = |full: usize, quick: usize| if smoke { quick } else { full };
+    let mut r = Report::default();
+    let top = tempfile::tempdir().expect("tempdir");
+
+    // ---- plugin process cost ------------------------------------------------------------
+    let aws_cni = integration::bin("aws-cni");
+    let shipped = std::env::var("AWS_CNI_SHIPPED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| aws_cni.clone());
+    let bridge = "/usr/lib/cni/bridge";
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0) as f64 / 1e6;
+    r.row(
+        "plugin",
+        "binary size, MB (shipped aws-cni vs bridge)",
+        format!("{:.2}", size(&shipped)),
+        Some(format!("{:.2}", size(Path::new(bridge)))),
+        Some(size(&shipped) / size(Path::new(bridge))),
+        None,
+    );
+    let ver = [("CNI_COMMAND", "VERSION")];
+    let ours = pct(wall(&[shipped.to_str().unwrap_or("")], &ver, n(200, 5)));
+    let base = pct(wall(&[bridge], &ver, n(200, 5)));
+    let truth = pct(wall(&["/bin/true"], &[], n(200, 5)));
+    r.row(
+        "plugin",
+        "VERSION wall p50, ms (vs bridge)",
+        format!("{:.2}", ours[0]),
+        Some(format!("{:.2}", base[0])),
+        Some(ours[0] / base[0]),
+        Some(format!("true {:.2}", truth[0])),
+    );
+    r.set(
+        "version_ms",
+        json!({"ours": ours, "bridge": base, "true": truth}),
+    );
+
+    // ---- the main node: ADD/DEL latency ----------------------------------------------------
+    eprintln!("bench: starting the VPC and a warm m5.4xlarge node ...");
+    let vpc = Vpc::start_named(top.path(), 0, "bn");
+    let main_dir = top.path().join("main");
+    std::fs::create_dir_all(&main_dir).expect("dir");
+    let warm = n(150, 40).to_string();
+    let main = node(
+        &vpc,
+        &main_dir,
+        "m5.4xlarge",
+        &[
+            ("MINIMUM_IP_TARGET", warm.as_str()),
+            ("IP_COOLDOWN_PERIOD", "0"),
+            ("IPAMD_ALLOCATION_GRACE", "3600"),
+        ],
+    );
+    let sock = main.ipamd().socket.clone();
+    let want: i32 = warm.parse().unwrap_or(40);
+    eventually(120, "the warm pool", || {
+        (status(&sock) >= want).then_some(())
+    });
+    let ours = CniClient::new(&main.ns.name, &main_dir, &sock).first_plugin_only(&main_dir);
+    let bdir = main_dir.join("bridge");
+    std::fs::create_dir_all(&bdir).expect("dir");
+    let base = bridge_client(&main.ns.name, &bdir);
+    let pod = Netns::new("bnp");
+    let (oa, od) = sequential(&ours, &pod, "s", n(200, 5));
+    let (ba, bd) = sequential(&base, &pod, "s", n(200, 5));
+    let fl = floor(&main.ns, &pod, n(200, 5));
+    let (oa, od, ba, bd, fl) = (pct(oa), pct(od), pct(ba), pct(bd), pct(fl));
+    r.row(
+        "latency",
+        "ADD 1 at a time p50/p90/p99/max ms",
+        fmt4(oa),
+        Some(fmt4(ba)),
+        Some(oa[0] / ba[0]),
+        Some(format!("{:.2}", fl[0])),
+    );
+    r.row(
+        "latency",
+        "DEL 1 at a time p50/p90/p99/max ms",
+        fmt4(od),
+        Some(fmt4(bd)),
+        Some(od[0] / bd[0]),
+        None,
+    );
+    r.set("sequential", json!({"ours_add": oa, "ours_del": od, "bridge_add": ba, "bridge_del": bd, "floor_add": fl}));
+    for size in [n(30, 3), n(100, 5)] {
+        let pods: Vec<Netns> = (0..size).map(|_| Netns::new("bnb")).collect();
+        let (a, d) = burst(&ours, &pods, &format!("o{size}"));
+        let (x, y) = burst(&base, &pods, &format!("b{size}"));
+        let (a, d, x, y) = (pct(a), pct(d), pct(x), pct(y));
+        r.row(
+            "latency",
+            &format!("ADD burst of {size} p50/p90/p99/max ms"),
+            fmt4(a),
+            Some(fmt4(x)),
+            Some(a[0] / x[0]),
+            None,
+        );
+        r.row(
+            "latency",
+            &format!("DEL burst of {size} p50/p90/p99/max ms"),
+            fmt4(d),
+            Some(fmt4(y)),
+            Some(d[0] / y[0]),
+            None,
+        );
+        r.set(
+            &format!("burst_{size}"),
+            json!({"ours_add": a, "ours_del": d, "bridge_add": x, "bridge_del": y}),
+        );
+    }
+    // Our ADD in phases: process start + parse (VERSION), the gRPC round trip, the kernel work.
+    let grpc = pct(grpc_churn(&sock, "phase", n(200, 5), false));
+    r.row(
+        "latency",
+        "ADD phase: exec + parse (VERSION p50) ms",
+        format!("{:.2}", ours_version_p50(&aws_cni, n)),
+        None,
+        None,
+        None,
+    );
+    r.row(
+        "latency",
+        "ADD phase: AddNetwork gRPC p50 ms",
+        format!("{:.2}", grpc[0]),
+        None,
+        None,
+        None,
+    );
+    r.row(
+        "latency",
+        "ADD phase: kernel work p50 ms (floor)",
+        format!("{:.2}", fl[0]),
+        None,
+        None,
+        None,
+    );
+    r.set("phases", json!({"grpc_add": grpc, "floor": fl}));
+
+    // ---- ipamd footprint ---------------------------------------------------------------
+    let pid = main.ipamd().pid().unwrap_or(0);
+    let idle_s = if smoke { 1.0 } else { 10.0 };
+    let c0 = cpu_s(pid);
+    std::thread::sleep(Duration::from_secs_f64(idle_s));
+    let idle_cpu = (cpu_s(pid) - c0) / idle_s * 100.0;
+    let rss_idle = rss_kb(pid);
+    grpc_churn(&sock, "hold15", 15, true);
+    let rss15 = rss_kb(pid);
+    let rss_before = rss_kb(pid);
+    grpc_churn(&sock, "cycle", n(5000, 200), false);
+    let rss_after = rss_kb(pid);
+    r.row(
+        "footprint",
+        "ipamd RSS idle, MB",
+        format!("{:.1}", rss_idle as f64 / 1024.0),
+        None,
+        None,
+        None,
+    );
+    r.row(
+        "footprint",
+        "ipamd CPU idle, % of a core",
+        format!("{idle_cpu:.2}"),
+        None,
+        None,
+        None,
+    );
+    r.row(
+        "footprint",
+        "ipamd RSS with 15 pods, MB",
+        format!("{:.1}", rss15 as f64 / 1024.0),
+        None,
+        None,
+        None,
+    );
+    r.row(
+        "footprint",
+        &format!("ipamd RSS before/after {} ADD/DEL, MB", n(5000, 200)),
+        format!(
+            "{:.1} -> {:.1}",
+            rss_before as f64 / 1024.0,
+            rss_after as f64 / 1024.0
+        ),
+        None,
+        None,
+        None,
+    );
+    let big_dir = top.path().join("big");
+    std::fs::create_dir_all(&big_dir).expect("dir");
+    let big_n = n(250, 20);
+    let big_min = (big_n + 10).to_string();
+    let big = node(
+        &vpc,
+        &big_dir,
+        "m5.24xlarge",
+        &[
+            ("MINIMUM_IP_TARGET", big_min.as_str()),
+            ("IPAMD_ALLOCATION_GRACE", "3600"),
+        ],
+    );
+    let bsock = big.ipamd().socket.clone();
+    eventually(180, "the big pool", || {
+        (status(&bsock) >= big_n as i32).then_some(())
+    });
+    grpc_churn(&bsock, "hold", big_n, true);
+    r.row(
+        "footprint",
+        &format!("ipamd RSS with {big_n} pods (m5.24xlarge), MB"),
+        format!(
+            "{:.1}",
+            rss_kb(big.ipamd().pid().unwrap_or(0)) as f64 / 1024.0
+        ),
+        None,
+        None,
+        None,
+    );
+    r.set("footprint_kb", json!({"idle": rss_idle, "cpu_idle_pct": idle_cpu, "pods15": rss15,
+        "churn_before": rss_before, "churn_after": rss_after, "big": rss_kb(big.ipamd().pid().unwrap_or(0))}));
+    drop(big);
+
+    // ---- start-up on a fresh node ------------------------------------------------------
+    let fdir = top.path().join("fresh");
+    std::fs::create_dir_all(&fdir).expect("dir");
+    let inst = instance(&vpc, "t3.medium");
+    let mut fresh = vpc.add_node(&fdir, &inst, 0);
+    let t0 = Instant::now();
+    fresh.start_ipamd(&fdir, &[]);
+    let serving = ms(t0.elapsed());
+    let fsock = fresh.ipamd().socket.clone();
+    eventually(60, "first address", || (status(&fsock) > 0).then_some(()));
+    let first = ms(t0.elapsed());
+    r.row(
+        "startup",
+        "ipamd start -> serving gRPC, ms",
+        format!("{serving:.0}"),
+        None,
+        None,
+        None,
+    );
+    r.row(
+        "startup",
+        "ipamd start -> first allocatable address, ms",
+        format!("{first:.0}"),
+        None,
+        None,
+        None,
+    );
+    r.set(
+        "startup_ms",
+        json!({"serving": serving, "first_address": first}),
+    );
+
+    // ---- EC2 economy (counted at the shim) ---------------------------------------------
+    vpc.shim.reset_calls();
+    grpc_churn(&fsock, "grow", 1, true);
+    eventually(30, "a second ENI", || {
+        (vpc.shim.attached(&fresh.inst.id).len() == 2).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let (attach, by) = calls(&vpc);
+    r.row(
+        "ec2",
+        "EC2 calls per ENI attach (incl. its addresses)",
+        attach.to_string(),
+        Some("4-5 + IMDS polls".into()),
+        None,
+        None,
+    );
+    r.set(
+        "ec2_per_eni_attach",
+        json!({"total": attach, "by_action": by}),
+    );
+    drop(fresh);
+
+    for (label, latency) in [("default shim latency", 0u64), ("100 ms per EC2 call", 100)] {
+        vpc.shim.post("/_shim/latency", json!({"ms": latency}));
+        let d = top.path().join(format!("fill{latency}"));
+        std::fs::create_dir_all(&d).expect("dir");
+        let inst = instance(&vpc, "m5.4xlarge");
+        let mut f = vpc.add_node(&d, &inst, 0);
+        vpc.shim.reset_calls();
+        let t0 = Instant::now();
+        f.start_ipamd(&d, &[("MINIMUM_IP_TARGET", "100")]);
+        let s = f.ipamd().socket.clone();
+        eventually(180, "100 addresses", || (status(&s) >= 100).then_some(()));
+        let took = ms(t0.elapsed());
+        let (total, by) = calls(&vpc);
+        r.row(
+            "ec2",
+            &format!("empty pool -> 100 addresses, ms ({label})"),
+            format!("{took:.0}"),
+            None,
+            None,
+            None,
+        );
+        if latency == 0 {
+            r.row(
+                "ec2",
+                "EC2 calls to fill a pool of 100 (from start)",
+                total.to_string(),
+                None,
+                None,
+                None,
+            );
+            r.set(
+                "ec2_fill_100",
+                json!({"total": total, "by_action": by, "ms": took}),
+            );
+        } else {
+            r.set("refill_100_at_100ms", json!({"ms": took, "calls": total}));
+        }
+    }
+    vpc.shim.post("/_shim/latency", json!({"ms": 0}));
+
+    for (label, extra) in [
+        ("default targets", None),
+        ("WARM_IP_TARGET=5", Some(("WARM_IP_TARGET", "5"))),
+    ] {
+        let d = top.path().join(format!("churn{}", extra.is_some()));
+        std::fs::create_dir_all(&d).expect("dir");
+        let mut env: Vec<(&str, &str)> = UPSTREAM_DEFAULTS.to_vec();
+        env.extend(extra);
+        let c = node(&vpc, &d, "m5.4xlarge", &env);
+        let s = c.ipamd().socket.clone();
+        eventually(60, "warm", || (status(&s) > 0).then_some(()));
+        std::thread::sleep(Duration::from_secs(2));
+        // Steady state: a few pods running, then churn.
+        grpc_churn(&s, "base", 3, true);
+        std::thread::sleep(Duration::from_secs(if smoke { 1 } else { 6 }));
+        vpc.shim.reset_calls();
+        let cycles = n(1000, 30);
+        let t0 = Instant::now();
+        let refused = paced_churn(&s, "churn", cycles, Duration::from_millis(n(50, 10) as u64));
+        let churn_s = t0.elapsed().as_secs_f64();
+        std::thread::sleep(Duration::from_secs(if smoke { 1 } else { 6 }));
+        let (total, by) = calls(&vpc);
+        r.row(
+            "ec2",
+            &format!("EC2 calls per {cycles} pod churn ({label})"),
+            format!("{total} ({refused} ADD retries)"),
+            None,
+            None,
+            None,
+        );
+        r.set(&format!("ec2_churn_{}", if extra.is_some() { "warm_ip_5" } else { "default" }),
+              json!({"cycles": cycles, "seconds": churn_s, "total": total, "by_action": by, "refused": refused}));
+    }
+
+    // ---- datastore micro-benchmark (criterion, run by scripts/bench.sh) -------------------
+    for held in [1, 10, 1000] {
+        let p = format!("target/criterion/datastore_assign_release/{held}/new/estimates.json");
+        if let Ok(text) = std::fs::read_to_string(&p) {
+            let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            let ns = v["mean"]["point_estimate"].as_f64().unwrap_or(0.0);
+            r.row(
+                "datastore",
+                &format!("assign+release, {held} held (criterion)"),
+                format!("{:.0} ns = {:.2} M/s", ns, 1e3 / ns),
+                None,
+                None,
+                None,
+            );
+            r.set(&format!("datastore_{held}_ns"), json!(ns));
+        }
+    }
+
+    r.print();
+    if let Some(d) = out.parent() {
+        let _ = std::fs::create_dir_all(d);
+    }
+    let _ = std::fs::write(
+        &out,
+        serde_json::to_string_pretty(&Value::Object(r.json)).unwrap_or_default(),
+    );
+    println!(
+        "\nbench: figures in {}{}",
+        out.display(),
+        if smoke {
+            " (smoke mode: not meaningful)"
+        } else {
+            ""
+        }
+    );
+    drop(main);
+}
+
+fn ours_version_p50(bin: &Path, n: impl Fn(usize, usize) -> usize) -> f64 {
+    pct(wall(
+        &[bin.to_str().unwrap_or("")],
+        &[("CNI_COMMAND", "VERSION")],
+        n(200, 5),
+    ))[0]
+}
