@@ -86,6 +86,21 @@ pub struct Instance {
     pub raw: Value,
 }
 
+impl Instance {
+    fn from_reply(v: Value) -> Instance {
+        let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+        Instance {
+            id: s("instance_id"),
+            instance_type: s("instance_type"),
+            vpc_id: s("vpc_id"),
+            subnet_id: s("subnet_id"),
+            primary_eni: s("primary_eni"),
+            primary_ip: s("primary_ip"),
+            raw: v,
+        }
+    }
+}
+
 impl Shim {
     /// Start a shim of our own on a free port; `latency_ms` delays every EC2 call.
     pub fn start(dir: &Path, latency_ms: u64) -> Shim {
@@ -140,16 +155,7 @@ impl Shim {
             json!({"instance_type": instance_type, "vpc_cidr": "10.0.0.0/16",
                    "subnet_cidr": subnet_cidr, "az": "us-west-2a"}),
         );
-        let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
-        Instance {
-            id: s("instance_id"),
-            instance_type: s("instance_type"),
-            vpc_id: s("vpc_id"),
-            subnet_id: s("subnet_id"),
-            primary_eni: s("primary_eni"),
-            primary_ip: s("primary_ip"),
-            raw: v,
-        }
+        Instance::from_reply(v)
     }
 
     /// Another instance in the same VPC and subnet as `other`.
@@ -159,16 +165,7 @@ impl Shim {
             json!({"instance_type": instance_type, "vpc_id": other.vpc_id,
                    "subnet_id": other.subnet_id, "az": "us-west-2a"}),
         );
-        let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
-        Instance {
-            id: s("instance_id"),
-            instance_type: s("instance_type"),
-            vpc_id: s("vpc_id"),
-            subnet_id: s("subnet_id"),
-            primary_eni: s("primary_eni"),
-            primary_ip: s("primary_ip"),
-            raw: v,
-        }
+        Instance::from_reply(v)
     }
 
     pub fn pid(&self) -> Option<u32> {

@@ -139,6 +139,40 @@ impl Drop for Ipamd {
     }
 }
 
+/// An AddNetwork as the plugin sends it for pod `pod-<cid>` in `default`.
+pub fn add_req(cid: &str) -> cni_proto::AddNetworkRequest {
+    cni_proto::AddNetworkRequest {
+        client_version: "0.1.0".into(),
+        k8s_pod_name: format!("pod-{cid}"),
+        k8s_pod_namespace: "default".into(),
+        container_id: cid.into(),
+        if_name: "eth0".into(),
+        network_name: "aws-cni".into(),
+        netns: "/var/run/netns/x".into(),
+        ..Default::default()
+    }
+}
+
+pub fn del_req(cid: &str) -> cni_proto::DelNetworkRequest {
+    cni_proto::DelNetworkRequest {
+        client_version: "0.1.0".into(),
+        container_id: cid.into(),
+        if_name: "eth0".into(),
+        network_name: "aws-cni".into(),
+        reason: "PodDeleted".into(),
+        ..Default::default()
+    }
+}
+
+/// A two-thread runtime for tests that drive ipamd's socket.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 pub async fn channel(socket: &Path) -> Channel {
     let path = socket.to_path_buf();
     Endpoint::from_static("http://ipamd.sock")

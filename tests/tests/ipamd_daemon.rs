@@ -5,40 +5,9 @@ use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use cni_proto::{AddNetworkRequest, DelNetworkRequest, FailureReason, StatusRequest};
-use integration::ipamd_proc::{client, enis, health, Ipamd};
+use cni_proto::{FailureReason, StatusRequest};
+use integration::ipamd_proc::{add_req, client, del_req, enis, health, rt, Ipamd};
 use integration::netns::Netns;
-
-fn add_req(cid: &str) -> AddNetworkRequest {
-    AddNetworkRequest {
-        client_version: "0.1.0".into(),
-        k8s_pod_name: format!("pod-{cid}"),
-        k8s_pod_namespace: "default".into(),
-        container_id: cid.into(),
-        if_name: "eth0".into(),
-        network_name: "aws-cni".into(),
-        netns: "/var/run/netns/x".into(),
-        ..Default::default()
-    }
-}
-
-fn del_req(cid: &str) -> DelNetworkRequest {
-    DelNetworkRequest {
-        client_version: "0.1.0".into(),
-        container_id: cid.into(),
-        if_name: "eth0".into(),
-        network_name: "aws-cni".into(),
-        ..Default::default()
-    }
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 #[test]
 fn allocates_releases_and_reports_through_the_socket() {

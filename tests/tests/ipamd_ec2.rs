@@ -5,42 +5,11 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use cni_proto::{AddNetworkRequest, DelNetworkRequest, FailureReason, StatusRequest};
+use cni_proto::{FailureReason, StatusRequest};
 use integration::cloud::{eventually, python, Instance, Shim};
-use integration::ipamd_proc::{client, health};
+use integration::ipamd_proc::{add_req, client, del_req, health, rt};
 use integration::vpc::{Vpc, VpcNode};
 use serde_json::json;
-
-fn add_req(cid: &str) -> AddNetworkRequest {
-    AddNetworkRequest {
-        client_version: "0.1.0".into(),
-        k8s_pod_name: format!("pod-{cid}"),
-        k8s_pod_namespace: "default".into(),
-        container_id: cid.into(),
-        if_name: "eth0".into(),
-        network_name: "aws-cni".into(),
-        netns: "/var/run/netns/x".into(),
-        ..Default::default()
-    }
-}
-
-fn del_req(cid: &str) -> DelNetworkRequest {
-    DelNetworkRequest {
-        client_version: "0.1.0".into(),
-        container_id: cid.into(),
-        if_name: "eth0".into(),
-        network_name: "aws-cni".into(),
-        ..Default::default()
-    }
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// A VPC (shim, router, fabric), one instance in it, its IMDS and ipamd inside the node's
 /// namespace with the rig's fast clocks plus `env`. Fields drop in order: node, then VPC.
@@ -351,21 +320,12 @@ fn subnet_exhaustion_gives_the_reason() {
     );
 }
 
-/// Create an ENI through the EC2 API (boto3 against the shim), as a crashed ipamd would have.
-fn create_eni(shim: &Shim, inst: &Instance, tags: &[(&str, String)], description: &str) -> String {
-    let tags: Vec<_> = tags
-        .iter()
-        .map(|(k, v)| json!({"Key": k, "Value": v}))
-        .collect();
+/// Run `body` (Python, with `c` a boto3 EC2 client on the shim) and return what it prints.
+fn boto3(shim: &Shim, body: &str) -> String {
     let script = format!(
         "import boto3,json\n\
-         c=boto3.client('ec2',region_name='us-west-2',endpoint_url='{url}',aws_access_key_id='x',aws_secret_access_key='y')\n\
-         r=c.create_network_interface(SubnetId='{subnet}',Description='{description}',\
-         TagSpecifications=[{{'ResourceType':'network-interface','Tags':json.loads('{tags}')}}])\n\
-         print(r['NetworkInterface']['NetworkInterfaceId'])\n",
-        url = shim.url,
-        subnet = inst.subnet_id,
-        tags = serde_json::to_string(&tags).unwrap(),
+         c=boto3.client('ec2',region_name='us-west-2',endpoint_url='{}',aws_access_key_id='x',aws_secret_access_key='y')\n{body}\n",
+        shim.url
     );
     let out = std::process::Command::new(python())
         .args(["-c", &script])
@@ -377,6 +337,24 @@ fn create_eni(shim: &Shim, inst: &Instance, tags: &[(&str, String)], description
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Create an ENI through the EC2 API, as a crashed ipamd would have.
+fn create_eni(shim: &Shim, inst: &Instance, tags: &[(&str, String)], description: &str) -> String {
+    let tags: Vec<_> = tags
+        .iter()
+        .map(|(k, v)| json!({"Key": k, "Value": v}))
+        .collect();
+    boto3(
+        shim,
+        &format!(
+            "r=c.create_network_interface(SubnetId='{}',Description='{description}',\
+             TagSpecifications=[{{'ResourceType':'network-interface','Tags':json.loads('{}')}}])\n\
+             print(r['NetworkInterface']['NetworkInterfaceId'])",
+            inst.subnet_id,
+            serde_json::to_string(&tags).unwrap()
+        ),
+    )
 }
 
 #[test]
@@ -497,21 +475,12 @@ fn imds_lag_does_not_remove_addresses() {
 
 /// Attach an ENI through the EC2 API at `device`.
 fn attach_eni(shim: &Shim, inst: &Instance, eni: &str, device: u32) {
-    let script = format!(
-        "import boto3\n\
-         c=boto3.client('ec2',region_name='us-west-2',endpoint_url='{url}',aws_access_key_id='x',aws_secret_access_key='y')\n\
-         c.attach_network_interface(NetworkInterfaceId='{eni}',InstanceId='{inst}',DeviceIndex={device})\n",
-        url = shim.url,
-        inst = inst.id,
-    );
-    let out = std::process::Command::new(python())
-        .args(["-c", &script])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    boto3(
+        shim,
+        &format!(
+            "c.attach_network_interface(NetworkInterfaceId='{eni}',InstanceId='{}',DeviceIndex={device})",
+            inst.id
+        ),
     );
 }
 

@@ -376,3 +376,70 @@ fn traffic_leaves_by_the_owning_eni_and_is_snated_outside_the_vpc() {
         client.ok("del", &format!("cid{i}"), p, &format!("pod{i}"), "");
     }
 }
+
+#[test]
+fn earlier_layouts_and_duplicates_are_replaced_and_foreign_rules_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let vpc = Vpc::start(dir.path(), 0);
+    let inst = vpc.shim.instance("t3.medium", "10.0.1.0/24");
+    let mut node = vpc.add_node(dir.path(), &inst, 0);
+    // What an older aws-node left behind: a second chain, a duplicated jump, a stale SNAT
+    // address; and a rule that is not ours.
+    let seed = "*nat\n:AWS-SNAT-CHAIN-0 - [0:0]\n:AWS-SNAT-CHAIN-1 - [0:0]\n\
+        -A POSTROUTING -m comment --comment \"AWS SNAT CHAIN\" -j AWS-SNAT-CHAIN-0\n\
+        -A POSTROUTING -m comment --comment \"AWS SNAT CHAIN\" -j AWS-SNAT-CHAIN-0\n\
+        -A AWS-SNAT-CHAIN-0 ! -d 10.0.0.0/16 -m comment --comment \"AWS SNAT CHAIN\" -j AWS-SNAT-CHAIN-1\n\
+        -A AWS-SNAT-CHAIN-1 ! -o vlan+ -m comment --comment \"AWS, SNAT\" -m addrtype ! --dst-type LOCAL -j SNAT --to-source 10.0.9.9\n\
+        -A POSTROUTING -s 192.0.2.0/24 -j MASQUERADE\n\
+        COMMIT\n";
+    let mut child = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &node.ns.name,
+            "iptables-restore",
+            "--noflush",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(seed.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    node.start_ipamd(dir.path(), &[]);
+    let nat = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &node.ns.name,
+        "iptables-save",
+        "-t",
+        "nat",
+    ]);
+    let ours = our_lines(&nat);
+    assert_eq!(ours.len(), 7, "{nat}");
+    assert!(
+        !nat.contains("AWS-SNAT-CHAIN-1") && !nat.contains("10.0.9.9"),
+        "{nat}"
+    );
+    assert_eq!(
+        ours.iter()
+            .filter(|l| l.starts_with("-A POSTROUTING"))
+            .count(),
+        1,
+        "{nat}"
+    );
+    assert!(
+        nat.contains(&format!("--to-source {} --random-fully", inst.primary_ip)),
+        "{nat}"
+    );
+    assert!(
+        nat.contains("-A POSTROUTING -s 192.0.2.0/24 -j MASQUERADE"),
+        "{nat}"
+    );
+}

@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cni_proto::{AddNetworkRequest, DelNetworkRequest, StatusRequest};
+use cni_proto::StatusRequest;
 use integration::cloud::{eventually, Instance};
 use integration::cni::CniClient;
-use integration::ipamd_proc::client;
+use integration::ipamd_proc::{add_req, client, del_req, rt};
 use integration::netns::Netns;
 use integration::vpc::{Vpc, VpcNode};
 use serde_json::{json, Value};
@@ -87,38 +87,6 @@ fn fmt4(p: [f64; 4]) -> String {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-fn add_req(cid: &str) -> AddNetworkRequest {
-    AddNetworkRequest {
-        client_version: "bench".into(),
-        k8s_pod_name: cid.into(),
-        k8s_pod_namespace: "bench".into(),
-        container_id: cid.into(),
-        if_name: "eth0".into(),
-        network_name: "aws-cni".into(),
-        netns: "/var/run/netns/none".into(),
-        ..Default::default()
-    }
-}
-
-fn del_req(cid: &str) -> DelNetworkRequest {
-    DelNetworkRequest {
-        client_version: "bench".into(),
-        container_id: cid.into(),
-        if_name: "eth0".into(),
-        network_name: "aws-cni".into(),
-        reason: "PodDeleted".into(),
-        ..Default::default()
-    }
 }
 
 /// The baseline chain: Debian's bridge with host-local, driven by the same libcni client.
