@@ -192,7 +192,8 @@ impl Sim {
     /// Round-trip time of one ping from a pod, or None.
     pub fn ping(&self, from: &Pod, dst: &str) -> Option<f64> {
         for _ in 0..3 {
-            // Two packets: the first also pays for neighbour resolution on every hop.
+            // Three packets, the last reported: the first ones also pay for neighbour resolution on
+            // every hop (and may be answered together once it completes).
             let out = try_sh(&[
                 "ip",
                 "netns",
@@ -200,11 +201,11 @@ impl Sim {
                 &from.ns.name,
                 "ping",
                 "-c",
-                "2",
+                "3",
                 "-i",
-                "0.2",
+                "0.3",
                 "-W",
-                "1",
+                "2",
                 dst,
             ]);
             if out.status.success() {
