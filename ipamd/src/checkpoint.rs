@@ -211,12 +211,27 @@ fn salvage(data: &[u8], problem: String) -> Loaded {
 
 /// Write `f` to `path` durably: temp file, fsync, rename over, fsync the directory.
 pub fn write_atomic(path: &Path, f: &Checkpoint) -> std::io::Result<()> {
+    write_file_atomic(
+        path,
+        &serde_json::to_vec(f).map_err(std::io::Error::other)?,
+        None,
+    )
+}
+
+/// Replace `path` with `data` durably: readers see the old file or the whole new one, and after
+/// a crash the new one is there (temp file, fsync, rename, directory fsync). `mode` sets the
+/// permissions (the CNI binaries and conflist need theirs).
+pub fn write_file_atomic(path: &Path, data: &[u8], mode: Option<u32>) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir)?;
     let tmp = path.with_extension("tmp");
     {
         let mut out = File::create(&tmp)?;
-        out.write_all(&serde_json::to_vec(f).map_err(std::io::Error::other)?)?;
+        out.write_all(data)?;
+        if let Some(m) = mode {
+            out.set_permissions(fs::Permissions::from_mode(m))?;
+        }
         out.sync_all()?;
     }
     fs::rename(&tmp, path)?;

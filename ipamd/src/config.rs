@@ -388,18 +388,20 @@ impl Config {
     }
 }
 
+/// A lookup over fixed pairs, for tests of the environment parsers.
+#[cfg(test)]
+pub(crate) fn with<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+    move |k| {
+        pairs
+            .iter()
+            .find(|(n, _)| *n == k)
+            .map(|(_, v)| v.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn with(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
-        move |k| {
-            pairs
-                .iter()
-                .find(|(n, _)| *n == k)
-                .map(|(_, v)| v.to_string())
-        }
-    }
 
     #[test]
     fn upstream_defaults() {
@@ -444,9 +446,8 @@ mod tests {
             ("AWS_VPC_K8S_CNI_RANDOMIZESNAT", "yes"),
             ("AWS_EXTERNAL_SERVICE_CIDRS", "10.0.0.0"),
         ] {
-            let pairs: &'static [(&'static str, &'static str)] =
-                Box::leak(vec![(var, val)].into_boxed_slice());
-            assert_eq!(Config::from_env(&with(pairs)).unwrap_err().var, var);
+            let pairs = [(var, val)];
+            assert_eq!(Config::from_env(&with(&pairs)).unwrap_err().var, var);
         }
     }
 

@@ -4,8 +4,6 @@
 //! kubelet considers the node's network ready. Upstream writes it as soon as gRPC answers, so
 //! pods are scheduled onto a node that cannot give them an address yet (issues #330, #1724).
 
-use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -110,19 +108,9 @@ impl EntryConfig {
 
 /// Write `data` to `dir/name` so readers see the old file or the whole new one.
 pub fn write_atomic(dir: &Path, name: &str, data: &[u8], mode: u32) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
-    f.write_all(data)?;
-    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, dir.join(name))
-        .with_context(|| format!("rename into {}", dir.display()))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    let path = dir.join(name);
+    crate::checkpoint::write_file_atomic(&path, data, Some(mode))
+        .with_context(|| format!("write {}", path.display()))
 }
 
 /// Copy the plugin binaries found next to this executable into the host's CNI bin directory.
@@ -187,15 +175,7 @@ pub async fn health(socket: &Path) -> Option<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn with(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
-        move |k| {
-            pairs
-                .iter()
-                .find(|(n, _)| *n == k)
-                .map(|(_, v)| v.to_string())
-        }
-    }
+    use crate::config::with;
 
     #[test]
     fn renders_upstream_substitutions() {
@@ -224,9 +204,8 @@ mod tests {
             ("AWS_VPC_K8S_CNI_VETHPREFIX", "eth"),
             ("AWS_VPC_ENI_MTU", "20000"),
         ] {
-            let pairs: &'static [(&'static str, &'static str)] =
-                Box::leak(vec![(var, val)].into_boxed_slice());
-            assert_eq!(EntryConfig::from_env(&with(pairs)).unwrap_err().var, var);
+            let pairs = [(var, val)];
+            assert_eq!(EntryConfig::from_env(&with(&pairs)).unwrap_err().var, var);
         }
     }
 }

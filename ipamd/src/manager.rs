@@ -422,6 +422,15 @@ impl<E: Ec2> Manager<E> {
                 prefixes,
             })
             .await?;
+        let Some(primary_ip) = created.primary_ip else {
+            self.delete_eni_retrying(&created.id).await;
+            return Err(CloudError::new(
+                "CreateNetworkInterface",
+                "",
+                "ENI created without a primary address",
+                0,
+            ));
+        };
         let device = self.next_device_index(&*self.shared.ds.lock().await);
         let attachment = match self
             .ec2
@@ -430,9 +439,7 @@ impl<E: Ec2> Manager<E> {
         {
             Ok(a) => a,
             Err(e) => {
-                if let Err(d) = self.ec2.delete_eni(&created.id).await {
-                    warn!(eni = %created.id, error = %d, "could not delete the ENI that failed to attach; leak cleanup will");
-                }
+                self.delete_eni_retrying(&created.id).await;
                 return Err(e);
             }
         };
@@ -444,14 +451,6 @@ impl<E: Ec2> Manager<E> {
             self.detach_and_delete(&created.id, &attachment).await;
             return Err(e);
         }
-        let Some(primary_ip) = created.primary_ip else {
-            return Err(CloudError::new(
-                "CreateNetworkInterface",
-                "",
-                "ENI created without a primary address",
-                0,
-            ));
-        };
         let eni = Eni {
             id: created.id.clone(),
             device_number: device,
@@ -472,13 +471,21 @@ impl<E: Ec2> Manager<E> {
                 return Err(CloudError::new("ENI setup", "", e.to_string(), 0));
             }
         }
+        let added = self.shared.ds.lock().await.add_eni(eni.clone());
+        if let Err(e) = added {
+            // Only a duplicate id or address gets here: nothing on the node may use this ENI.
+            if let Some(net) = &self.net {
+                net.teardown_eni(&eni).await;
+            }
+            self.detach_and_delete(&created.id, &attachment).await;
+            return Err(CloudError::new(
+                "CreateNetworkInterface",
+                "",
+                e.to_string(),
+                0,
+            ));
+        }
         self.node.attachments.insert(created.id.clone(), attachment);
-        self.shared
-            .ds
-            .lock()
-            .await
-            .add_eni(eni)
-            .map_err(|e| CloudError::new("CreateNetworkInterface", "", e.to_string(), 0))?;
         info!(eni = %created.id, device, ips = created.secondary_ips.len(), prefixes = created.prefixes.len(), "ENI attached");
         Ok(())
     }
@@ -488,7 +495,12 @@ impl<E: Ec2> Manager<E> {
             warn!(%eni, error = %e, "detach failed; leak cleanup will retry once it is detached");
             return;
         }
-        // A detached ENI takes a moment to become available in EC2.
+        self.delete_eni_retrying(eni).await;
+    }
+
+    /// Delete an ENI, retrying while EC2 still calls it in use (a detached ENI takes a moment to
+    /// become available). What cannot be deleted is left to the leaked-ENI sweep.
+    async fn delete_eni_retrying(&self, eni: &str) {
         for attempt in 1..=5u32 {
             match self.ec2.delete_eni(eni).await {
                 Ok(()) => return,
@@ -530,19 +542,7 @@ impl<E: Ec2> Manager<E> {
         }
         self.node.attachments.remove(eni_id);
         info!(eni = eni_id, "ENI detached");
-        for attempt in 1..=5u32 {
-            match self.ec2.delete_eni(eni_id).await {
-                Ok(()) => break,
-                Err(e) if e.kind == ErrorKind::NotFound => break,
-                Err(e) if e.kind == ErrorKind::InUse && attempt < 5 => {
-                    tokio::time::sleep(Duration::from_millis(500) * attempt).await;
-                }
-                Err(e) => {
-                    warn!(eni = eni_id, error = %e, "delete failed; leak cleanup will retry");
-                    break;
-                }
-            }
-        }
+        self.delete_eni_retrying(eni_id).await;
         Ok(())
     }
 

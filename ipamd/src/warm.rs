@@ -164,6 +164,16 @@ fn ip_target_state(v: &PoolView, t: &Targets) -> (usize, usize) {
     (short.div_ceil(PREFIX_SIZE), over)
 }
 
+/// The warm target outside IP-target mode: (how many, addresses each) - WARM_PREFIX_TARGET
+/// prefixes of 16, or WARM_ENI_TARGET ENIs' worth of secondary addresses.
+fn warm_target(v: &PoolView, t: &Targets) -> (usize, usize) {
+    if t.prefix_delegation {
+        (t.warm_prefix as usize, PREFIX_SIZE)
+    } else {
+        (t.warm_eni as usize, v.slots_per_eni)
+    }
+}
+
 /// Is the pool below target? Never once it holds max pods' worth of addresses.
 pub fn too_low(v: &PoolView, t: &Targets) -> bool {
     if v.total() >= v.max_pods {
@@ -172,11 +182,7 @@ pub fn too_low(v: &PoolView, t: &Targets) -> bool {
     if t.ip_targets() {
         return ip_target_state(v, t).0 > 0;
     }
-    let (target, unit) = if t.prefix_delegation {
-        (t.warm_prefix as usize, PREFIX_SIZE)
-    } else {
-        (t.warm_eni as usize, v.slots_per_eni)
-    };
+    let (target, unit) = warm_target(v, t);
     let avail = v.available();
     avail < target * unit || (target == 0 && avail == 0)
 }
@@ -188,11 +194,7 @@ pub fn short_over(v: &PoolView, t: &Targets) -> (usize, usize) {
         return ip_target_state(v, t);
     }
     let short = if too_low(v, t) {
-        let (target, unit) = if t.prefix_delegation {
-            (t.warm_prefix as usize, PREFIX_SIZE)
-        } else {
-            (t.warm_eni as usize, v.slots_per_eni)
-        };
+        let (target, unit) = warm_target(v, t);
         (target * unit).max(1).saturating_sub(v.available())
     } else {
         0
@@ -307,13 +309,11 @@ pub fn plan(v: &PoolView, t: &Targets, may_release: bool) -> Step {
 fn deletable_eni(v: &PoolView, t: &Targets) -> Option<String> {
     let avail = v.available();
     if !t.ip_targets() {
-        let (target, unit) = if t.prefix_delegation {
-            (t.warm_prefix as usize, v.slots_per_eni * PREFIX_SIZE)
-        } else {
-            (t.warm_eni as usize, v.slots_per_eni)
-        };
+        let (target, unit) = warm_target(v, t);
+        // Upstream's shouldRemoveExtraENIs: (target + 1) ENIs' worth free, whatever the unit.
+        let eni_worth = v.slots_per_eni * if t.prefix_delegation { unit } else { 1 };
         let idle_exists = v.enis.iter().any(|e| !e.primary && e.assigned == 0);
-        if avail < (target + 1) * unit && !(t.prefix_delegation && idle_exists) {
+        if avail < (target + 1) * eni_worth && !(t.prefix_delegation && idle_exists) {
             return None;
         }
     }

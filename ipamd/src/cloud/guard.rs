@@ -2,7 +2,6 @@
 //! churn cannot trip the account-wide API limit for the whole cluster), retries of throttling and
 //! server errors with jittered exponential backoff, and the counters behind the metrics.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::Ipv4Addr;
 use std::sync::Mutex;
@@ -75,24 +74,10 @@ impl Default for RetryPolicy {
     }
 }
 
-/// Counters per API action, for metrics and the EC2-economy benchmark.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct CallStats {
-    /// Requests sent (each retry is a request).
-    pub calls: BTreeMap<&'static str, u64>,
-    /// Errors by action and code.
-    pub errors: BTreeMap<String, u64>,
-    pub throttled: u64,
-    /// Summed latency per action, milliseconds.
-    pub latency_ms: BTreeMap<&'static str, u64>,
-    pub total: u64,
-}
-
 pub struct Guarded<E> {
     inner: E,
     bucket: Mutex<Bucket>,
     policy: RetryPolicy,
-    stats: Mutex<CallStats>,
 }
 
 impl<E: Ec2> Guarded<E> {
@@ -101,12 +86,7 @@ impl<E: Ec2> Guarded<E> {
             inner,
             bucket: Mutex::new(bucket),
             policy,
-            stats: Mutex::default(),
         }
-    }
-
-    pub fn stats(&self) -> CallStats {
-        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
     async fn wait_token(&self) {
@@ -135,22 +115,6 @@ impl<E: Ec2> Guarded<E> {
                 (code, e.kind == ErrorKind::Throttled)
             }),
         );
-        if let Ok(mut s) = self.stats.lock() {
-            s.total += 1;
-            *s.calls.entry(op).or_default() += 1;
-            *s.latency_ms.entry(op).or_default() += took.as_millis() as u64;
-            if let Some(e) = err {
-                let code = if e.code.is_empty() {
-                    "transport"
-                } else {
-                    &e.code
-                };
-                *s.errors.entry(format!("{op}/{code}")).or_default() += 1;
-                if e.kind == ErrorKind::Throttled {
-                    s.throttled += 1;
-                }
-            }
-        }
     }
 
     async fn call<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T, CloudError>

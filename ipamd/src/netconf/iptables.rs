@@ -258,66 +258,46 @@ impl Default for Iptables {
     }
 }
 
-impl Iptables {
-    fn saved(&self, table: &str) -> Result<String, IptablesError> {
-        let cmd = format!("{} -t {table}", self.save);
-        let out = Command::new(&self.save)
-            .args(["-t", table])
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|source| IptablesError::Spawn {
-                cmd: cmd.clone(),
-                source,
-            })?;
-        if !out.status.success() {
-            return Err(IptablesError::Failed {
-                cmd,
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+/// Run `program args`, feeding it `input`; its stdout, or an error naming the command.
+fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String, IptablesError> {
+    let cmd = format!("{program} {}", args.join(" "));
+    let spawn = |source| IptablesError::Spawn {
+        cmd: cmd.clone(),
+        source,
+    };
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn)?;
+    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+        stdin.write_all(text.as_bytes()).map_err(spawn)?;
     }
+    let out = child.wait_with_output().map_err(spawn)?;
+    if !out.status.success() {
+        let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if let Some(text) = input {
+            stderr.push_str(&format!(" (input:\n{text})"));
+        }
+        return Err(IptablesError::Failed { cmd, stderr });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
 
+impl Iptables {
     /// Bring `table` to `want`; returns whether anything changed.
     pub fn apply(&self, table: &str, want: &TableRules) -> Result<bool, IptablesError> {
-        let saved = self.saved(table)?;
+        let saved = run(&self.save, &["-t", table], None)?;
         let Some(script) = restore_script(table, &saved, want) else {
             return Ok(false);
         };
-        let cmd = format!("{} --noflush -w", self.restore);
-        let mut child = Command::new(&self.restore)
-            .args(["--noflush", "-w"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| IptablesError::Spawn {
-                cmd: cmd.clone(),
-                source,
-            })?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(script.as_bytes())
-                .map_err(|source| IptablesError::Spawn {
-                    cmd: cmd.clone(),
-                    source,
-                })?;
-        }
-        let out = child
-            .wait_with_output()
-            .map_err(|source| IptablesError::Spawn {
-                cmd: cmd.clone(),
-                source,
-            })?;
-        if !out.status.success() {
-            return Err(IptablesError::Failed {
-                cmd,
-                stderr: format!(
-                    "{} (input:\n{script})",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ),
-            });
-        }
+        run(&self.restore, &["--noflush", "-w"], Some(&script))?;
         Ok(true)
     }
 }
