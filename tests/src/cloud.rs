@@ -51,23 +51,6 @@ fn wait_port(child: &mut Child, ready: &Path, what: &str, log: &Path) -> u16 {
     panic!("{what} did not come up");
 }
 
-fn stop(child: &mut Option<Child>) {
-    if let Some(mut c) = child.take() {
-        let _ = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = c.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-}
-
 pub struct Shim {
     child: Option<Child>,
     pub url: String,
@@ -106,7 +89,7 @@ impl Shim {
     pub fn start(dir: &Path, latency_ms: u64) -> Shim {
         let ready = dir.join("shim.port");
         let log = dir.join("shim.log");
-        let mut child = Command::new(python())
+        let mut child = crate::die_with_parent(&mut Command::new(python()))
             .arg(repo_root().join("tests/rig/ec2_shim.py"))
             .args(["--port", "0", "--latency-ms", &latency_ms.to_string()])
             .arg("--ready-file")
@@ -225,7 +208,7 @@ impl Shim {
 
 impl Drop for Shim {
     fn drop(&mut self) {
-        stop(&mut self.child);
+        crate::terminate(self.child.take());
     }
 }
 
@@ -262,7 +245,7 @@ impl FakeImds {
         if let Some(ns) = netns {
             cmd.args(["--netns", ns]);
         }
-        let mut child = cmd
+        let mut child = crate::die_with_parent(&mut cmd)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("imds log"))
@@ -321,24 +304,8 @@ impl FakeImds {
 
 impl Drop for FakeImds {
     fn drop(&mut self) {
-        stop(&mut self.child);
+        crate::terminate(self.child.take());
     }
-}
-
-/// The environment that points ipamd at the rig (plus dummy credentials: moto ignores them).
-pub fn ipamd_env(shim: &Shim, imds: &FakeImds) -> Vec<(String, String)> {
-    vec![
-        ("AWS_EC2_ENDPOINT".into(), shim.url.clone()),
-        ("AWS_EC2_METADATA_SERVICE_ENDPOINT".into(), imds.url.clone()),
-        ("AWS_ACCESS_KEY_ID".into(), "testing".into()),
-        ("AWS_SECRET_ACCESS_KEY".into(), "testing".into()),
-        // Fast clocks so the tests see the pool move in seconds, not minutes.
-        ("IPAMD_POOL_CHECK_INTERVAL".into(), "0.5".into()),
-        ("IPAMD_DECREASE_INTERVAL".into(), "1".into()),
-        ("IPAMD_RECONCILE_INTERVAL".into(), "2".into()),
-        ("IPAMD_MIN_ENI_AGE".into(), "1".into()),
-        ("IP_COOLDOWN_PERIOD".into(), "2".into()),
-    ]
 }
 
 /// Poll `f` until it returns Some or `secs` pass.

@@ -47,7 +47,9 @@ impl Ipamd {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
-        let child = cmd.spawn().expect("spawn ipamd");
+        let child = crate::die_with_parent(&mut cmd)
+            .spawn()
+            .expect("spawn ipamd");
         let mut d = Ipamd {
             child: Some(child),
             socket,
@@ -107,29 +109,7 @@ impl Ipamd {
 
     /// SIGTERM and wait.
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = nix_kill(c.id());
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn nix_kill(pid: u32) -> std::io::Result<()> {
-    let st = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()?;
-    if st.success() {
-        Ok(())
-    } else {
-        Err(std::io::Error::other("kill failed"))
+        crate::terminate(self.child.take());
     }
 }
 
@@ -162,6 +142,15 @@ pub fn del_req(cid: &str) -> cni_proto::DelNetworkRequest {
         reason: "PodDeleted".into(),
         ..Default::default()
     }
+}
+
+/// Run a future to completion on a throwaway runtime (usable inside polling closures).
+pub fn block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(f)
 }
 
 /// A two-thread runtime for tests that drive ipamd's socket.

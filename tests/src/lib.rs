@@ -62,6 +62,48 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+static KEEP_HELPERS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Let helper processes outlive this process (`sim run --keep`).
+pub fn keep_helpers() {
+    KEEP_HELPERS.store(true, Ordering::Relaxed);
+}
+
+/// Make a helper process (ipamd, the shim, fake IMDS, a test server) die with the thread that
+/// starts it, so a test that aborts instead of unwinding cannot leave it running.
+pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    if KEEP_HELPERS.load(Ordering::Relaxed) {
+        return cmd;
+    }
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only makes one
+    // async-signal-safe system call (prctl).
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        })
+    }
+}
+
+/// SIGTERM, then SIGKILL if it has not exited within 5 s.
+pub fn terminate(child: Option<std::process::Child>) {
+    let Some(mut c) = child else { return };
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(c.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = c.try_wait() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
 /// Run a command, panicking with its output if it fails.
 pub fn sh(args: &[&str]) -> String {
     let out = Command::new(args[0])

@@ -28,16 +28,21 @@ impl Netns {
             "dev",
             "lo",
         ]);
+        ns.enable_forwarding();
+        ns
+    }
+
+    /// IPv4 forwarding on, as a node that routes for its pods needs.
+    pub fn enable_forwarding(&self) {
         sh(&[
             "ip",
             "netns",
             "exec",
-            &ns.name,
+            &self.name,
             "sysctl",
             "-qw",
             "net.ipv4.ip_forward=1",
         ]);
-        ns
     }
 
     pub fn path(&self) -> String {

@@ -6,14 +6,12 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 use crate::cloud::{eventually, Instance};
 use crate::cni::CniClient;
-use crate::ipamd_proc::health;
+use crate::ipamd_proc::{block, health};
 use crate::netns::Netns;
 use crate::try_sh;
-use crate::vpc::{Vpc, VpcNode, INTERNET_IP};
+use crate::vpc::{strs, Vpc, VpcNode, INTERNET_IP};
 
 /// A port the internet namespace answers on with the address it sees the caller as.
 pub const WHOAMI_PORT: u16 = 8081;
@@ -75,14 +73,6 @@ pub struct Sim {
     pub vpc: Vpc,
     pub dir: PathBuf,
     whoami: Option<std::process::Child>,
-}
-
-fn block<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(f)
 }
 
 impl Sim {
@@ -239,15 +229,6 @@ impl Sim {
 
     /// The ENIs EC2 shows for a node.
     pub fn enis(&self, node: usize) -> Vec<SimEni> {
-        let strs = |v: &Value| -> Vec<String> {
-            v.as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|x| x.as_str().map(str::to_string))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
         self.vpc
             .shim
             .attached(&self.nodes[node].inst().id)
@@ -317,7 +298,7 @@ pub fn whoami(ns: &str, port: u16) -> std::process::Child {
          s.bind(('0.0.0.0',{port}));s.listen(64)\n\
          while True:\n  c,a=s.accept();c.sendall(a[0].encode());c.close()\n"
     );
-    let c = std::process::Command::new("ip")
+    let c = crate::die_with_parent(&mut std::process::Command::new("ip"))
         .args(["netns", "exec", ns, "python3", "-c", &script])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -334,7 +315,7 @@ pub fn serve_text(ns: &str, port: u16, text: &str) -> std::process::Child {
          s.bind(('0.0.0.0',{port}));s.listen(8)\n\
          while True:\n  c,a=s.accept();c.sendall(b'{text}');c.close()\n"
     );
-    let c = std::process::Command::new("ip")
+    let c = crate::die_with_parent(&mut std::process::Command::new("ip"))
         .args(["netns", "exec", ns, "python3", "-c", &script])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())

@@ -51,7 +51,8 @@ fn gateway(cidr: &str) -> Option<String> {
     Some(std::net::Ipv4Addr::from((u32::from(ip) & mask) + 1).to_string())
 }
 
-fn strs(v: &Value) -> Vec<String> {
+/// The strings of a JSON array (none for anything else).
+pub fn strs(v: &Value) -> Vec<String> {
     v.as_array()
         .map(|a| {
             a.iter()
@@ -356,15 +357,7 @@ impl Vpc {
     /// before this returns), and its fake IMDS + EC2 relay inside it.
     pub fn add_node(&self, dir: &Path, inst: &Instance, imds_lag_ms: u64) -> VpcNode {
         let ns = Netns::new(&format!("{}n", self.prefix));
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &ns.name,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-        ]);
+        ns.enable_forwarding();
         self.fabric
             .nodes
             .lock()

@@ -5,9 +5,9 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use cni_proto::{FailureReason, StatusRequest};
+use cni_proto::{AddNetworkReply, FailureReason, StatusReply, StatusRequest};
 use integration::cloud::{eventually, python, Instance, Shim};
-use integration::ipamd_proc::{add_req, client, del_req, health, rt};
+use integration::ipamd_proc::{add_req, block, client, del_req, health, rt};
 use integration::vpc::{Vpc, VpcNode};
 use serde_json::json;
 
@@ -43,6 +43,48 @@ fn node_with(
 }
 
 impl Node {
+    /// One AddNetwork through ipamd's socket.
+    fn add(&self, cid: &str) -> AddNetworkReply {
+        block(async {
+            client(&self.node.ipamd().socket)
+                .await
+                .add_network(add_req(cid))
+                .await
+                .unwrap()
+                .into_inner()
+        })
+    }
+
+    /// AddNetwork for `<prefix><i>`, each of which must succeed.
+    fn add_ok(&self, prefix: &str, range: std::ops::Range<usize>) {
+        for i in range {
+            let r = self.add(&format!("{prefix}{i}"));
+            assert!(r.success, "{r:?}");
+        }
+    }
+
+    fn del_all(&self, prefix: &str, n: usize) {
+        block(async {
+            let mut c = client(&self.node.ipamd().socket).await;
+            for i in 0..n {
+                c.del_network(del_req(&format!("{prefix}{i}")))
+                    .await
+                    .unwrap();
+            }
+        })
+    }
+
+    fn status(&self) -> StatusReply {
+        block(async {
+            client(&self.node.ipamd().socket)
+                .await
+                .status(StatusRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+        })
+    }
+
     /// (ENIs, secondary IPs, prefixes) attached in EC2.
     fn ec2(&self) -> (usize, usize, usize) {
         self.vpc.shim.addresses(&self.node.inst.id)
@@ -83,15 +125,6 @@ fn fresh_node_reaches_warm_target_and_reports_ready() {
     );
 }
 
-/// Run a future to completion on a throwaway runtime (inside `eventually` closures).
-fn block<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
-}
-
 #[test]
 fn pods_attach_enis_up_to_the_limit_then_shrink_back() {
     let n = node(
@@ -104,16 +137,11 @@ fn pods_attach_enis_up_to_the_limit_then_shrink_back() {
     );
     n.wait_ec2((1, 5, 0), 20);
     n.vpc.shim.reset_calls();
-    rt().block_on(async {
-        let mut c = client(&n.node.ipamd().socket).await;
+    {
         let mut ok = HashSet::new();
         let mut refused = Vec::new();
         for i in 0..30 {
-            let r = c
-                .add_network(add_req(&format!("c{i}")))
-                .await
-                .unwrap()
-                .into_inner();
+            let r = n.add(&format!("c{i}"));
             if r.success {
                 assert!(
                     ok.insert(r.ip_address[0].i_pv4_addr.clone()),
@@ -134,7 +162,7 @@ fn pods_attach_enis_up_to_the_limit_then_shrink_back() {
                 r.message
             );
         }
-    });
+    }
     n.wait_ec2((3, 15, 0), 10);
     let calls = n.vpc.shim.calls();
     let by = &calls["by_action"];
@@ -156,12 +184,7 @@ fn pods_attach_enis_up_to_the_limit_then_shrink_back() {
     }
 
     // Everything released: after the cooldown, the idle ENIs go back down to the target.
-    rt().block_on(async {
-        let mut c = client(&n.node.ipamd().socket).await;
-        for i in 0..30 {
-            c.del_network(del_req(&format!("c{i}"))).await.unwrap();
-        }
-    });
+    n.del_all("c", 30);
     n.wait_ec2((1, 5, 0), 30);
     let left: Vec<_> = n
         .vpc
@@ -184,25 +207,10 @@ fn warm_ip_and_minimum_ip_targets() {
         &[("WARM_IP_TARGET", "2"), ("MINIMUM_IP_TARGET", "4")],
     );
     n.wait_ec2((1, 4, 0), 20);
-    rt().block_on(async {
-        let mut c = client(&n.node.ipamd().socket).await;
-        for i in 0..6 {
-            let r = c
-                .add_network(add_req(&format!("w{i}")))
-                .await
-                .unwrap()
-                .into_inner();
-            assert!(r.success, "{r:?}");
-        }
-    });
+    n.add_ok("w", 0..6);
     // 6 used + 2 warm = 8: the primary's 5 and 3 on a second ENI.
     n.wait_ec2((2, 8, 0), 20);
-    rt().block_on(async {
-        let mut c = client(&n.node.ipamd().socket).await;
-        for i in 0..6 {
-            c.del_network(del_req(&format!("w{i}"))).await.unwrap();
-        }
-    });
+    n.del_all("w", 6);
     // Back to the minimum once the cooldown is over; the emptied ENI goes.
     n.wait_ec2((1, 4, 0), 30);
 }
@@ -222,33 +230,15 @@ fn prefix_delegation_hands_out_addresses_from_prefixes() {
         .as_str()
         .unwrap()
         .to_string();
-    rt().block_on(async {
-        let mut c = client(&n.node.ipamd().socket).await;
-        let r = c.add_network(add_req("p0")).await.unwrap().into_inner();
-        assert!(r.success, "{r:?}");
-        let ip: std::net::Ipv4Addr = r.ip_address[0].i_pv4_addr.parse().unwrap();
-        let base: std::net::Ipv4Addr = prefix.trim_end_matches("/28").parse().unwrap();
-        assert_eq!(u32::from(ip) & !0xf, u32::from(base), "{ip} from {prefix}");
-        for i in 1..17 {
-            let r = c
-                .add_network(add_req(&format!("p{i}")))
-                .await
-                .unwrap()
-                .into_inner();
-            assert!(r.success, "{r:?}");
-        }
-    });
+    let r = n.add("p0");
+    assert!(r.success, "{r:?}");
+    let ip: std::net::Ipv4Addr = r.ip_address[0].i_pv4_addr.parse().unwrap();
+    let base: std::net::Ipv4Addr = prefix.trim_end_matches("/28").parse().unwrap();
+    assert_eq!(u32::from(ip) & !0xf, u32::from(base), "{ip} from {prefix}");
+    n.add_ok("p", 1..17);
     // 17 pods: two full-ish prefixes and one warm (upstream's example P4).
     n.wait_ec2((1, 0, 3), 20);
-    rt().block_on(async {
-        let st = client(&n.node.ipamd().socket)
-            .await
-            .status(StatusRequest::default())
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(st.available_addresses, 31);
-    });
+    assert_eq!(n.status().available_addresses, 31);
 }
 
 #[test]
@@ -258,15 +248,20 @@ fn throttling_slows_but_does_not_break_convergence() {
         shim.fault(json!({"action": "CreateNetworkInterface", "kind": "throttle", "count": 2}));
     });
     n.wait_ec2((1, 5, 0), 30);
-    rt().block_on(async {
-        let mut c = client(&n.node.ipamd().socket).await;
-        let r = c.add_network(add_req("t0")).await.unwrap().into_inner();
-        assert!(r.success, "{r:?}");
-    });
+    n.add_ok("t", 0..1);
     n.wait_ec2((2, 10, 0), 30);
     let calls = n.vpc.shim.calls();
     assert_eq!(calls["throttled"], 6, "{calls}");
     assert!(n.node.ipamd().log_text().contains("retrying"));
+    // And the metrics say so.
+    let (_, m) = integration::sim::http_get(&n.node.ns.name, "http://127.0.0.1:61678/metrics");
+    for (api, times) in [
+        ("AssignPrivateIpAddresses", 4),
+        ("CreateNetworkInterface", 2),
+    ] {
+        let line = format!("awscni_ec2api_throttle_count{{fn=\"{api}\"}} {times}");
+        assert!(m.lines().any(|l| l == line), "{line} in:\n{m}");
+    }
 }
 
 #[test]
@@ -275,26 +270,9 @@ fn subnet_exhaustion_gives_the_reason() {
     // A second ENI would need 6 (its own address + 5).
     let n = node("t3.medium", "10.0.1.0/28", &[("WARM_ENI_TARGET", "1")]);
     n.wait_ec2((1, 5, 0), 20);
-    rt().block_on(async {
-        let mut c = client(&n.node.ipamd().socket).await;
-        for i in 0..5 {
-            let r = c
-                .add_network(add_req(&format!("s{i}")))
-                .await
-                .unwrap()
-                .into_inner();
-            assert!(r.success, "{r:?}");
-        }
-    });
+    n.add_ok("s", 0..5);
     let r = eventually(20, "a refusal naming the subnet", || {
-        let r = block(async {
-            client(&n.node.ipamd().socket)
-                .await
-                .add_network(add_req("s5"))
-                .await
-                .unwrap()
-                .into_inner()
-        });
+        let r = n.add("s5");
         (r.reason == FailureReason::SubnetFull as i32).then_some(r)
     });
     assert!(!r.success);
@@ -437,17 +415,7 @@ fn imds_lag_does_not_remove_addresses() {
     n.wait_ec2((1, 5, 0), 20);
     // From now on IMDS shows the node as it was a minute ago... (it keeps the first snapshot).
     n.node.imds.set_lag(60_000);
-    rt().block_on(async {
-        let mut c = client(&n.node.ipamd().socket).await;
-        for i in 0..3 {
-            let r = c
-                .add_network(add_req(&format!("l{i}")))
-                .await
-                .unwrap()
-                .into_inner();
-            assert!(r.success, "{r:?}");
-        }
-    });
+    n.add_ok("l", 0..3);
     // A second ENI appears in EC2 but not in IMDS.
     n.wait_ec2((2, 10, 0), 20);
     // Several reconciles (every 2 s) later, EC2 still holds everything and so does ipamd.
@@ -460,15 +428,8 @@ fn imds_lag_does_not_remove_addresses() {
     });
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(n.ec2(), (2, 10, 0));
-    rt().block_on(async {
-        let st = client(&n.node.ipamd().socket)
-            .await
-            .status(StatusRequest::default())
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(st.available_addresses, 7, "10 held, 3 assigned: {st:?}");
-    });
+    let st = n.status();
+    assert_eq!(st.available_addresses, 7, "10 held, 3 assigned: {st:?}");
     let log = n.node.ipamd().log_text();
     assert!(!log.contains("removed from the pool"), "{log}");
 }
@@ -497,22 +458,9 @@ fn no_manage_eni_is_left_alone_but_takes_a_slot() {
         attach_eni(shim, inst, &foreign, 1);
     });
     n.wait_ec2((2, 5, 0), 20);
-    rt().block_on(async {
-        let mut c = client(&n.node.ipamd().socket).await;
-        let mut ok = 0;
-        for i in 0..15 {
-            if c.add_network(add_req(&format!("n{i}")))
-                .await
-                .unwrap()
-                .into_inner()
-                .success
-            {
-                ok += 1;
-            }
-        }
-        // The primary and one more ENI (device 2): the foreign ENI holds the third slot.
-        assert_eq!(ok, 10);
-    });
+    let ok = (0..15).filter(|i| n.add(&format!("n{i}")).success).count();
+    // The primary and one more ENI (device 2): the foreign ENI holds the third slot.
+    assert_eq!(ok, 10);
     n.wait_ec2((3, 10, 0), 10);
     let enis = n.vpc.shim.attached(&n.node.inst.id);
     let f = enis.iter().find(|e| e["id"] == foreign.as_str()).unwrap();
@@ -543,14 +491,7 @@ fn unauthorized_operation_names_the_missing_permission() {
             .then_some(())
     });
     assert_eq!(n.ec2(), (1, 0, 0));
-    let r = rt().block_on(async {
-        client(&n.node.ipamd().socket)
-            .await
-            .add_network(add_req("u0"))
-            .await
-            .unwrap()
-            .into_inner()
-    });
+    let r = n.add("u0");
     assert!(!r.success);
     assert!(
         r.message.contains("ec2:AssignPrivateIpAddresses"),
@@ -594,4 +535,55 @@ fn describe_instance_types_gives_the_tables_limits() {
             None
         );
     });
+}
+
+#[test]
+fn add_waits_for_a_refill_under_way() {
+    // The first refill takes 3 s; an ADD that arrives meanwhile waits for it instead of failing
+    // the sandbox.
+    let n = node_with("t3.medium", "10.0.1.0/24", &[], |shim, _| {
+        shim.fault(
+            json!({"action": "AssignPrivateIpAddresses", "kind": "latency",
+                          "latency_ms": 3000, "count": 1}),
+        );
+    });
+    assert_eq!(
+        n.status().available_addresses,
+        0,
+        "ipamd serves before its first refill is done"
+    );
+    let r = n.add("early");
+    assert!(r.success, "{r:?}");
+    assert_eq!(
+        n.vpc.shim.calls()["by_action"]["AssignPrivateIpAddresses"],
+        1
+    );
+}
+
+#[test]
+fn prefix_exhaustion_gives_the_reason() {
+    // A /26 holds two free aligned /28s (the first has the reserved addresses and the instance's,
+    // the last the broadcast): 32 pods, then InsufficientCidrBlocks.
+    let n = node(
+        "t3.medium",
+        "10.0.1.0/26",
+        &[
+            ("ENABLE_PREFIX_DELEGATION", "true"),
+            ("WARM_PREFIX_TARGET", "1"),
+        ],
+    );
+    n.wait_ec2((1, 0, 1), 20);
+    n.add_ok("c", 0..32);
+    let r = eventually(20, "a refusal naming the missing /28 blocks", || {
+        let r = n.add("c32");
+        (r.reason == FailureReason::SubnetFull as i32).then_some(r)
+    });
+    assert!(!r.success);
+    assert!(
+        r.message.contains(&n.node.inst.subnet_id) && r.message.contains("no free /28 blocks"),
+        "{}",
+        r.message
+    );
+    assert!(n.node.ipamd().log_text().contains("InsufficientCidrBlocks"));
+    assert_eq!(n.ec2(), (1, 0, 2));
 }

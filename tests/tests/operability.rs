@@ -94,6 +94,9 @@ fn introspection_and_metrics_match_the_pool() {
         Some(1.0)
     );
     assert!(m.contains("awscni_build_info{"));
+    // Settled on its WARM_ENI_TARGET: short of nothing.
+    assert_eq!(metric(&m, "awscni_pool_short"), Some(0.0), "{m}");
+    assert!(metric(&m, "awscni_pool_over").is_some());
 
     // A DEL shows up as a cooling address.
     s.del_pod(0, "c");

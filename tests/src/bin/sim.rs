@@ -31,6 +31,9 @@ fn main() -> ExitCode {
         }
         Some("run") => {
             let keep = args.iter().any(|a| a == "--keep");
+            if keep {
+                integration::keep_helpers();
+            }
             match std::panic::catch_unwind(|| run(keep)) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
