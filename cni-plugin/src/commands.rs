@@ -20,9 +20,26 @@ use crate::version::Version;
 /// Run one command; `Ok(Some(json))` is printed on stdout.
 pub async fn run(env: &CniEnv, conf: &NetConf) -> Result<Option<String>> {
     match env.command.as_str() {
-        "ADD" => add(env, conf).await.map(|v| Some(v.to_string())),
-        "DEL" => del(env, conf).await.map(|_| None),
-        "CHECK" => check(env, conf).await.map(|_| None),
+        "ADD" | "DEL" | "CHECK" => {
+            env.require(env.command != "DEL")?;
+            let store = StateStore::new(&conf.state_dir, &conf.name);
+            // Commands on one attachment never interleave (ADD against DEL of the same
+            // container): the outcome is that of one order or the other.
+            let lock = lock(&store, env)?;
+            let out = match env.command.as_str() {
+                "ADD" => add(env, conf, &store).await.map(|v| Some(v.to_string())),
+                "DEL" => del(env, conf, &store).await.map(|_| None),
+                _ => check(env, conf, &store).await.map(|_| None),
+            };
+            // The lock file lives as long as the attachment's record: a failed ADD or a DEL
+            // leaves neither behind.
+            if store.load(&env.container_id, &env.ifname).is_none() {
+                if let Err(e) = lock.remove() {
+                    warn!(error = %e, "remove attachment lock file");
+                }
+            }
+            out
+        }
         "STATUS" => status(conf).await.map(|_| None),
         "GC" => gc(conf).await.map(|_| None),
         other => Err(CniError::new(
@@ -37,6 +54,37 @@ fn open_netns(path: &str) -> Result<File> {
         CniError::new(
             Code::UnknownContainer,
             format!("cannot open network namespace {path}: {e}"),
+        )
+    })
+}
+
+/// The namespace the plugin itself runs in: ADD there would replace the host's own `eth0`
+/// and default route. libcni's plugin skeleton refuses it too.
+fn refuse_own_netns(ns: &File, path: &str) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let own = std::fs::metadata("/proc/self/ns/net").map_err(|e| {
+        CniError::new(Code::Io, format!("read this process's network namespace: {e}"))
+    })?;
+    let target = ns.metadata().map_err(|e| {
+        CniError::new(Code::Io, format!("stat network namespace {path}: {e}"))
+    })?;
+    if own.dev() == target.dev() && own.ino() == target.ino() {
+        return Err(CniError::new(
+            Code::InvalidEnv,
+            format!("CNI_NETNS {path} is the plugin's own network namespace, not a pod's: refusing to rewire the host"),
+        ));
+    }
+    Ok(())
+}
+
+fn lock(store: &StateStore, env: &CniEnv) -> Result<cni_common::fsio::FileLock> {
+    store.lock(&env.container_id, &env.ifname).map_err(|e| {
+        CniError::new(
+            Code::Io,
+            format!(
+                "lock attachment {}/{}: {e}",
+                env.container_id, env.ifname
+            ),
         )
     })
 }
@@ -68,11 +116,10 @@ fn parse_v4(s: &str) -> Option<Ipv4Addr> {
     s.split('/').next()?.parse().ok()
 }
 
-async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value> {
-    env.require(true)?;
+async fn add(env: &CniEnv, conf: &NetConf, store: &StateStore) -> Result<Value> {
     env.require_pod()?;
     let ns = open_netns(&env.netns)?;
-    let store = StateStore::new(&conf.state_dir, &conf.name);
+    refuse_own_netns(&ns, &env.netns)?;
     let veth = host_veth_name(
         &conf.veth_prefix,
         &env.args.pod_namespace,
@@ -132,7 +179,7 @@ async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value> {
     };
     info!(%ip, device = addr.device_number, table = st.route_table, "ipamd assigned address");
 
-    match wire(&ns, env, conf, &store, &st).await {
+    match wire(&ns, env, conf, store, &st).await {
         Ok(v) => Ok(v),
         Err(e) => {
             warn!(error = %e, "wiring failed; undoing");
@@ -230,14 +277,13 @@ async fn release(client: &mut IpamClient, env: &CniEnv, conf: &NetConf) {
     }
 }
 
-async fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
-    env.require(false)?;
-    let store = StateStore::new(&conf.state_dir, &conf.name);
+async fn del(env: &CniEnv, conf: &NetConf, store: &StateStore) -> Result<()> {
     let st = store.load(&env.container_id, &env.ifname);
     let prev = conf.prev_result.as_ref().and_then(PrevResult::from_value);
 
     // ipamd first: it knows the address even if our state file was lost. Unreachable ipamd
-    // must not block DEL, or kubelet retries forever while the host keeps stale routes.
+    // must not block DEL, or kubelet retries forever while the host keeps stale routes; the
+    // release is then recorded for ipamd to apply when it is back.
     let mut refused = None;
     let ipamd_ip = match IpamClient::connect(&conf.ipamd_socket).await {
         Ok(mut c) => match c.del(del_request(env, conf, "PodDeleted")).await {
@@ -249,7 +295,26 @@ async fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
             }
         },
         Err(e) => {
-            warn!(error = %e, "ipamd unreachable; cleaning the host from local state only");
+            warn!(error = %e, "ipamd unreachable; cleaning the host from local state and recording the release");
+            let rec = cni_common::state::ReleaseRecord {
+                network_name: conf.name.clone(),
+                container_id: env.container_id.clone(),
+                if_name: env.ifname.clone(),
+                ip: st.as_ref().map(|s| s.ip).or(prev.as_ref().map(|p| p.ip)),
+                recorded_at: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as i64)
+                    .unwrap_or(0),
+            };
+            // Without the record the address would stay assigned until ipamd's sweeper sees
+            // the host empty; failing DEL instead makes the runtime retry until one is written.
+            let path = store.record_release(&rec).map_err(|we| {
+                CniError::new(
+                    Code::Io,
+                    format!("{}; and recording the release for later failed: {we}", e.msg),
+                )
+            })?;
+            info!(record = %path.display(), "release recorded for ipamd");
             None
         }
     };
@@ -286,7 +351,7 @@ async fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
     Ok(())
 }
 
-async fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
+async fn check(env: &CniEnv, conf: &NetConf, store: &StateStore) -> Result<()> {
     if conf.version < Version(0, 4, 0) {
         return Err(CniError::new(
             Code::IncompatibleVersion,
@@ -296,7 +361,6 @@ async fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
             ),
         ));
     }
-    env.require(true)?;
     env.require_pod()?;
     let prev = conf
         .prev_result
@@ -305,7 +369,6 @@ async fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
     let prev = PrevResult::from_value(prev)
         .ok_or_else(|| CniError::new(Code::InvalidConfig, "prevResult carries no IPv4 address"))?;
     let ns = open_netns(&env.netns)?;
-    let store = StateStore::new(&conf.state_dir, &conf.name);
     let st = store.load(&env.container_id, &env.ifname).ok_or_else(|| {
         CniError::new(
             Code::CheckFailed,
@@ -340,15 +403,28 @@ async fn status(conf: &NetConf) -> Result<()> {
 }
 
 async fn gc(conf: &NetConf) -> Result<()> {
-    let valid: HashSet<Attachment> = conf
-        .valid_attachments
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .collect();
+    // GC exists from CNI 1.1.0, and its whole meaning is the list of attachments to keep: a
+    // config without it (an older runtime, a hand-written call) must not read as "keep none".
+    if conf.version < Version(1, 1, 0) {
+        return Err(CniError::new(
+            Code::IncompatibleVersion,
+            format!(
+                "GC needs cniVersion 1.1.0 or later, config has {}",
+                conf.cni_version
+            ),
+        ));
+    }
+    let Some(valid) = conf.valid_attachments.clone() else {
+        return Err(CniError::new(
+            Code::InvalidConfig,
+            "GC needs cni.dev/valid-attachments (the attachments to keep); refusing to collect everything",
+        ));
+    };
+    let valid: HashSet<Attachment> = valid.into_iter().collect();
     let store = StateStore::new(&conf.state_dir, &conf.name);
     let host = host_netlink()?;
     let mut cleaned = HashSet::new();
+    let mut failed = Vec::new();
     for st in store.list() {
         let a = Attachment {
             container_id: st.container_id.clone(),
@@ -357,11 +433,23 @@ async fn gc(conf: &NetConf) -> Result<()> {
         if valid.contains(&a) {
             continue;
         }
+        let lock = match store.lock(&st.container_id, &st.ifname) {
+            Ok(l) => l,
+            Err(e) => {
+                failed.push(format!("lock {}/{}: {e}", st.container_id, st.ifname));
+                continue;
+            }
+        };
         let owner = pod::owner(&st.container_id, &st.ifname);
-        pod::teardown(&host, Some(&st.host_veth), Some(st.ip), &owner).await?;
-        store
-            .remove(&st.container_id, &st.ifname)
-            .map_err(|e| CniError::new(Code::Io, format!("remove sandbox state: {e}")))?;
+        if let Err(e) = pod::teardown(&host, Some(&st.host_veth), Some(st.ip), &owner).await {
+            failed.push(format!("{}/{}: {}", st.container_id, st.ifname, e.msg));
+            continue;
+        }
+        if let Err(e) = store.remove(&st.container_id, &st.ifname) {
+            failed.push(format!("remove state of {}/{}: {e}", st.container_id, st.ifname));
+            continue;
+        }
+        let _ = lock.remove();
         info!(container = %st.container_id, ip = %st.ip, "garbage-collected stale attachment");
         cleaned.insert(st.ip);
     }
@@ -385,14 +473,19 @@ async fn gc(conf: &NetConf) -> Result<()> {
             continue;
         };
         if !cleaned.contains(&ip) {
-            pod::teardown(&host, None, Some(ip), "").await?;
+            if let Err(e) = pod::teardown(&host, None, Some(ip), "").await {
+                failed.push(format!("rules of {ip}: {}", e.msg));
+            }
         }
         info!(container = %r.container_id, %ip, "ipamd released stale allocation");
     }
     if !reply.success {
+        failed.push(format!("ipamd garbage collection failed: {}", reply.message));
+    }
+    if !failed.is_empty() {
         return Err(CniError::new(
             Code::TryAgainLater,
-            format!("ipamd garbage collection failed: {}", reply.message),
+            format!("GC incomplete: {}", failed.join("; ")),
         ));
     }
     Ok(())

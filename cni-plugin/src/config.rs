@@ -13,7 +13,7 @@ pub const DEFAULT_VETH_PREFIX: &str = "eni";
 pub const DEFAULT_MTU: u32 = 9001;
 pub const MIN_MTU: u32 = 576;
 pub const MAX_MTU: u32 = 9001;
-pub const DEFAULT_STATE_DIR: &str = "/var/run/aws-node/cni";
+pub use cni_common::state::DEFAULT_STATE_DIR;
 
 /// The plugin's entry of the conflist, as the runtime passes it on stdin.
 #[derive(Debug, Clone)]
@@ -96,6 +96,8 @@ impl NetConf {
             .name
             .filter(|n| !n.is_empty())
             .ok_or_else(|| CniError::new(Code::InvalidConfig, "network config has no name"))?;
+        cni_common::validate::network_name(&name)
+            .map_err(|why| CniError::new(Code::InvalidConfig, why))?;
 
         let veth_prefix = raw
             .veth_prefix
@@ -109,7 +111,7 @@ impl NetConf {
             .unwrap_or_else(|| cni_proto::DEFAULT_SOCKET.to_string());
         let state_dir = raw
             .state_dir
-            .or_else(|| env("AWS_CNI_STATE_DIR"))
+            .or_else(|| env(cni_common::state::STATE_DIR_ENV))
             .unwrap_or_else(|| DEFAULT_STATE_DIR.to_string());
 
         Ok(NetConf {
@@ -191,6 +193,18 @@ impl PodArgs {
             })?;
             map.insert(k, v);
         }
+        use cni_common::validate::{bounded, MAX_CONTAINER_ID, MAX_K8S_NAME, MAX_UID};
+        for (k, max) in [
+            ("K8S_POD_NAME", MAX_K8S_NAME),
+            ("K8S_POD_NAMESPACE", MAX_K8S_NAME),
+            ("K8S_POD_INFRA_CONTAINER_ID", MAX_CONTAINER_ID),
+            ("K8S_POD_UID", MAX_UID),
+        ] {
+            if let Some(v) = map.get(k) {
+                bounded(k, v, max)
+                    .map_err(|why| CniError::new(Code::InvalidEnv, format!("CNI_ARGS: {why}")))?;
+            }
+        }
         let get = |k: &str| map.get(k).map(|v| v.to_string()).unwrap_or_default();
         Ok(PodArgs {
             pod_name: get("K8S_POD_NAME"),
@@ -232,12 +246,12 @@ impl CniEnv {
         if netns && self.netns.is_empty() {
             return Err(missing("CNI_NETNS"));
         }
-        if self.ifname.len() > 15 || self.ifname.contains('/') {
-            return Err(CniError::new(
-                Code::InvalidEnv,
-                format!("CNI_IFNAME {:?} is not a valid interface name", self.ifname),
-            ));
-        }
+        let invalid = |v: &str, why: String| CniError::new(Code::InvalidEnv, format!("{v}: {why}"));
+        cni_common::validate::container_id(&self.container_id)
+            .map_err(|w| invalid("CNI_CONTAINERID", w))?;
+        cni_common::validate::ifname(&self.ifname).map_err(|w| invalid("CNI_IFNAME", w))?;
+        cni_common::validate::bounded("path", &self.netns, cni_common::validate::MAX_PATH)
+            .map_err(|w| invalid("CNI_NETNS", w))?;
         Ok(())
     }
 

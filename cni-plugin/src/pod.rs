@@ -174,14 +174,13 @@ pub async fn teardown(
     ip: Option<Ipv4Addr>,
     owner: &str,
 ) -> Result<()> {
+    // Best effort that carries on: a failed step does not stop the others, and every failure
+    // is reported together, so one stuck rule never leaves the veth or the other rule behind.
+    let mut failed: Vec<String> = Vec::new();
     let mut ours = None;
     if let Some(name) = host_veth {
-        if let Some(l) = host
-            .link_by_name(name)
-            .await
-            .map_err(|e| netlink("look up host veth", e))?
-        {
-            match link_alias(&l) {
+        match host.link_by_name(name).await {
+            Ok(Some(l)) => match link_alias(&l) {
                 "" => ours = Some(l.header.index),
                 a if a == owner => ours = Some(l.header.index),
                 other => tracing::info!(
@@ -189,46 +188,58 @@ pub async fn teardown(
                     owner = other,
                     "host veth belongs to another attachment; keeping it"
                 ),
-            }
+            },
+            Ok(None) => {}
+            Err(e) => failed.push(netlink("look up host veth", e).msg),
         }
     }
+    // Whether another pod's route now points at this address. Unknown (the dump failed) is
+    // treated as "taken": removing another pod's rules would cut it off.
     let taken_by_other = match ip {
-        Some(ip) => host
-            .routes_v4()
-            .await
-            .map_err(|e| netlink("list routes", e))?
-            .iter()
-            .any(|r| {
+        Some(ip) => match host.routes_v4().await {
+            Ok(routes) => routes.iter().any(|r| {
                 r.table == MAIN_TABLE && r.dst == Some((ip, 32)) && r.oif.is_some() && r.oif != ours
             }),
+            Err(e) => {
+                failed.push(netlink("list routes", e).msg);
+                true
+            }
+        },
         None => false,
     };
     if let Some(idx) = ours {
-        host.del_link(idx)
-            .await
-            .map_err(|e| netlink("delete host veth", e))?;
-    }
-    let Some(ip) = ip else {
-        return Ok(());
-    };
-    if taken_by_other {
-        tracing::info!(%ip, "address now routed to another pod; keeping its rules");
-        return Ok(());
-    }
-    for r in host
-        .rules_v4()
-        .await
-        .map_err(|e| netlink("list rules", e))?
-    {
-        let mine = (r.priority == TO_POD_RULE_PRIORITY && r.dst == Some(ip))
-            || (r.priority == FROM_POD_RULE_PRIORITY && r.src == Some(ip));
-        if mine {
-            host.del_rule(&r)
-                .await
-                .map_err(|e| netlink(&format!("delete rule for {ip} at {}", r.priority), e))?;
+        if let Err(e) = host.del_link(idx).await {
+            failed.push(netlink("delete host veth", e).msg);
         }
     }
-    Ok(())
+    if let Some(ip) = ip {
+        if taken_by_other {
+            tracing::info!(%ip, "address routed to another pod (or routes unreadable); keeping its rules");
+        } else {
+            match host.rules_v4().await {
+                Err(e) => failed.push(netlink("list rules", e).msg),
+                Ok(rules) => {
+                    for r in rules {
+                        let mine = (r.priority == TO_POD_RULE_PRIORITY && r.dst == Some(ip))
+                            || (r.priority == FROM_POD_RULE_PRIORITY && r.src == Some(ip));
+                        if mine {
+                            if let Err(e) = host.del_rule(&r).await {
+                                failed.push(
+                                    netlink(&format!("delete rule for {ip} at {}", r.priority), e)
+                                        .msg,
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(CniError::new(Code::Netlink, failed.join("; ")))
+    }
 }
 
 fn check_failed(msg: String) -> CniError {

@@ -1,77 +1,90 @@
 //! Per-sandbox state on disk: what DEL and GC need to clean the host when ipamd cannot tell
 //! them (it is down, or it already forgot the allocation). Upstream smuggles this through
 //! a dummy interface; a small JSON file per attachment is plainer and survives a netns loss.
+//!
+//! Layout under the state directory (ipamd reads the same files, see `cni_common::state`):
+//! `<network>/<containerID>+<ifname>.json` the attachment, `.locks/` for the per-attachment
+//! locks, and `.released/<network>+<containerID>+<ifname>.json` for a release a DEL owes
+//! ipamd because ipamd was unreachable.
 
 use std::fs;
-use std::io::Write;
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use cni_common::fsio::{self, FileLock, WriteOptions};
+use cni_common::state::{
+    attachment_file, legacy_attachment_file, lock_file, released_dir, ReleaseRecord,
+};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SandboxState {
-    pub network_name: String,
-    pub container_id: String,
-    pub ifname: String,
-    pub host_veth: String,
-    pub ip: Ipv4Addr,
-    /// Route table of the ENI the IP lives on; 254 (main) for the primary ENI.
-    pub route_table: u32,
-    pub device_number: i32,
-    pub netns: String,
-    pub pod_namespace: String,
-    pub pod_name: String,
-}
+pub use cni_common::state::SandboxState;
 
 pub struct StateStore {
-    dir: PathBuf,
+    root: PathBuf,
+    network: String,
 }
 
 impl StateStore {
     pub fn new(root: &Path, network_name: &str) -> StateStore {
         StateStore {
-            dir: root.join(sanitize(network_name)),
+            root: root.to_path_buf(),
+            network: network_name.to_string(),
         }
     }
 
     fn path(&self, container_id: &str, ifname: &str) -> PathBuf {
-        self.dir.join(format!(
-            "{}-{}.json",
-            sanitize(container_id),
-            sanitize(ifname)
+        attachment_file(&self.root, &self.network, container_id, ifname)
+    }
+
+    /// Serialise every command on one attachment (ADD against DEL of the same container):
+    /// held until the returned lock is dropped.
+    pub fn lock(&self, container_id: &str, ifname: &str) -> std::io::Result<FileLock> {
+        FileLock::acquire(&lock_file(
+            &self.root,
+            &self.network,
+            container_id,
+            ifname,
         ))
     }
 
     pub fn load(&self, container_id: &str, ifname: &str) -> Option<SandboxState> {
-        let data = fs::read(self.path(container_id, ifname)).ok()?;
+        let data = fs::read(self.path(container_id, ifname))
+            .or_else(|_| {
+                fs::read(legacy_attachment_file(
+                    &self.root,
+                    &self.network,
+                    container_id,
+                    ifname,
+                ))
+            })
+            .ok()?;
         serde_json::from_slice(&data).ok()
     }
 
-    /// Written via a temp file and rename so a crash never leaves a half file for DEL to trip on.
     pub fn save(&self, s: &SandboxState) -> std::io::Result<()> {
-        fs::create_dir_all(&self.dir)?;
-        let path = self.path(&s.container_id, &s.ifname);
-        let tmp = path.with_extension("tmp");
-        {
-            let mut f = fs::File::create(&tmp)?;
-            f.write_all(&serde_json::to_vec(s).map_err(std::io::Error::other)?)?;
-            f.sync_all()?;
-        }
-        fs::rename(&tmp, &path)
+        let data = serde_json::to_vec(s).map_err(std::io::Error::other)?;
+        fsio::write_atomic(
+            &self.path(&s.container_id, &s.ifname),
+            &data,
+            WriteOptions::PRIVATE_DURABLE,
+        )
     }
 
     pub fn remove(&self, container_id: &str, ifname: &str) -> std::io::Result<()> {
-        match fs::remove_file(self.path(container_id, ifname)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
+        fsio::remove_if_exists(&legacy_attachment_file(
+            &self.root,
+            &self.network,
+            container_id,
+            ifname,
+        ))?;
+        fsio::remove_if_exists(&self.path(container_id, ifname))
     }
 
     /// Every attachment recorded for this network (for GC).
     pub fn list(&self) -> Vec<SandboxState> {
-        let Ok(rd) = fs::read_dir(&self.dir) else {
+        let dir = self.path("x", "x");
+        let Some(dir) = dir.parent() else {
+            return Vec::new();
+        };
+        let Ok(rd) = fs::read_dir(dir) else {
             return Vec::new();
         };
         rd.filter_map(|e| e.ok())
@@ -80,26 +93,21 @@ impl StateStore {
             .filter_map(|d| serde_json::from_slice(&d).ok())
             .collect()
     }
-}
 
-/// Container ids and network names are runtime-chosen strings; keep them to one path segment.
-fn sanitize(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect::<String>()
-        .trim_start_matches('.')
-        .to_string()
+    /// ipamd was unreachable during DEL: leave a durable note of the release it owes, which
+    /// ipamd applies before it serves again.
+    pub fn record_release(&self, rec: &ReleaseRecord) -> std::io::Result<PathBuf> {
+        let path = released_dir(&self.root).join(rec.file_name());
+        let data = serde_json::to_vec(rec).map_err(std::io::Error::other)?;
+        fsio::write_atomic(&path, &data, WriteOptions::PRIVATE_DURABLE)?;
+        Ok(path)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     fn sample(cid: &str) -> SandboxState {
         SandboxState {
@@ -130,5 +138,36 @@ mod tests {
         assert_eq!(st.list().len(), 1);
         // Nothing escaped the state directory.
         assert!(d.path().join("aws-cni").read_dir().unwrap().count() == 1);
+        let mode = std::os::unix::fs::MetadataExt::mode(
+            &fs::metadata(d.path().join("aws-cni").read_dir().unwrap().next().unwrap().unwrap().path())
+                .unwrap(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn separators_do_not_collide() {
+        let d = tempfile::tempdir().unwrap();
+        let st = StateStore::new(d.path(), "aws-cni");
+        let mut a = sample("a-b");
+        a.ifname = "c".into();
+        let mut b = sample("a");
+        b.ifname = "b-c".into();
+        st.save(&a).unwrap();
+        st.save(&b).unwrap();
+        assert_eq!(st.load("a-b", "c").unwrap(), a);
+        assert_eq!(st.load("a", "b-c").unwrap(), b);
+    }
+
+    #[test]
+    fn reads_files_of_the_previous_layout() {
+        let d = tempfile::tempdir().unwrap();
+        let st = StateStore::new(d.path(), "aws-cni");
+        let old = legacy_attachment_file(d.path(), "aws-cni", "c1", "eth0");
+        fs::create_dir_all(old.parent().unwrap()).unwrap();
+        fs::write(&old, serde_json::to_vec(&sample("c1")).unwrap()).unwrap();
+        assert_eq!(st.load("c1", "eth0").unwrap(), sample("c1"));
+        st.remove("c1", "eth0").unwrap();
+        assert!(!old.exists());
     }
 }

@@ -488,10 +488,91 @@ fn del_cleans_host_when_ipamd_is_down_or_netns_gone() {
     rig.run("DEL", Some(&gone), &conf).ok();
     assert!(!has_rule(&rig.node, 512, "dst", "10.0.5.5"));
 
-    // ipamd is down: DEL still cleans the host from the state on disk and exits 0.
+    // ipamd is down: DEL still cleans the host from the state on disk and exits 0, and leaves
+    // a record of the release it owes ipamd.
     rig.ipamd.stop();
     rig.run("DEL", Some(&pod), &conf).ok();
     assert_clean(&rig, &pod, "10.0.5.6");
+    let released = rig.dir.path().join("state/.released");
+    let recs: Vec<Value> = std::fs::read_dir(&released)
+        .unwrap()
+        .map(|e| serde_json::from_slice(&std::fs::read(e.unwrap().path()).unwrap()).unwrap())
+        .collect();
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert_eq!(recs[0]["containerID"], pod.cid.as_str());
+    assert_eq!(recs[0]["ifName"], "eth0");
+    assert_eq!(recs[0]["networkName"], "aws-cni");
+    assert_eq!(recs[0]["ip"], "10.0.5.6");
+}
+
+#[test]
+fn refusals_change_nothing() {
+    let rig = Rig::new(&[
+        (Ipv4Addr::new(10, 0, 9, 1), 1),
+        (Ipv4Addr::new(10, 0, 9, 2), 1),
+    ]);
+    let conf = rig.conf("1.1.0");
+    let kept = Pod::new();
+    rig.run("ADD", Some(&kept), &conf).ok();
+    let links = rig.node.links();
+    let routes = rig.node.routes();
+    let rules = rig.node.rules();
+    let calls = |r: &Rig| {
+        let s = r.ipamd.state.lock().unwrap();
+        (s.add_calls, s.gc_calls, s.assigned.len())
+    };
+    let before = calls(&rig);
+
+    // ADD into the plugin's own namespace (the node's) would rewire the host itself.
+    let own = Pod {
+        ns: None,
+        netns_path: rig.node.path(),
+        name: unique("own-"),
+        cid: unique("cid"),
+        ifname: "eth0".into(),
+    };
+    let out = rig.run("ADD", Some(&own), &conf);
+    assert_eq!(out.err_code(), 4, "{out:?}");
+    assert!(out.err_msg().contains("own network namespace"), "{}", out.err_msg());
+
+    // GC exists from 1.1.0, and only with the list of attachments to keep.
+    let mut old = conf.clone();
+    old["cniVersion"] = json!("0.3.1");
+    old["cni.dev/valid-attachments"] = json!([]);
+    let out = rig.run("GC", None, &old);
+    assert_eq!(out.err_code(), 1, "{out:?}");
+    let out = rig.run("GC", None, &conf);
+    assert_eq!(out.err_code(), 7, "{out:?}");
+    assert!(out.err_msg().contains("valid-attachments"), "{}", out.err_msg());
+
+    // Ids and interface names outside CNI's rules never reach ipamd or the disk.
+    for (var, val) in [
+        ("CNI_CONTAINERID", "k/x"),
+        ("CNI_CONTAINERID", "-leading"),
+        ("CNI_IFNAME", "eth 0"),
+        ("CNI_IFNAME", ".."),
+        ("CNI_IFNAME", "sixteen-chars-xx"),
+    ] {
+        let p = Pod::new();
+        let mut env = p.env("ADD");
+        for (k, v) in env.iter_mut() {
+            if k == var {
+                *v = val.into();
+            }
+        }
+        let out = rig.run_env(&env, conf.to_string().as_bytes());
+        assert_eq!(out.err_code(), 4, "{var}={val:?}: {out:?}");
+        assert!(out.err_msg().contains(var), "{}", out.err_msg());
+    }
+
+    assert_eq!(rig.node.links(), links);
+    assert_eq!(rig.node.routes(), routes);
+    assert_eq!(rig.node.rules(), rules);
+    assert_eq!(calls(&rig), before, "ipamd never asked");
+    assert_eq!(rig.state_files(), 1, "the kept pod's record only");
+    let locks = std::fs::read_dir(rig.dir.path().join("state/.locks")).unwrap().count();
+    assert_eq!(locks, 1, "the kept pod's lock only");
+    assert!(ping_eventually(&rig.node.name, "10.0.9.1"));
 }
 
 #[test]

@@ -5,13 +5,13 @@
 //! disk (temp file, fsync, rename, fsync of the directory). Requests that arrive while a write
 //! is in flight share the next one, so a burst costs a few fsyncs rather than one per pod.
 
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use cni_common::fsio::{self, WriteOptions};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Mutex};
 
@@ -130,112 +130,99 @@ pub fn snapshot(ds: &Datastore) -> Checkpoint {
     }
 }
 
-/// What reading the checkpoint found.
+/// What reading the checkpoint found: every allocation and cooldown, all valid.
 #[derive(Debug, Default)]
 pub struct Loaded {
     pub entries: Vec<Entry>,
     pub cooldowns: Vec<CooldownEntry>,
-    /// Problems worth an operator's attention; the daemon logs them and carries on.
-    pub problems: Vec<String>,
 }
 
-/// Read the checkpoint. A missing file is a fresh node; a torn or corrupt one is reported and
-/// whatever entries can still be parsed are recovered. Only a file that exists but cannot be
-/// read at all is an error: starting empty then would hand live pods' addresses out again.
-pub fn load(path: &Path) -> std::io::Result<Loaded> {
+/// Why a checkpoint cannot be used. Either way ipamd must not start: every address in the
+/// file may belong to a running pod, and starting without them would hand them out again.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read checkpoint {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("checkpoint {} is not a usable {FORMAT_VERSION} file: {why}", path.display())]
+    Invalid { path: PathBuf, why: String },
+}
+
+/// Read the checkpoint. A missing file is a fresh node. Anything else that is not a whole,
+/// valid checkpoint is an error: no salvage, no guessing, and the file is left as it is.
+pub fn load(path: &Path) -> Result<Loaded, LoadError> {
     let data = match fs::read(path) {
         Ok(d) => d,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Loaded::default()),
-        Err(e) => return Err(e),
+        Err(source) => {
+            return Err(LoadError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
     };
-    Ok(parse(path, &data))
+    parse(&data).map_err(|why| LoadError::Invalid {
+        path: path.to_path_buf(),
+        why,
+    })
 }
 
-fn parse(path: &Path, data: &[u8]) -> Loaded {
-    match serde_json::from_slice::<Checkpoint>(data) {
-        Ok(f) => {
-            let mut l = Loaded {
-                entries: f.allocations,
-                cooldowns: f.cooldowns,
-                problems: vec![],
-            };
-            if f.version != FORMAT_VERSION {
-                l.problems.push(format!(
-                    "checkpoint {} has version {:?}, expected {FORMAT_VERSION:?}; reading it anyway",
-                    path.display(),
-                    f.version
-                ));
-            }
-            l
-        }
-        Err(e) => salvage(
-            data,
-            format!("checkpoint {} is corrupt: {e}", path.display()),
-        ),
+/// Strict parse of a checkpoint's bytes (exposed for the fuzz test).
+pub fn parse(data: &[u8]) -> Result<Loaded, String> {
+    if data.iter().all(u8::is_ascii_whitespace) {
+        return Err("the file is empty".into());
     }
-}
-
-/// Pull every complete allocation object out of a damaged file (a torn write, a truncated
-/// copy): walk the array entry by entry and stop at the first one that does not parse whole.
-fn salvage(data: &[u8], problem: String) -> Loaded {
-    let text = String::from_utf8_lossy(data);
-    let mut l = Loaded {
-        problems: vec![problem],
-        ..Default::default()
-    };
-    let body = text
-        .find("\"allocations\"")
-        .and_then(|at| text[at..].find('[').map(|open| &text[at + open + 1..]));
-    let Some(mut s) = body else {
-        return l;
-    };
-    loop {
-        s = s.trim_start();
-        let mut it = serde_json::Deserializer::from_str(s).into_iter::<Entry>();
-        match it.next() {
-            Some(Ok(e)) => l.entries.push(e),
-            _ => break,
+    let f: Checkpoint = serde_json::from_slice(data).map_err(|e| e.to_string())?;
+    if f.version != FORMAT_VERSION {
+        return Err(format!(
+            "version {:?}, expected {FORMAT_VERSION:?}",
+            f.version
+        ));
+    }
+    let mut ips = std::collections::HashSet::new();
+    let mut keys = std::collections::HashSet::new();
+    for (i, e) in f.allocations.iter().enumerate() {
+        let Some((key, ip, _, _)) = entry_key(e) else {
+            return Err(format!(
+                "allocation {i} ({:?}) has no valid IPv4 address {:?}",
+                e.container_id, e.ipv4
+            ));
+        };
+        if key.container_id.is_empty() || key.ifname.is_empty() {
+            return Err(format!(
+                "allocation {i} ({ip}) has no containerID or ifName"
+            ));
         }
-        s = s[it.byte_offset()..].trim_start();
-        match s.strip_prefix(',') {
-            Some(r) => s = r,
-            None => break,
+        if !ips.insert(ip) {
+            return Err(format!("address {ip} is allocated twice"));
+        }
+        if !keys.insert(key.clone()) {
+            return Err(format!(
+                "attachment {}/{} holds two addresses",
+                key.container_id, key.ifname
+            ));
         }
     }
-    l.problems.push(format!(
-        "recovered {} allocation(s) from the damaged file",
-        l.entries.len()
-    ));
-    l
+    for c in &f.cooldowns {
+        if c.ipv4.parse::<Ipv4Addr>().is_err() {
+            return Err(format!("cooldown entry has no valid IPv4 address {:?}", c.ipv4));
+        }
+    }
+    Ok(Loaded {
+        entries: f.allocations,
+        cooldowns: f.cooldowns,
+    })
 }
 
-/// Write `f` to `path` durably: temp file, fsync, rename over, fsync the directory.
+/// Write `f` to `path` durably and privately (see `cni_common::fsio`).
 pub fn write_atomic(path: &Path, f: &Checkpoint) -> std::io::Result<()> {
-    write_file_atomic(
+    fsio::write_atomic(
         path,
         &serde_json::to_vec(f).map_err(std::io::Error::other)?,
-        None,
+        WriteOptions::PRIVATE_DURABLE,
     )
-}
-
-/// Replace `path` with `data` durably: readers see the old file or the whole new one, and after
-/// a crash the new one is there (temp file, fsync, rename, directory fsync). `mode` sets the
-/// permissions (the CNI binaries and conflist need theirs).
-pub fn write_file_atomic(path: &Path, data: &[u8], mode: Option<u32>) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir)?;
-    let tmp = path.with_extension("tmp");
-    {
-        let mut out = File::create(&tmp)?;
-        out.write_all(data)?;
-        if let Some(m) = mode {
-            out.set_permissions(fs::Permissions::from_mode(m))?;
-        }
-        out.sync_all()?;
-    }
-    fs::rename(&tmp, path)?;
-    File::open(dir)?.sync_all()
 }
 
 /// Progress of the writer: everything up to `written` is durable; the last attempt covered
@@ -265,7 +252,8 @@ impl Committer {
         tokio::spawn(async move {
             let mut written = 0u64;
             while wanted_rx.changed().await.is_ok() {
-                if *wanted_rx.borrow_and_update() <= written {
+                let failing = done_tx.borrow().error.is_some();
+                if *wanted_rx.borrow_and_update() <= written && !failing {
                     continue;
                 }
                 let (snap, covered) = {
@@ -300,6 +288,20 @@ impl Committer {
             done: done_rx,
             writes,
         })
+    }
+
+    /// Did the last write succeed? Readiness follows this: an ADD cannot succeed while the
+    /// checkpoint cannot be written.
+    pub fn healthy(&self) -> bool {
+        self.done.borrow().error.is_none()
+    }
+
+    /// The last write failed: try again now with whatever the datastore holds, so readiness
+    /// comes back once the disk does, without waiting for the next pod.
+    pub fn retry(&self) {
+        if !self.healthy() {
+            self.wanted.send_modify(|_| {});
+        }
     }
 
     /// File writes so far (each covers every change made before it started).
@@ -381,7 +383,6 @@ mod tests {
         let p = d.path().join("ipam.json");
         std::fs::write(&p, UPSTREAM).unwrap();
         let l = load(&p).unwrap();
-        assert!(l.problems.is_empty(), "{:?}", l.problems);
         assert_eq!(l.entries.len(), 2);
         let (k, ip, pod, at) = entry_key(&l.entries[0]).unwrap();
         assert_eq!(k.container_id, "c1");
@@ -426,23 +427,62 @@ mod tests {
     }
 
     #[test]
-    fn torn_and_corrupt_files_are_survived() {
+    fn anything_but_a_whole_valid_file_is_refused() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("ipam.json");
-        // Cut in the middle of the second entry.
         let cut = UPSTREAM.find("\"c2\"").unwrap() + 3;
-        std::fs::write(&p, &UPSTREAM[..cut]).unwrap();
-        let l = load(&p).unwrap();
-        assert_eq!(l.entries.len(), 1);
-        assert!(l.problems[0].contains("corrupt"), "{:?}", l.problems);
-        std::fs::write(&p, b"\x00\x01garbage").unwrap();
-        let l = load(&p).unwrap();
-        assert!(l.entries.is_empty());
-        assert!(!l.problems.is_empty());
+        let dup_ip = UPSTREAM.replace("10.0.1.12", "10.0.1.11");
+        let dup_key = UPSTREAM.replace("\"c2\"", "\"c1\"");
+        let bad_first = UPSTREAM.replace("\"10.0.1.11\"", "\"10.0.1.300\"");
+        let wrong_version = UPSTREAM.replace("vpc-cni-ipam/1", "vpc-cni-ipam/9");
+        for (what, bytes) in [
+            ("torn", UPSTREAM[..cut].as_bytes()),
+            ("garbage", b"\x00\x01garbage".as_slice()),
+            ("empty", b"".as_slice()),
+            ("blank", b"  \n".as_slice()),
+            ("array", b"[]".as_slice()),
+            ("no allocations", br#"{"version":"vpc-cni-ipam/1"}"#.as_slice()),
+            ("null allocations", br#"{"version":"vpc-cni-ipam/1","allocations":null}"#.as_slice()),
+            ("bad first entry", bad_first.as_bytes()),
+            ("entry of wrong shape", br#"{"version":"vpc-cni-ipam/1","allocations":[{"containerID":1}]}"#.as_slice()),
+            ("one address twice", dup_ip.as_bytes()),
+            ("one attachment twice", dup_key.as_bytes()),
+            ("other version", wrong_version.as_bytes()),
+        ] {
+            std::fs::write(&p, bytes).unwrap();
+            match load(&p) {
+                Err(LoadError::Invalid { why, .. }) => assert!(!why.is_empty(), "{what}"),
+                other => panic!("{what}: {other:?}"),
+            }
+            assert_eq!(std::fs::read(&p).unwrap(), bytes, "{what}: file changed");
+        }
         let l = load(&d.path().join("missing.json")).unwrap();
-        assert!(l.entries.is_empty() && l.problems.is_empty());
+        assert!(l.entries.is_empty());
         // Unreadable is not "empty": the daemon must not start as if no pod had an address.
-        assert!(load(d.path()).is_err());
+        assert!(matches!(load(d.path()), Err(LoadError::Read { .. })));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        /// Any bytes: a verdict, never a panic; and whatever is accepted round-trips.
+        #[test]
+        fn parser_never_panics(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = parse(&data);
+        }
+
+        /// Mutations of a valid file: either refused or parsed into entries that all hold a
+        /// valid address and key.
+        #[test]
+        fn mutated_files_are_refused_or_valid(at in 0usize..UPSTREAM.len(), byte in proptest::prelude::any::<u8>()) {
+            let mut data = UPSTREAM.as_bytes().to_vec();
+            data[at] = byte;
+            if let Ok(l) = parse(&data) {
+                for e in &l.entries {
+                    proptest::prop_assert!(entry_key(e).is_some());
+                    proptest::prop_assert!(!e.container_id.is_empty());
+                }
+            }
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -70,6 +70,10 @@ pub struct Config {
     pub introspection: Option<std::net::SocketAddr>,
     /// Metrics on :61678 (ours: IPAMD_METRICS_BIND_ADDRESS); None with DISABLE_METRICS=true.
     pub metrics: Option<std::net::SocketAddr>,
+    /// The plugin's state directory (`AWS_CNI_STATE_DIR`, as the plugin reads it): its
+    /// per-attachment records name each pod's host veth, and DELs that found ipamd down leave
+    /// their release records there.
+    pub cni_state_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -113,6 +117,9 @@ fn int_var(
     }
 }
 
+/// A week: longer than any interval an operator means, short enough for every timer.
+const MAX_SECS: f64 = 7.0 * 24.0 * 3600.0;
+
 fn secs_var(
     env: &dyn Fn(&str) -> Option<String>,
     var: &'static str,
@@ -122,11 +129,13 @@ fn secs_var(
         None => Ok(default),
         Some(v) if v.is_empty() => Ok(default),
         Some(v) => match v.parse::<f64>() {
-            Ok(n) if n.is_finite() && n >= 0.0 => Ok(Duration::from_secs_f64(n)),
+            Ok(n) if n.is_finite() && (0.0..=MAX_SECS).contains(&n) => {
+                Ok(Duration::from_secs_f64(n))
+            }
             _ => Err(ConfigError {
                 var,
                 value: v,
-                why: "must be a number of seconds (0 or more)".into(),
+                why: format!("must be a number of seconds from 0 to {MAX_SECS}"),
             }),
         },
     }
@@ -278,17 +287,16 @@ impl Config {
                     why: "must be at least 1 (or -1 for the instance type's limit)".into(),
                 })
             }
-            Some(n) => Some(n as u32),
+            // Upstream reads an int: anything above what an instance can have means "no limit".
+            Some(n) => Some(u32::try_from(n).unwrap_or(u32::MAX)),
         };
         let veth_prefix = env("AWS_VPC_K8S_CNI_VETHPREFIX").unwrap_or_else(|| "eni".into());
-        if veth_prefix.is_empty()
-            || veth_prefix.len() > 4
-            || matches!(veth_prefix.as_str(), "eth" | "lo" | "vlan")
-        {
+        // The plugin's rule, with its words: the prefix also reaches iptables rules.
+        if let Err(why) = cni_proto::naming::validate_veth_prefix(&veth_prefix) {
             return Err(ConfigError {
                 var: "AWS_VPC_K8S_CNI_VETHPREFIX",
                 value: veth_prefix,
-                why: "must be 1 to 4 characters and not eth, lo or vlan".into(),
+                why,
             });
         }
         let prefix_delegation = bool_var(env, "ENABLE_PREFIX_DELEGATION", false)?;
@@ -321,12 +329,19 @@ impl Config {
             subnet_full_backoff: secs_var(env, "IPAMD_SUBNET_FULL_BACKOFF", d.subnet_full_backoff)?,
             allocation_grace: secs_var(env, "IPAMD_ALLOCATION_GRACE", d.allocation_grace)?,
         };
-        if timing.pool_check.is_zero() {
-            return Err(ConfigError {
-                var: "IPAMD_POOL_CHECK_INTERVAL",
-                value: "0".into(),
-                why: "must be above 0".into(),
-            });
+        // Each of these drives a periodic task, which a zero period would stop or spin.
+        for (var, d) in [
+            ("IPAMD_POOL_CHECK_INTERVAL", timing.pool_check),
+            ("IPAMD_RECONCILE_INTERVAL", timing.reconcile),
+            ("IPAMD_LEAKED_ENI_CLEANUP_INTERVAL", timing.leak_cleanup),
+        ] {
+            if d < Duration::from_millis(10) {
+                return Err(ConfigError {
+                    var,
+                    value: format!("{}", d.as_secs_f64()),
+                    why: "must be at least 0.01 seconds".into(),
+                });
+            }
         }
         let external_snat = bool_var(env, "AWS_VPC_K8S_CNI_EXTERNALSNAT", false)?;
         let net = net_config(env, &veth_prefix, external_snat)?;
@@ -382,7 +397,15 @@ impl Config {
                 .map(PathBuf::from),
             log_file: env("AWS_VPC_K8S_CNI_LOG_FILE")
                 .unwrap_or_else(|| "/host/var/log/aws-routed-eni/ipamd.log".into()),
-            log_level: env("AWS_VPC_K8S_CNI_LOGLEVEL").unwrap_or_else(|| "DEBUG".into()),
+            // Upstream defaults to DEBUG; ours logs every allocation and release at INFO already,
+            // and DEBUG adds per-request detail an operator asks for when they need it.
+            log_level: env("AWS_VPC_K8S_CNI_LOGLEVEL")
+                .filter(|v| !v.trim().is_empty())
+                .unwrap_or_else(|| "INFO".into()),
+            cni_state_dir: env(cni_common::state::STATE_DIR_ENV)
+                .filter(|v| !v.trim().is_empty())
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(cni_common::state::DEFAULT_STATE_DIR)),
             cluster_name: env("CLUSTER_NAME").unwrap_or_default(),
         })
     }
@@ -504,6 +527,30 @@ mod tests {
                 .unwrap()
                 .max_eni,
             Some(2)
+        );
+    }
+
+    #[test]
+    fn ranges_are_checked() {
+        for (var, val) in [
+            ("IPAMD_RECONCILE_INTERVAL", "0"),
+            ("IPAMD_POOL_CHECK_INTERVAL", "0"),
+            ("IPAMD_RECONCILE_INTERVAL", "1e30"),
+            ("IPAMD_ALLOCATION_GRACE", "inf"),
+            ("IPAMD_ALLOCATION_GRACE", "-1"),
+            ("AWS_VPC_K8S_CNI_VETHPREFIX", "e\nx"),
+            ("AWS_VPC_K8S_CNI_VETHPREFIX", "e x"),
+        ] {
+            let pairs = [(var, val)];
+            let e = Config::from_env(&with(&pairs)).unwrap_err();
+            assert_eq!(e.var, var, "{val:?}");
+        }
+        // Above 2^32 means "no limit", not 0 after wrapping.
+        let c = Config::from_env(&with(&[("MAX_ENI", "8589934593")])).unwrap();
+        assert_eq!(c.max_eni, Some(u32::MAX));
+        assert_eq!(
+            Config::from_env(&with(&[])).unwrap().log_level,
+            "INFO"
         );
     }
 }

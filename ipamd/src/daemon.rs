@@ -21,73 +21,36 @@ use crate::instance_types;
 use crate::instance_types::InstanceLimits;
 use crate::manager::{CloudNode, Limits, Manager};
 use crate::maxpods;
+use crate::netconf::links::Links;
 use crate::netconf::NodeNetwork;
 use crate::node::{self, NodeInfo};
 use crate::server::{self, Shared};
+use crate::sweep::{self, HostView};
 
-/// Allocations whose pod's host veth is gone and which are older than `grace`: the plugin's
-/// DEL never reached ipamd (it was down or unreachable; the plugin still cleaned the host).
-pub fn orphaned(
-    ds: &Datastore,
-    veth_prefix: &str,
-    now: SystemTime,
-    grace: Duration,
-    veth_exists: &dyn Fn(&str) -> bool,
-) -> Vec<crate::datastore::Key> {
-    ds.allocations()
-        .filter(|a| !a.pod.name.is_empty())
-        .filter(|a| now.duration_since(a.allocated_at).unwrap_or_default() >= grace)
-        .filter(|a| {
-            !veth_exists(&cni_proto::naming::host_veth_name(
-                veth_prefix,
-                &a.pod.namespace,
-                &a.pod.name,
-            ))
-        })
-        .map(|a| a.key.clone())
-        .collect()
-}
-
-/// Does a host interface with this name exist in our network namespace?
-pub fn link_exists(name: &str) -> bool {
-    nix::net::if_::if_nametoindex(name).is_ok()
-}
-
-/// Put the checkpoint's allocations and cooldowns back. Returns what was dropped and why.
+/// Put the checkpoint's allocations and cooldowns back, then release (into cooldown) those
+/// whose pods the host positively shows no trace of. `host` is None when the look at the host
+/// failed: then nothing is released on its account. Returns what was dropped and why.
 pub fn restore(
     ds: &mut Datastore,
     loaded: &checkpoint::Loaded,
+    host: Option<&HostView>,
     veth_prefix: &str,
     now: SystemTime,
     grace: Duration,
-    veth_exists: &dyn Fn(&str) -> bool,
+    recorded_veth: &sweep::RecordedVeth,
 ) -> Vec<String> {
-    let mut dropped = loaded.problems.clone();
+    let mut dropped = Vec::new();
     for e in &loaded.entries {
         let Some((key, ip, pod, at)) = checkpoint::entry_key(e) else {
-            dropped.push(format!(
-                "entry for {} has no usable IPv4 address {:?}",
-                e.container_id, e.ipv4
-            ));
+            // `checkpoint::parse` refuses such files; nothing to do here.
             continue;
         };
         if ds.address_state(ip).is_none() {
             dropped.push(format!(
-                "{} ({}/{}) uses {ip}, which no ENI of this node holds; dropped",
+                "{} ({}/{}) uses {ip}, which no ENI of this node holds any more; dropped",
                 key.container_id, pod.namespace, pod.name
             ));
             continue;
-        }
-        let old = now.duration_since(at).unwrap_or_default() >= grace;
-        if old && !pod.name.is_empty() {
-            let veth = cni_proto::naming::host_veth_name(veth_prefix, &pod.namespace, &pod.name);
-            if !veth_exists(&veth) {
-                dropped.push(format!(
-                    "{} ({}/{}) on {ip}: host veth {veth} is gone; dropped",
-                    key.container_id, pod.namespace, pod.name
-                ));
-                continue;
-            }
         }
         if !ds.restore(key.clone(), ip, pod, at) {
             dropped.push(format!(
@@ -105,7 +68,191 @@ pub fn restore(
             ds.restore_cooldown(ip, at);
         }
     }
+    if let Some(host) = host {
+        for k in sweep::orphaned(ds, host, veth_prefix, now, grace, recorded_veth) {
+            if let Some(a) = ds.release(&k, now) {
+                dropped.push(format!(
+                    "{} ({}/{}) on {}: no host route and no host veth; released into cooldown",
+                    a.key.container_id, a.pod.namespace, a.pod.name, a.ip
+                ));
+            }
+        }
+    }
     dropped
+}
+
+/// What an operator reads when the checkpoint cannot be used.
+fn unusable_checkpoint(e: &checkpoint::LoadError, cfg: &Config) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{e}. ipamd will not start: every address in that file may belong to a running pod, and \
+         starting without it would give those addresses to new pods. The file is left as it is. \
+         To recover, run `ipamd --recover` with the same environment: it rebuilds the allocations \
+         from this node's host routes and the plugin's records under {}, keeps the old file as \
+         {}.unusable-<time>, and writes a new one; then start ipamd again. On a node with no pods, \
+         moving the file away is enough.",
+        cfg.cni_state_dir.display(),
+        cfg.backing_store.display()
+    )
+}
+
+/// Release what DELs recorded while ipamd was unreachable, and what the host shows no trace
+/// of; make it durable; then delete the records applied. One pass of the sweeper.
+async fn sweep_once(shared: &Shared, links: &Links, cfg: &Config, at_start: bool) {
+    let (pending, problems) = sweep::pending_releases(&cfg.cni_state_dir);
+    for p in &problems {
+        warn!("{p}; left in place");
+    }
+    let host = match links.host_view().await {
+        Ok(h) => Some(h),
+        Err(e) => {
+            warn!(error = %e, "cannot read the host's links and routes; no address is released on the host's account this time");
+            None
+        }
+    };
+    let (from_records, orphans, gen) = {
+        let mut ds = shared.ds.lock().await;
+        let now = SystemTime::now();
+        let from_records = sweep::apply_releases(&mut ds, &pending, now);
+        let mut orphans = Vec::new();
+        if let Some(h) = &host {
+            let reader = sweep::state_reader(&cfg.cni_state_dir);
+            let grace = cfg.timing.allocation_grace;
+            for k in sweep::orphaned(&ds, h, &cfg.veth_prefix, now, grace, &reader) {
+                if let Some(a) = ds.release(&k, now) {
+                    orphans.push(a);
+                }
+            }
+        }
+        (from_records, orphans, ds.generation())
+    };
+    if pending.is_empty() && orphans.is_empty() {
+        return;
+    }
+    if let Err(e) = shared.committer.commit(gen).await {
+        // The records stay: the next pass applies them again (a no-op in memory) and retries.
+        warn!(error = %e, "checkpoint after releasing addresses; release records kept");
+        return;
+    }
+    for a in &from_records {
+        info!(container = %a.key.container_id, pod = %format!("{}/{}", a.pod.namespace, a.pod.name), ip = %a.ip, at_start, "released by a DEL recorded while ipamd was unreachable");
+    }
+    for a in &orphans {
+        warn!(container = %a.key.container_id, pod = %format!("{}/{}", a.pod.namespace, a.pod.name), ip = %a.ip, "no host route and no host veth for this pod, and no DEL came; address released");
+    }
+    for p in &pending {
+        if let Err(e) = cni_common::fsio::remove_if_exists(&p.path) {
+            warn!(record = %p.path.display(), error = %e, "cannot remove an applied release record");
+        }
+    }
+    shared.pool_changed.notify_one();
+    shared.update_health().await;
+}
+
+/// `ipamd --recover`: the checkpoint is lost or unusable. Rebuild the allocations from what
+/// the node itself shows: every plugin record whose host route or veth exists, and every
+/// host route to a veth of ours that no record explains (kept under a placeholder key until
+/// the sweeper sees its route gone). Releases recorded by DELs are honoured. The old file is
+/// kept beside the new one. Returns a report.
+pub async fn recover(cfg: &Config) -> anyhow::Result<String> {
+    let links = Links::new().context("open a netlink socket")?;
+    let host = links
+        .host_view()
+        .await
+        .context("read the host's links and routes (recovery needs a successful look)")?;
+    let (pending, problems) = sweep::pending_releases(&cfg.cni_state_dir);
+    if !problems.is_empty() {
+        bail!("cannot read release records: {}", problems.join("; "));
+    }
+    let released: std::collections::HashSet<(String, String, String)> = pending
+        .iter()
+        .map(|p| {
+            (
+                p.record.network_name.clone(),
+                p.record.container_id.clone(),
+                p.record.if_name.clone(),
+            )
+        })
+        .collect();
+    let records = cni_common::state::list_attachments(&cfg.cni_state_dir)
+        .with_context(|| format!("read the plugin's records under {}", cfg.cni_state_dir.display()))?;
+    let now = checkpoint::to_nanos(SystemTime::now());
+    let mut report = Vec::new();
+    let mut entries = Vec::new();
+    let mut covered = std::collections::HashSet::new();
+    for st in records {
+        let key = (st.network_name.clone(), st.container_id.clone(), st.ifname.clone());
+        let live = host.host_routes.contains_key(&st.ip) || host.links.contains(&st.host_veth);
+        if released.contains(&key) || !live || !covered.insert(st.ip) {
+            report.push(format!(
+                "skipped {} ({}/{}) {}: {}",
+                st.container_id,
+                st.pod_namespace,
+                st.pod_name,
+                st.ip,
+                if released.contains(&key) { "its DEL was recorded" } else if !live { "no host route or veth" } else { "address already recovered" }
+            ));
+            continue;
+        }
+        report.push(format!("recovered {} ({}/{}) {}", st.container_id, st.pod_namespace, st.pod_name, st.ip));
+        entries.push(checkpoint::Entry {
+            network_name: st.network_name,
+            container_id: st.container_id,
+            if_name: st.ifname,
+            ipv4: st.ip.to_string(),
+            ipv6: String::new(),
+            allocation_timestamp: now,
+            metadata: checkpoint::Metadata {
+                k8s_pod_namespace: st.pod_namespace,
+                k8s_pod_name: st.pod_name,
+                interfaces_count: 1,
+                k8s_pod_uid: String::new(),
+            },
+        });
+    }
+    let mut unexplained: Vec<_> = host
+        .host_routes
+        .iter()
+        .filter(|(ip, link)| link.starts_with(&cfg.veth_prefix) && !covered.contains(*ip))
+        .collect();
+    unexplained.sort();
+    for (ip, link) in unexplained {
+        report.push(format!(
+            "recovered {ip} (host route via {link}, no plugin record: held as recovered-{ip} until its route goes)"
+        ));
+        entries.push(checkpoint::Entry {
+            network_name: "aws-cni".into(),
+            container_id: format!("recovered-{ip}"),
+            if_name: "eth0".into(),
+            ipv4: ip.to_string(),
+            ipv6: String::new(),
+            allocation_timestamp: now,
+            metadata: checkpoint::Metadata::default(),
+        });
+    }
+    entries.sort_by(|a, b| a.ipv4.cmp(&b.ipv4));
+    let path = &cfg.backing_store;
+    if path.exists() {
+        let kept = std::path::PathBuf::from(format!(
+            "{}.unusable-{}",
+            path.display(),
+            now / 1_000_000_000
+        ));
+        std::fs::rename(path, &kept)
+            .with_context(|| format!("keep the old checkpoint as {}", kept.display()))?;
+        report.push(format!("old checkpoint kept as {}", kept.display()));
+    }
+    let n = entries.len();
+    checkpoint::write_atomic(
+        path,
+        &checkpoint::Checkpoint {
+            version: checkpoint::FORMAT_VERSION.into(),
+            allocations: entries,
+            cooldowns: Vec::new(),
+        },
+    )
+    .with_context(|| format!("write {}", path.display()))?;
+    report.push(format!("wrote {} with {n} allocation(s)", path.display()));
+    Ok(report.join("\n"))
 }
 
 /// The EC2 side of a node: the client, IMDS and what the pool manager needs.
@@ -270,19 +417,24 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             warn!(eni = %id, error = %e, "ENI skipped");
         }
     }
-    let loaded = checkpoint::load(&cfg.backing_store).with_context(|| {
-        format!(
-            "cannot read checkpoint {}; refusing to start without knowing which addresses pods hold",
-            cfg.backing_store.display()
-        )
-    })?;
+    let loaded =
+        checkpoint::load(&cfg.backing_store).map_err(|e| unusable_checkpoint(&e, &cfg))?;
+    let links = Links::new().context("open a netlink socket")?;
+    let host = match links.host_view().await {
+        Ok(h) => Some(h),
+        Err(e) => {
+            warn!(error = %e, "cannot read the host's links and routes; every checkpointed allocation is kept");
+            None
+        }
+    };
     for d in restore(
         &mut ds,
         &loaded,
+        host.as_ref(),
         &cfg.veth_prefix,
         SystemTime::now(),
         cfg.timing.allocation_grace,
-        &link_exists,
+        &sweep::state_reader(&cfg.cni_state_dir),
     ) {
         warn!("checkpoint: {d}");
     }
@@ -308,6 +460,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         capacity,
         cloud.is_some(),
     ));
+    // Releases DELs recorded while ipamd was away are applied before the first request.
+    sweep_once(&shared, &links, &cfg, true).await;
     shared.initialised.store(true, Ordering::Release);
     shared.update_health().await;
 
@@ -325,36 +479,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tokio::spawn(crate::http::serve(a, shared.clone(), false));
     }
 
-    // Addresses of pods whose DEL never arrived go back to the pool.
+    // Addresses of pods whose DEL never arrived, or arrived while ipamd was away, go back.
     let sweeper = shared.clone();
-    let (veth_prefix, grace, every) = (
-        cfg.veth_prefix.clone(),
-        cfg.timing.allocation_grace,
-        cfg.timing.reconcile,
-    );
+    let sweep_cfg = cfg.clone();
     tokio::spawn(async move {
-        let mut t = tokio::time::interval(every);
+        let mut t = tokio::time::interval(sweep_cfg.timing.reconcile);
         t.tick().await;
         loop {
             t.tick().await;
-            let (released, gen) = {
-                let mut ds = sweeper.ds.lock().await;
-                let now = SystemTime::now();
-                let stale = orphaned(&ds, &veth_prefix, now, grace, &link_exists);
-                let released: Vec<_> = stale.iter().filter_map(|k| ds.release(k, now)).collect();
-                (released, ds.generation())
-            };
-            if released.is_empty() {
-                continue;
-            }
-            for a in &released {
-                warn!(container = %a.key.container_id, pod = %format!("{}/{}", a.pod.namespace, a.pod.name), ip = %a.ip, "pod's host veth is gone and no DEL came; address released");
-            }
-            if let Err(e) = sweeper.committer.commit(gen).await {
-                warn!(error = %e, "checkpoint after releasing orphaned allocations");
-            }
-            sweeper.pool_changed.notify_one();
-            sweeper.update_health().await;
+            sweep_once(&sweeper, &links, &sweep_cfg, false).await;
         }
     });
 
@@ -364,6 +497,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let mut t = tokio::time::interval(Duration::from_secs(1));
         loop {
             t.tick().await;
+            ticker.committer.retry();
             ticker.update_health().await;
         }
     });

@@ -513,6 +513,14 @@ impl Datastore {
         self.assigned < self.max_pods && self.stats().available > 0
     }
 
+    /// When the first cooling address becomes free again (None when none is cooling). Only the
+    /// pool-empty path asks, so a scan is fine.
+    pub fn next_cooldown_end(&self) -> Option<SystemTime> {
+        self.cooldowns()
+            .map(|(_, at)| at + self.cooldown_period)
+            .min()
+    }
+
     /// Is `ip` assigned, cooling, free or unknown? For tests and introspection.
     pub fn address_state(&self, ip: Ipv4Addr) -> Option<&'static str> {
         self.addrs.get(&ip).map(|a| match a.state {

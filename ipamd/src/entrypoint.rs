@@ -109,7 +109,11 @@ impl EntryConfig {
 /// Write `data` to `dir/name` so readers see the old file or the whole new one.
 pub fn write_atomic(dir: &Path, name: &str, data: &[u8], mode: u32) -> anyhow::Result<()> {
     let path = dir.join(name);
-    crate::checkpoint::write_file_atomic(&path, data, Some(mode))
+    cni_common::fsio::write_atomic(
+        &path,
+        data,
+        cni_common::fsio::WriteOptions { mode, sync: true },
+    )
         .with_context(|| format!("write {}", path.display()))
 }
 

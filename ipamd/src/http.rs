@@ -265,7 +265,19 @@ async fn route(
     })
 }
 
+/// Connections served at once per port. Prometheus needs one; more wait in the kernel's
+/// accept queue, where they cost ipamd no descriptor.
+pub const MAX_CONNECTIONS: usize = 32;
+/// A client that has not sent a whole request head by then is dropped.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// No connection, busy or idle, lives longer than this: a slot always comes free again.
+const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Serve until the process ends. A port already taken is logged, not fatal: pods still work.
+///
+/// Both ports may face every pod on the node (metrics listens on all addresses), so nothing a
+/// client does may cost ipamd more than a bounded share of its descriptors or CPU: connections
+/// are capped, slow and idle ones time out, and a failing accept backs off instead of spinning.
 pub async fn serve(addr: SocketAddr, shared: Arc<Shared>, metrics: bool) {
     let what = if metrics { "metrics" } else { "introspection" };
     let listener = match tokio::net::TcpListener::bind(addr).await {
@@ -280,16 +292,34 @@ pub async fn serve(addr: SocketAddr, shared: Arc<Shared>, metrics: bool) {
         }
     };
     info!(%addr, "serving {what}");
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = std::time::Duration::from_millis(10);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                backoff = std::time::Duration::from_millis(10);
+                stream
+            }
+            Err(e) => {
+                // EMFILE and friends: retrying at once would spin a core without helping.
+                warn!(%addr, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed on the {what} port; backing off");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+                continue;
+            }
         };
         let s = shared.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| route(s.clone(), metrics, req));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+            drop(permit);
         });
     }
 }

@@ -1,7 +1,9 @@
-//! ipamd logs: JSON lines to `AWS_VPC_K8S_CNI_LOG_FILE` ("stdout" or "stderr" allowed).
+//! ipamd logs: JSON lines to `AWS_VPC_K8S_CNI_LOG_FILE` ("stdout" or "stderr" allowed). The
+//! file is private (0600) and rotates at upstream's size (100 MB, 5 old files kept).
 
-use std::fs::OpenOptions;
 use std::sync::Mutex;
+
+use cni_common::logfile::{RotatingFile, DEFAULT_KEEP, DEFAULT_MAX_BYTES};
 
 use tracing_subscriber::filter::{EnvFilter, LevelFilter};
 
@@ -37,10 +39,7 @@ pub fn init(file: &str, lvl: &str) {
             let _ = b.with_writer(std::io::stderr).try_init();
         }
         path => {
-            if let Some(d) = std::path::Path::new(path).parent() {
-                let _ = std::fs::create_dir_all(d);
-            }
-            match OpenOptions::new().create(true).append(true).open(path) {
+            match RotatingFile::open(std::path::Path::new(path), DEFAULT_MAX_BYTES, DEFAULT_KEEP) {
                 Ok(f) => {
                     let _ = b.with_writer(Mutex::new(f)).try_init();
                 }

@@ -91,7 +91,10 @@ impl Shared {
 
     /// Re-evaluate readiness: SERVING only while an ADD would get an address.
     pub async fn update_health(&self) {
+        // An ADD also needs its allocation on disk: a checkpoint that cannot be written makes
+        // every ADD fail, so the node is not ready then either.
         let ok = self.initialised.load(Ordering::Acquire)
+            && self.committer.healthy()
             && self.ds.lock().await.can_allocate(SystemTime::now());
         let status = if ok {
             ServingStatus::Serving
@@ -129,6 +132,39 @@ fn ip_msg(a: &crate::datastore::Allocation) -> IpAddress {
     }
 }
 
+/// Reject what no plugin of ours sends: ids and names outside CNI's rules, fields longer than
+/// anything real. Stored strings are bounded, so no request can bloat the checkpoint.
+fn validate_key(container_id: &str, if_name: &str, network_name: &str) -> Result<(), String> {
+    use cni_common::validate;
+    validate::container_id(container_id)?;
+    validate::ifname(if_name)?;
+    validate::network_name(network_name)?;
+    Ok(())
+}
+
+fn validate_add(r: &AddNetworkRequest) -> Result<(), String> {
+    use cni_common::validate::{bounded, MAX_CONTAINER_ID, MAX_K8S_NAME, MAX_PATH, MAX_SHORT, MAX_UID};
+    validate_key(&r.container_id, &r.if_name, &r.network_name)?;
+    bounded("pod name", &r.k8s_pod_name, MAX_K8S_NAME)?;
+    bounded("pod namespace", &r.k8s_pod_namespace, MAX_K8S_NAME)?;
+    bounded("pod uid", &r.k8s_pod_uid, MAX_UID)?;
+    bounded("infra container id", &r.k8s_pod_infra_container_id, MAX_CONTAINER_ID)?;
+    bounded("netns", &r.netns, MAX_PATH)?;
+    bounded("client version", &r.client_version, MAX_SHORT)?;
+    Ok(())
+}
+
+/// DelNetwork's free-text reason as a metric label: a fixed set, so clients cannot mint
+/// series. Upstream's plugin sends the first two.
+pub fn reason_label(reason: &str) -> &'static str {
+    match reason {
+        "" | "PodDeleted" => "PodDeleted",
+        "SetupNSFailed" => "SetupNSFailed",
+        "PodSetupFailed" => "PodSetupFailed",
+        _ => "other",
+    }
+}
+
 fn add_refusal(reason: FailureReason, message: String) -> Response<AddNetworkReply> {
     Response::new(AddNetworkReply {
         success: false,
@@ -152,11 +188,8 @@ impl CniBackend for Backend {
             let _timer = m.add_network_seconds.start_timer();
             check_client(&r.client_version, "AddNetwork");
             let s = &self.0;
-            if r.container_id.is_empty() || r.if_name.is_empty() {
-                return Ok(add_refusal(
-                    FailureReason::InvalidRequest,
-                    "ContainerID and IfName are required".into(),
-                ));
+            if let Err(why) = validate_add(&r) {
+                return Ok(add_refusal(FailureReason::InvalidRequest, why));
             }
             if !s.initialised.load(Ordering::Acquire) {
                 return Ok(add_refusal(
@@ -191,11 +224,34 @@ impl CniBackend for Backend {
                     && (s.growing.load(Ordering::Acquire)
                         || (s.ceiling.lock().is_ok_and(|c| c.is_none())
                             && s.pool_note.lock().is_ok_and(|n| n.is_none())));
-                if !matches!(res, Err(AssignError::PoolEmpty { .. })) || !refilling {
+                if !matches!(res, Err(AssignError::PoolEmpty { .. })) {
                     break (res, gen);
                 }
-                if tokio::time::timeout_at(deadline, grew).await.is_err() {
-                    break (res, gen);
+                // Only cooldown stands in the way: an address comes free at a known time. Wait
+                // for it when that is within the bound, rather than fail the sandbox.
+                let cooled = s
+                    .ds
+                    .lock()
+                    .await
+                    .next_cooldown_end()
+                    .map(|t| {
+                        let left = t.duration_since(SystemTime::now()).unwrap_or_default();
+                        tokio::time::Instant::now() + left + std::time::Duration::from_millis(5)
+                    })
+                    .filter(|at| *at <= deadline);
+                match (cooled, refilling) {
+                    (None, false) => break (res, gen),
+                    (Some(at), _) => {
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(at) => {}
+                            _ = grew.as_mut() => {}
+                        }
+                    }
+                    (None, true) => {
+                        if tokio::time::timeout_at(deadline, grew).await.is_err() {
+                            break (res, gen);
+                        }
+                    }
                 }
             };
             let alloc = match res {
@@ -207,7 +263,14 @@ impl CniBackend for Backend {
                 }
                 Err(e @ AssignError::PoolEmpty { .. }) => {
                     m.no_available_ip_addresses.inc();
-                    let (reason, msg) = s.empty_pool_reason(&e);
+                    let (reason, mut msg) = s.empty_pool_reason(&e);
+                    if let Some(t) = s.ds.lock().await.next_cooldown_end() {
+                        let left = t.duration_since(SystemTime::now()).unwrap_or_default();
+                        msg.push_str(&format!(
+                            "; the next address leaves cooldown in {:.1}s",
+                            left.as_secs_f64()
+                        ));
+                    }
                     warn!(error = %msg, "refused");
                     s.update_health().await;
                     return Ok(add_refusal(reason, msg));
@@ -235,19 +298,23 @@ impl CniBackend for Backend {
         req: Request<DelNetworkRequest>,
     ) -> Result<Response<DelNetworkReply>, Status> {
         let r = req.into_inner();
-        let span = info_span!("DelNetwork", pod = %format!("{}/{}", r.k8s_pod_namespace, r.k8s_pod_name), container = %r.container_id, ifname = %r.if_name, reason = %r.reason);
+        let span = info_span!("DelNetwork", pod = %format!("{}/{}", r.k8s_pod_namespace, r.k8s_pod_name), container = %r.container_id, ifname = %r.if_name, reason = %reason_label(&r.reason));
         async move {
             let m = crate::metrics::global();
             m.del_ip_req_count
-                .with_label_values(&[if r.reason.is_empty() {
-                    "PodDeleted"
-                } else {
-                    r.reason.as_str()
-                }])
+                .with_label_values(&[reason_label(&r.reason)])
                 .inc();
             let _timer = m.del_network_seconds.start_timer();
             check_client(&r.client_version, "DelNetwork");
             let s = &self.0;
+            if let Err(why) = validate_key(&r.container_id, &r.if_name, &r.network_name) {
+                return Ok(Response::new(DelNetworkReply {
+                    success: false,
+                    failure_reason: FailureReason::InvalidRequest as i32,
+                    message: why,
+                    ..Default::default()
+                }));
+            }
             let key = Key {
                 network_name: r.network_name.clone(),
                 container_id: r.container_id.clone(),
@@ -369,6 +436,9 @@ impl CniBackend for Backend {
     }
 }
 
+/// Largest request accepted: a few kilobytes is all a real one takes (tonic's default is 4 MB).
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
 /// Bind the socket (replacing a stale file, mode 0660) and serve until `shutdown` resolves.
 pub async fn serve(
     socket: &Path,
@@ -380,11 +450,19 @@ pub async fn serve(
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
-    match std::fs::remove_file(socket) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| format!("remove stale socket {}", socket.display()))
+    // Only a stale socket is ours to remove: a file or directory there is someone else's
+    // (or a misconfigured IPAMD_SOCKET_PATH) and is reported, not deleted.
+    match std::fs::symlink_metadata(socket) {
+        Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
+            std::fs::remove_file(socket)
+                .with_context(|| format!("remove stale socket {}", socket.display()))?;
         }
-        _ => {}
+        Ok(_) => anyhow::bail!(
+            "{} exists and is not a socket; refusing to replace it (check IPAMD_SOCKET_PATH)",
+            socket.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("inspect {}", socket.display())),
     }
     let listener =
         UnixListener::bind(socket).with_context(|| format!("bind {}", socket.display()))?;
@@ -394,7 +472,10 @@ pub async fn serve(
     let health_svc = health_service(&shared);
     tonic::transport::Server::builder()
         .add_service(health_svc)
-        .add_service(CniBackendServer::new(Backend(shared)))
+        .add_service(
+            CniBackendServer::new(Backend(shared))
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::UnixListenerStream::new(listener),
             shutdown,

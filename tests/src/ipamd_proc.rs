@@ -37,7 +37,9 @@ impl Ipamd {
             .env("IPAMD_SOCKET_PATH", &socket)
             .env("AWS_VPC_K8S_CNI_BACKING_STORE", &checkpoint)
             .env("AWS_VPC_K8S_CNI_LOG_FILE", &log)
-            .env("AWS_VPC_K8S_CNI_LOGLEVEL", "DEBUG");
+            .env("AWS_VPC_K8S_CNI_LOGLEVEL", "DEBUG")
+            // The plugin's records (and release records) of this test, never the machine's.
+            .env("AWS_CNI_STATE_DIR", dir.join("state"));
         if netns.is_none() {
             // Outside a namespace of its own, ipamd would listen on the machine's ports.
             cmd.env("DISABLE_METRICS", "true")

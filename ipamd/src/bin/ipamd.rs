@@ -1,8 +1,17 @@
-//! `ipamd`: the aws-node daemon.
+//! `ipamd`: the aws-node daemon. `ipamd --recover` rebuilds a lost or unusable checkpoint from
+//! the node itself and exits.
 
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    let recover = match std::env::args().nth(1).as_deref() {
+        None => false,
+        Some("--recover") => true,
+        Some(other) => {
+            eprintln!("ipamd: unknown argument {other:?} (only --recover is accepted)");
+            return ExitCode::from(2);
+        }
+    };
     let env = |k: &str| std::env::var(k).ok();
     let cfg = match ipamd::config::Config::from_env(&env) {
         Ok(c) => c,
@@ -11,7 +20,16 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    ipamd::logging::init(&cfg.log_file, &cfg.log_level);
+    if !recover {
+        ipamd::logging::init(&cfg.log_file, &cfg.log_level);
+    }
+    // Rust keeps the soft descriptor limit it inherits (1,024 in many container runtimes),
+    // where Go raises it; a burst of connections must not leave ipamd unable to open a file.
+    match ipamd::limits::raise_nofile() {
+        Ok((from, to)) if from != to => tracing::info!(from, to, "raised the open-file limit"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -23,6 +41,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if recover {
+        return match rt.block_on(ipamd::daemon::recover(&cfg)) {
+            Ok(report) => {
+                println!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ipamd --recover: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match rt.block_on(ipamd::daemon::run(cfg)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

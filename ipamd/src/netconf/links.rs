@@ -155,6 +155,63 @@ impl Links {
             .ok_or_else(|| LinkError::NoLink(format!("index {index}")))
     }
 
+    /// Every link name and every /32 host route of the main table, in one look. Any error
+    /// is returned as such: the caller must not read a failed look as an empty host.
+    pub async fn host_view(&self) -> Result<crate::sweep::HostView, LinkError> {
+        let links: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("list links"))?;
+        let routes: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("list routes"))?;
+        let names: std::collections::HashMap<u32, String> = links
+            .iter()
+            .map(|l| (l.header.index, link_name(l)))
+            .collect();
+        let mut view = crate::sweep::HostView {
+            links: names.values().cloned().collect(),
+            ..Default::default()
+        };
+        for r in routes {
+            let table = r
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    RouteAttribute::Table(t) => Some(*t),
+                    _ => None,
+                })
+                .unwrap_or(r.header.table as u32);
+            if table != MAIN_TABLE || r.header.destination_prefix_length != 32 {
+                continue;
+            }
+            let oif = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            });
+            let dst = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Destination(netlink_packet_route::route::RouteAddress::Inet(ip)) => {
+                    Some(*ip)
+                }
+                _ => None,
+            });
+            if let (Some(ip), Some(oif)) = (dst, oif) {
+                let name = names.get(&oif).cloned().unwrap_or_default();
+                view.host_routes.insert(ip, name);
+            }
+        }
+        Ok(view)
+    }
+
     /// MTU and up, only if they differ.
     pub async fn set_mtu_up(&self, index: u32, mtu: u32) -> Result<(), LinkError> {
         let l = self.link(index).await?;
