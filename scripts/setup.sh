@@ -16,6 +16,9 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 command -v cargo >/dev/null || { echo "setup: cargo not found (rustup toolchain expected)" >&2; exit 1; }
+for c in fmt clippy; do
+  cargo "$c" --version >/dev/null 2>&1 || { echo "setup: cargo $c missing (rustup component add ${c/fmt/rustfmt})" >&2; exit 1; }
+done
 [[ $(id -u) == 0 ]] || { echo "setup: the tests create network namespaces and need root" >&2; exit 1; }
 
 # The EC2 API for the tests is moto behind tests/rig/ec2_shim.py, in a venv of its own.

@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# Lint gates: formatting and clippy (warnings are errors) before anything runs.
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
 # The cross-binary tests run target/debug/{aws-cni,ipamd}: build every binary first.
 cargo build --workspace --bins --tests
 log=$(mktemp)

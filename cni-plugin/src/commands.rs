@@ -63,11 +63,14 @@ fn open_netns(path: &str) -> Result<File> {
 fn refuse_own_netns(ns: &File, path: &str) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let own = std::fs::metadata("/proc/self/ns/net").map_err(|e| {
-        CniError::new(Code::Io, format!("read this process's network namespace: {e}"))
+        CniError::new(
+            Code::Io,
+            format!("read this process's network namespace: {e}"),
+        )
     })?;
-    let target = ns.metadata().map_err(|e| {
-        CniError::new(Code::Io, format!("stat network namespace {path}: {e}"))
-    })?;
+    let target = ns
+        .metadata()
+        .map_err(|e| CniError::new(Code::Io, format!("stat network namespace {path}: {e}")))?;
     if own.dev() == target.dev() && own.ino() == target.ino() {
         return Err(CniError::new(
             Code::InvalidEnv,
@@ -81,10 +84,7 @@ fn lock(store: &StateStore, env: &CniEnv) -> Result<cni_common::fsio::FileLock> 
     store.lock(&env.container_id, &env.ifname).map_err(|e| {
         CniError::new(
             Code::Io,
-            format!(
-                "lock attachment {}/{}: {e}",
-                env.container_id, env.ifname
-            ),
+            format!("lock attachment {}/{}: {e}", env.container_id, env.ifname),
         )
     })
 }
@@ -311,7 +311,10 @@ async fn del(env: &CniEnv, conf: &NetConf, store: &StateStore) -> Result<()> {
             let path = store.record_release(&rec).map_err(|we| {
                 CniError::new(
                     Code::Io,
-                    format!("{}; and recording the release for later failed: {we}", e.msg),
+                    format!(
+                        "{}; and recording the release for later failed: {we}",
+                        e.msg
+                    ),
                 )
             })?;
             info!(record = %path.display(), "release recorded for ipamd");
@@ -446,7 +449,10 @@ async fn gc(conf: &NetConf) -> Result<()> {
             continue;
         }
         if let Err(e) = store.remove(&st.container_id, &st.ifname) {
-            failed.push(format!("remove state of {}/{}: {e}", st.container_id, st.ifname));
+            failed.push(format!(
+                "remove state of {}/{}: {e}",
+                st.container_id, st.ifname
+            ));
             continue;
         }
         let _ = lock.remove();
@@ -480,7 +486,10 @@ async fn gc(conf: &NetConf) -> Result<()> {
         info!(container = %r.container_id, %ip, "ipamd released stale allocation");
     }
     if !reply.success {
-        failed.push(format!("ipamd garbage collection failed: {}", reply.message));
+        failed.push(format!(
+            "ipamd garbage collection failed: {}",
+            reply.message
+        ));
     }
     if !failed.is_empty() {
         return Err(CniError::new(

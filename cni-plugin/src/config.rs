@@ -383,4 +383,67 @@ mod tests {
             Code::InvalidEnv
         );
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3000))]
+
+        /// Whatever a runtime pipes in: a config or an error with one of the spec's codes for
+        /// bad input, never a panic.
+        #[test]
+        fn stdin_never_panics(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
+            if let Err(e) = NetConf::parse(&data, &no_env) {
+                proptest::prop_assert!(matches!(e.code, Code::Decode | Code::InvalidConfig | Code::IncompatibleVersion), "{:?}", e.code);
+            }
+        }
+
+        /// Configs that are JSON objects with fields of any JSON type.
+        #[test]
+        fn json_fields_of_any_type(
+            version in proptest::prop_oneof!["0.3.1", "1.0.0", "1.1.0", "2.0.0", ".*"],
+            name in ".*",
+            mtu in proptest::prop_oneof!["\"9001\"", "1500", "-1", "\"x\"", "null", "1e9", "\\[\\]"],
+            prefix in ".{0,6}",
+        ) {
+            let conf = format!(
+                r#"{{"cniVersion":{},"name":{},"mtu":{mtu},"vethPrefix":{}}}"#,
+                serde_json::Value::String(version),
+                serde_json::Value::String(name),
+                serde_json::Value::String(prefix),
+            );
+            if let Ok(c) = NetConf::parse(conf.as_bytes(), &no_env) {
+                proptest::prop_assert!((MIN_MTU..=MAX_MTU).contains(&c.mtu));
+                proptest::prop_assert!(cni_common::validate::network_name(&c.name).is_ok());
+                proptest::prop_assert!(cni_proto::naming::validate_veth_prefix(&c.veth_prefix).is_ok());
+            }
+        }
+
+        /// Any CNI_* environment: accepted values obey the rules, the rest get code 4.
+        #[test]
+        fn env_never_panics(
+            cmd in proptest::prop_oneof!["ADD", "DEL", "CHECK", "", ".*"],
+            cid in ".{0,80}",
+            ifname in ".{0,20}",
+            netns in ".{0,40}",
+            args in ".{0,120}",
+        ) {
+            let env = |k: &str| match k {
+                "CNI_COMMAND" => Some(cmd.clone()),
+                "CNI_CONTAINERID" => Some(cid.clone()),
+                "CNI_IFNAME" => Some(ifname.clone()),
+                "CNI_NETNS" => Some(netns.clone()),
+                "CNI_ARGS" => Some(args.clone()),
+                _ => None,
+            };
+            match CniEnv::from_env(&env) {
+                Err(e) => proptest::prop_assert_eq!(e.code, Code::InvalidEnv),
+                Ok(e) => match e.require(true) {
+                    Err(err) => proptest::prop_assert_eq!(err.code, Code::InvalidEnv),
+                    Ok(()) => {
+                        proptest::prop_assert!(cni_common::validate::container_id(&e.container_id).is_ok());
+                        proptest::prop_assert!(cni_common::validate::ifname(&e.ifname).is_ok());
+                    }
+                },
+            }
+        }
+    }
 }

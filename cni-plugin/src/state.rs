@@ -37,12 +37,7 @@ impl StateStore {
     /// Serialise every command on one attachment (ADD against DEL of the same container):
     /// held until the returned lock is dropped.
     pub fn lock(&self, container_id: &str, ifname: &str) -> std::io::Result<FileLock> {
-        FileLock::acquire(&lock_file(
-            &self.root,
-            &self.network,
-            container_id,
-            ifname,
-        ))
+        FileLock::acquire(&lock_file(&self.root, &self.network, container_id, ifname))
     }
 
     pub fn load(&self, container_id: &str, ifname: &str) -> Option<SandboxState> {
@@ -139,8 +134,17 @@ mod tests {
         // Nothing escaped the state directory.
         assert!(d.path().join("aws-cni").read_dir().unwrap().count() == 1);
         let mode = std::os::unix::fs::MetadataExt::mode(
-            &fs::metadata(d.path().join("aws-cni").read_dir().unwrap().next().unwrap().unwrap().path())
-                .unwrap(),
+            &fs::metadata(
+                d.path()
+                    .join("aws-cni")
+                    .read_dir()
+                    .unwrap()
+                    .next()
+                    .unwrap()
+                    .unwrap()
+                    .path(),
+            )
+            .unwrap(),
         );
         assert_eq!(mode & 0o777, 0o600);
     }

@@ -533,7 +533,11 @@ fn refusals_change_nothing() {
     };
     let out = rig.run("ADD", Some(&own), &conf);
     assert_eq!(out.err_code(), 4, "{out:?}");
-    assert!(out.err_msg().contains("own network namespace"), "{}", out.err_msg());
+    assert!(
+        out.err_msg().contains("own network namespace"),
+        "{}",
+        out.err_msg()
+    );
 
     // GC exists from 1.1.0, and only with the list of attachments to keep.
     let mut old = conf.clone();
@@ -543,7 +547,11 @@ fn refusals_change_nothing() {
     assert_eq!(out.err_code(), 1, "{out:?}");
     let out = rig.run("GC", None, &conf);
     assert_eq!(out.err_code(), 7, "{out:?}");
-    assert!(out.err_msg().contains("valid-attachments"), "{}", out.err_msg());
+    assert!(
+        out.err_msg().contains("valid-attachments"),
+        "{}",
+        out.err_msg()
+    );
 
     // Ids and interface names outside CNI's rules never reach ipamd or the disk.
     for (var, val) in [
@@ -570,7 +578,9 @@ fn refusals_change_nothing() {
     assert_eq!(rig.node.rules(), rules);
     assert_eq!(calls(&rig), before, "ipamd never asked");
     assert_eq!(rig.state_files(), 1, "the kept pod's record only");
-    let locks = std::fs::read_dir(rig.dir.path().join("state/.locks")).unwrap().count();
+    let locks = std::fs::read_dir(rig.dir.path().join("state/.locks"))
+        .unwrap()
+        .count();
     assert_eq!(locks, 1, "the kept pod's lock only");
     assert!(ping_eventually(&rig.node.name, "10.0.9.1"));
 }

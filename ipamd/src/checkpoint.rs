@@ -207,7 +207,10 @@ pub fn parse(data: &[u8]) -> Result<Loaded, String> {
     }
     for c in &f.cooldowns {
         if c.ipv4.parse::<Ipv4Addr>().is_err() {
-            return Err(format!("cooldown entry has no valid IPv4 address {:?}", c.ipv4));
+            return Err(format!(
+                "cooldown entry has no valid IPv4 address {:?}",
+                c.ipv4
+            ));
         }
     }
     Ok(Loaded {
@@ -436,15 +439,24 @@ mod tests {
         let bad_first = UPSTREAM.replace("\"10.0.1.11\"", "\"10.0.1.300\"");
         let wrong_version = UPSTREAM.replace("vpc-cni-ipam/1", "vpc-cni-ipam/9");
         for (what, bytes) in [
-            ("torn", UPSTREAM[..cut].as_bytes()),
+            ("torn", &UPSTREAM.as_bytes()[..cut]),
             ("garbage", b"\x00\x01garbage".as_slice()),
             ("empty", b"".as_slice()),
             ("blank", b"  \n".as_slice()),
             ("array", b"[]".as_slice()),
-            ("no allocations", br#"{"version":"vpc-cni-ipam/1"}"#.as_slice()),
-            ("null allocations", br#"{"version":"vpc-cni-ipam/1","allocations":null}"#.as_slice()),
+            (
+                "no allocations",
+                br#"{"version":"vpc-cni-ipam/1"}"#.as_slice(),
+            ),
+            (
+                "null allocations",
+                br#"{"version":"vpc-cni-ipam/1","allocations":null}"#.as_slice(),
+            ),
             ("bad first entry", bad_first.as_bytes()),
-            ("entry of wrong shape", br#"{"version":"vpc-cni-ipam/1","allocations":[{"containerID":1}]}"#.as_slice()),
+            (
+                "entry of wrong shape",
+                br#"{"version":"vpc-cni-ipam/1","allocations":[{"containerID":1}]}"#.as_slice(),
+            ),
             ("one address twice", dup_ip.as_bytes()),
             ("one attachment twice", dup_key.as_bytes()),
             ("other version", wrong_version.as_bytes()),

@@ -548,9 +548,6 @@ mod tests {
         // Above 2^32 means "no limit", not 0 after wrapping.
         let c = Config::from_env(&with(&[("MAX_ENI", "8589934593")])).unwrap();
         assert_eq!(c.max_eni, Some(u32::MAX));
-        assert_eq!(
-            Config::from_env(&with(&[])).unwrap().log_level,
-            "INFO"
-        );
+        assert_eq!(Config::from_env(&with(&[])).unwrap().log_level, "INFO");
     }
 }

@@ -114,7 +114,7 @@ pub fn write_atomic(dir: &Path, name: &str, data: &[u8], mode: u32) -> anyhow::R
         data,
         cni_common::fsio::WriteOptions { mode, sync: true },
     )
-        .with_context(|| format!("write {}", path.display()))
+    .with_context(|| format!("write {}", path.display()))
 }
 
 /// Copy the plugin binaries found next to this executable into the host's CNI bin directory.

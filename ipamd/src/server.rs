@@ -143,12 +143,18 @@ fn validate_key(container_id: &str, if_name: &str, network_name: &str) -> Result
 }
 
 fn validate_add(r: &AddNetworkRequest) -> Result<(), String> {
-    use cni_common::validate::{bounded, MAX_CONTAINER_ID, MAX_K8S_NAME, MAX_PATH, MAX_SHORT, MAX_UID};
+    use cni_common::validate::{
+        bounded, MAX_CONTAINER_ID, MAX_K8S_NAME, MAX_PATH, MAX_SHORT, MAX_UID,
+    };
     validate_key(&r.container_id, &r.if_name, &r.network_name)?;
     bounded("pod name", &r.k8s_pod_name, MAX_K8S_NAME)?;
     bounded("pod namespace", &r.k8s_pod_namespace, MAX_K8S_NAME)?;
     bounded("pod uid", &r.k8s_pod_uid, MAX_UID)?;
-    bounded("infra container id", &r.k8s_pod_infra_container_id, MAX_CONTAINER_ID)?;
+    bounded(
+        "infra container id",
+        &r.k8s_pod_infra_container_id,
+        MAX_CONTAINER_ID,
+    )?;
     bounded("netns", &r.netns, MAX_PATH)?;
     bounded("client version", &r.client_version, MAX_SHORT)?;
     Ok(())
@@ -229,16 +235,15 @@ impl CniBackend for Backend {
                 }
                 // Only cooldown stands in the way: an address comes free at a known time. Wait
                 // for it when that is within the bound, rather than fail the sandbox.
-                let cooled = s
-                    .ds
-                    .lock()
-                    .await
-                    .next_cooldown_end()
-                    .map(|t| {
-                        let left = t.duration_since(SystemTime::now()).unwrap_or_default();
-                        tokio::time::Instant::now() + left + std::time::Duration::from_millis(5)
-                    })
-                    .filter(|at| *at <= deadline);
+                let cooled =
+                    s.ds.lock()
+                        .await
+                        .next_cooldown_end()
+                        .map(|t| {
+                            let left = t.duration_since(SystemTime::now()).unwrap_or_default();
+                            tokio::time::Instant::now() + left + std::time::Duration::from_millis(5)
+                        })
+                        .filter(|at| *at <= deadline);
                 match (cooled, refilling) {
                     (None, false) => break (res, gen),
                     (Some(at), _) => {
@@ -473,8 +478,7 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .add_service(health_svc)
         .add_service(
-            CniBackendServer::new(Backend(shared))
-                .max_decoding_message_size(MAX_REQUEST_BYTES),
+            CniBackendServer::new(Backend(shared)).max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::UnixListenerStream::new(listener),

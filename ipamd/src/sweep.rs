@@ -87,7 +87,10 @@ pub fn orphaned(
 /// Read the plugin's attachment record under `root` for an allocation's key.
 pub fn state_reader(root: &Path) -> impl Fn(&Key) -> std::io::Result<Option<String>> + '_ {
     move |k: &Key| {
-        Ok(read_attachment(root, &k.network_name, &k.container_id, &k.ifname)?.map(|s| s.host_veth))
+        Ok(
+            read_attachment(root, &k.network_name, &k.container_id, &k.ifname)?
+                .map(|s| s.host_veth),
+        )
     }
 }
 
@@ -198,7 +201,10 @@ mod tests {
         let mut host = HostView::default();
         let now = t0 + Duration::from_secs(120);
         let grace = Duration::from_secs(60);
-        assert_eq!(orphaned(&d, &host, "eni", now, grace, &none), vec![key("a")]);
+        assert_eq!(
+            orphaned(&d, &host, "eni", now, grace, &none),
+            vec![key("a")]
+        );
         // Too young: the plugin may still be wiring it.
         assert!(orphaned(&d, &host, "eni", t0 + Duration::from_secs(5), grace, &none).is_empty());
         // A host route to the address keeps it, whatever the veth is called.
@@ -211,7 +217,9 @@ mod tests {
         assert!(orphaned(&d, &host, "eni", now, grace, &none).is_empty());
         // The prefix changed since: the plugin's record still names the real veth.
         let recorded = |_: &Key| -> std::io::Result<Option<String>> {
-            Ok(Some(cni_proto::naming::host_veth_name("eni", "default", "web")))
+            Ok(Some(cni_proto::naming::host_veth_name(
+                "eni", "default", "web",
+            )))
         };
         assert!(orphaned(&d, &host, "abc", now, grace, &recorded).is_empty());
         assert_eq!(
@@ -235,7 +243,10 @@ mod tests {
             "eni",
             &broken,
         );
-        assert!(matches!(v, Verdict::Keep(ref why) if why.contains("unreadable")), "{v:?}");
+        assert!(
+            matches!(v, Verdict::Keep(ref why) if why.contains("unreadable")),
+            "{v:?}"
+        );
     }
 
     #[test]

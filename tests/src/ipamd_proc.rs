@@ -20,18 +20,67 @@ impl Ipamd {
     /// Start ipamd with `env` (plus socket, checkpoint and log paths under `dir`), optionally
     /// inside network namespace `netns`, and wait until its socket accepts connections.
     pub fn start(dir: &Path, netns: Option<&str>, env: &[(&str, &str)]) -> Ipamd {
+        Ipamd::start_wrapped(dir, netns, env, &[])
+    }
+
+    /// As [`Ipamd::start`], run through `wrapper` (e.g. `prlimit --nofile=1024:1024`).
+    pub fn start_wrapped(
+        dir: &Path,
+        netns: Option<&str>,
+        env: &[(&str, &str)],
+        wrapper: &[&str],
+    ) -> Ipamd {
+        let mut cmd = Ipamd::command(dir, netns, env, wrapper);
+        let child = crate::die_with_parent(&mut cmd)
+            .spawn()
+            .expect("spawn ipamd");
+        let mut d = Ipamd {
+            child: Some(child),
+            socket: dir.join("ipamd.sock"),
+            checkpoint: dir.join("ipam.json"),
+            log: dir.join("ipamd.log"),
+        };
+        d.wait_ready();
+        d
+    }
+
+    /// Run ipamd expecting it to stop by itself (a refusal to start): its output. Panics if it
+    /// is still running after 20 s.
+    pub fn run_to_exit(
+        dir: &Path,
+        netns: Option<&str>,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> std::process::Output {
+        let mut cmd = Ipamd::command(dir, netns, env, &[]);
+        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = crate::die_with_parent(&mut cmd)
+            .spawn()
+            .expect("spawn ipamd");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return child.wait_with_output().expect("ipamd output");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("ipamd did not exit");
+    }
+
+    fn command(dir: &Path, netns: Option<&str>, env: &[(&str, &str)], wrapper: &[&str]) -> Command {
         let socket = dir.join("ipamd.sock");
         let checkpoint = dir.join("ipam.json");
         let log = dir.join("ipamd.log");
         let bin = crate::bin("ipamd");
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(&bin);
-                c
-            }
-            None => Command::new(&bin),
-        };
+        let mut argv: Vec<std::ffi::OsString> = wrapper.iter().map(|a| a.into()).collect();
+        if let Some(ns) = netns {
+            argv.extend(["ip", "netns", "exec", ns].map(std::ffi::OsString::from));
+        }
+        argv.push(bin.into_os_string());
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("IPAMD_SOCKET_PATH", &socket)
@@ -49,17 +98,7 @@ impl Ipamd {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
-        let child = crate::die_with_parent(&mut cmd)
-            .spawn()
-            .expect("spawn ipamd");
-        let mut d = Ipamd {
-            child: Some(child),
-            socket,
-            checkpoint,
-            log,
-        };
-        d.wait_ready();
-        d
+        cmd
     }
 
     /// Standalone ipamd (no cloud): `enis` written to a node file of `instance_type`.
@@ -70,11 +109,50 @@ impl Ipamd {
         enis: &[(u32, String, Vec<String>)],
         env: &[(&str, &str)],
     ) -> Ipamd {
+        Ipamd::standalone_wrapped(dir, netns, instance_type, enis, env, &[])
+    }
+
+    /// As [`Ipamd::standalone`], run through `wrapper`.
+    pub fn standalone_wrapped(
+        dir: &Path,
+        netns: Option<&str>,
+        instance_type: &str,
+        enis: &[(u32, String, Vec<String>)],
+        env: &[(&str, &str)],
+        wrapper: &[&str],
+    ) -> Ipamd {
         let nf = node_file(dir, instance_type, enis);
         let nf = nf.to_string_lossy().into_owned();
         let mut all = vec![("IPAMD_NODE_FILE", nf.as_str())];
         all.extend_from_slice(env);
-        Ipamd::start(dir, netns, &all)
+        Ipamd::start_wrapped(dir, netns, &all, wrapper)
+    }
+
+    /// Open descriptors and resident memory (kB) of the running ipamd.
+    pub fn footprint(&self) -> (usize, u64) {
+        let pid = self.pid().expect("running");
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        (fds, rss)
+    }
+
+    /// CPU time (user + system) used so far, in clock ticks.
+    pub fn cpu_ticks(&self) -> u64 {
+        let pid = self.pid().expect("running");
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the command name (which may contain spaces) start at ") ".
+        let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+        n(11) + n(12)
     }
 
     fn wait_ready(&mut self) {

@@ -104,6 +104,55 @@ pub fn terminate(child: Option<std::process::Child>) {
     let _ = c.wait();
 }
 
+/// Try `n` TCP connections to `addr` at once from inside network namespace `ns` (a socket
+/// stays in the namespace it was made in, whichever thread uses it later). Returns those that
+/// connected within 1.5 s; the rest are what the peer's accept queue would not take.
+pub fn tcp_connect_in(ns: &str, addr: std::net::SocketAddr, n: usize) -> Vec<std::net::TcpStream> {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&path).expect("open netns");
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let mut out = Vec::new();
+            // In waves, so the listener's SYN queue is not what limits the count.
+            for wave in (0..n).collect::<Vec<_>>().chunks(100) {
+                let tries = wave.iter().map(|_| {
+                    tokio::time::timeout(
+                        std::time::Duration::from_millis(1500),
+                        tokio::net::TcpStream::connect(addr),
+                    )
+                });
+                let before = out.len();
+                out.extend(
+                    futures::future::join_all(tries)
+                        .await
+                        .into_iter()
+                        .filter_map(|r| r.ok()?.ok()?.into_std().ok()),
+                );
+                // The queue is full: more tries would only wait out their timeouts.
+                if out.len() - before < wave.len() / 10 {
+                    break;
+                }
+            }
+            out
+        })
+    })
+    .join()
+    .expect("connect thread")
+}
+
+/// Raise this process's soft open-file limit to the hard one (tests that hold many sockets).
+pub fn raise_nofile() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
 /// Run a command, panicking with its output if it fails.
 pub fn sh(args: &[&str]) -> String {
     let out = Command::new(args[0])

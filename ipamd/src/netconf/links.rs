@@ -199,9 +199,9 @@ impl Links {
                 _ => None,
             });
             let dst = r.attributes.iter().find_map(|a| match a {
-                RouteAttribute::Destination(netlink_packet_route::route::RouteAddress::Inet(ip)) => {
-                    Some(*ip)
-                }
+                RouteAttribute::Destination(netlink_packet_route::route::RouteAddress::Inet(
+                    ip,
+                )) => Some(*ip),
                 _ => None,
             });
             if let (Some(ip), Some(oif)) = (dst, oif) {
