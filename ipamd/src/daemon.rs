@@ -173,14 +173,22 @@ pub async fn recover(cfg: &Config) -> anyhow::Result<String> {
             )
         })
         .collect();
-    let records = cni_common::state::list_attachments(&cfg.cni_state_dir)
-        .with_context(|| format!("read the plugin's records under {}", cfg.cni_state_dir.display()))?;
+    let records = cni_common::state::list_attachments(&cfg.cni_state_dir).with_context(|| {
+        format!(
+            "read the plugin's records under {}",
+            cfg.cni_state_dir.display()
+        )
+    })?;
     let now = checkpoint::to_nanos(SystemTime::now());
     let mut report = Vec::new();
     let mut entries = Vec::new();
     let mut covered = std::collections::HashSet::new();
     for st in records {
-        let key = (st.network_name.clone(), st.container_id.clone(), st.ifname.clone());
+        let key = (
+            st.network_name.clone(),
+            st.container_id.clone(),
+            st.ifname.clone(),
+        );
         let live = host.host_routes.contains_key(&st.ip) || host.links.contains(&st.host_veth);
         if released.contains(&key) || !live || !covered.insert(st.ip) {
             report.push(format!(
@@ -189,11 +197,20 @@ pub async fn recover(cfg: &Config) -> anyhow::Result<String> {
                 st.pod_namespace,
                 st.pod_name,
                 st.ip,
-                if released.contains(&key) { "its DEL was recorded" } else if !live { "no host route or veth" } else { "address already recovered" }
+                if released.contains(&key) {
+                    "its DEL was recorded"
+                } else if !live {
+                    "no host route or veth"
+                } else {
+                    "address already recovered"
+                }
             ));
             continue;
         }
-        report.push(format!("recovered {} ({}/{}) {}", st.container_id, st.pod_namespace, st.pod_name, st.ip));
+        report.push(format!(
+            "recovered {} ({}/{}) {}",
+            st.container_id, st.pod_namespace, st.pod_name, st.ip
+        ));
         entries.push(checkpoint::Entry {
             network_name: st.network_name,
             container_id: st.container_id,
@@ -321,9 +338,6 @@ async fn cloud_node(cfg: &Config) -> anyhow::Result<(NodeInfo, InstanceLimits, C
             cloud.unmanaged.insert(att.device_index, info.id.clone());
             continue;
         }
-        let Some(primary_ip) = info.primary_ip else {
-            continue;
-        };
         let from_imds = meta.interfaces.iter().find(|i| i.id == info.id);
         match from_imds {
             None => info!(eni = %info.id, "attached in EC2, not yet in IMDS; using EC2's view"),
@@ -334,20 +348,13 @@ async fn cloud_node(cfg: &Config) -> anyhow::Result<(NodeInfo, InstanceLimits, C
             }
             _ => {}
         }
-        cloud.attachments.insert(info.id.clone(), att.id.clone());
-        enis.push(Eni {
-            id: info.id.clone(),
-            device_number: att.device_index,
-            primary: is_primary,
-            mac: info.mac.clone(),
-            subnet_cidr: from_imds
-                .map(|i| i.subnet_cidr.clone())
-                .unwrap_or_else(|| primary.subnet_cidr.clone()),
-            primary_ip,
-            ips: info.secondary_ips.clone(),
-            prefixes: info.prefixes.clone(),
-            attached_at: SystemTime::now(),
-        });
+        let subnet_cidr = from_imds
+            .map(|i| i.subnet_cidr.clone())
+            .unwrap_or_else(|| primary.subnet_cidr.clone());
+        if let Some(e) = crate::eni::from_ec2(info, att.device_index, &subnet_cidr) {
+            cloud.attachments.insert(info.id.clone(), att.id.clone());
+            enis.push(e);
+        }
     }
     let Some(primary_ip) = enis.iter().find(|e| e.primary).map(|e| e.primary_ip) else {
         bail!(
@@ -417,8 +424,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             warn!(eni = %id, error = %e, "ENI skipped");
         }
     }
-    let loaded =
-        checkpoint::load(&cfg.backing_store).map_err(|e| unusable_checkpoint(&e, &cfg))?;
+    let loaded = checkpoint::load(&cfg.backing_store).map_err(|e| unusable_checkpoint(&e, &cfg))?;
     let links = Links::new().context("open a netlink socket")?;
     let host = match links.host_view().await {
         Ok(h) => Some(h),
@@ -545,6 +551,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             !cfg.disable_leaked_eni_cleanup,
         );
         let mut mgr = mgr;
+        let net: Arc<dyn crate::eni::NodeNetworking> = net;
         mgr.net = Some(net);
         tokio::spawn(mgr.run());
     }

@@ -8,6 +8,7 @@ pub mod cloud;
 pub mod config;
 pub mod daemon;
 pub mod datastore;
+pub mod eni;
 pub mod entrypoint;
 pub mod http;
 pub mod instance_types;

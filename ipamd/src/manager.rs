@@ -18,7 +18,8 @@ use crate::cloud::imds::Imds;
 use crate::cloud::{self, CloudError, Ec2, EniFilter, EniInfo, ErrorKind, NewEni};
 use crate::config::Timing;
 use crate::datastore::{Datastore, Eni, Prefix};
-use crate::netconf::{NodeNetwork, LINK_WAIT};
+use crate::eni::{self as lifecycle, NodeNetworking, StepError};
+use crate::netconf::LINK_WAIT;
 use crate::server::Shared;
 use crate::warm::{self, Ceiling, EniView, PoolView, Step, Targets};
 
@@ -60,8 +61,8 @@ pub struct Manager<E: Ec2> {
     pub cluster_name: String,
     pub extra_tags: BTreeMap<String, String>,
     pub leak_cleanup: bool,
-    /// Node networking (ENI links, tables, rules, SNAT); None in tests of the pool alone.
-    pub net: Option<Arc<NodeNetwork>>,
+    /// Secondary ENIs' links, tables and rules; None in standalone tests of the pool alone.
+    pub net: Option<Arc<dyn NodeNetworking>>,
     last_release: Option<Instant>,
     growth_paused_until: Option<Instant>,
 }
@@ -236,7 +237,7 @@ impl<E: Ec2> Manager<E> {
         }
     }
 
-    fn on_error(&mut self, step: &Step, e: &CloudError) {
+    fn on_error(&mut self, step: &Step, e: &StepError) {
         let what = match step {
             Step::AssignIps { .. } | Step::AssignPrefixes { .. } => {
                 "increaseIPPoolAllocIPAddressesFailed"
@@ -250,6 +251,13 @@ impl<E: Ec2> Manager<E> {
             .ipamd_error_count
             .with_label_values(&[what])
             .inc();
+        let e = match e {
+            StepError::Cloud(c) => c,
+            other => {
+                error!(error = %other, ?step, "pool step failed");
+                return;
+            }
+        };
         match e.kind {
             ErrorKind::SubnetFull | ErrorKind::NoCidrBlocks => {
                 let what = if e.kind == ErrorKind::SubnetFull {
@@ -286,7 +294,7 @@ impl<E: Ec2> Manager<E> {
         }
     }
 
-    async fn execute(&mut self, step: Step) -> Result<(), CloudError> {
+    async fn execute(&mut self, step: Step) -> Result<(), StepError> {
         match step {
             Step::Nothing => Ok(()),
             Step::AssignIps { eni, count } => {
@@ -302,8 +310,8 @@ impl<E: Ec2> Manager<E> {
                         Ok(())
                     }
                     // Our count was off (someone else assigned): take EC2's word for it.
-                    Err(e) if e.kind == ErrorKind::Limit => self.resync_eni(&eni).await,
-                    Err(e) => Err(e),
+                    Err(e) if e.kind == ErrorKind::Limit => Ok(self.resync_eni(&eni).await?),
+                    Err(e) => Err(e.into()),
                 }
             }
             Step::AssignPrefixes { eni, count } => {
@@ -318,8 +326,8 @@ impl<E: Ec2> Manager<E> {
                         info!(%eni, count = ps.len(), "assigned /28 prefixes");
                         Ok(())
                     }
-                    Err(e) if e.kind == ErrorKind::Limit => self.resync_eni(&eni).await,
-                    Err(e) => Err(e),
+                    Err(e) if e.kind == ErrorKind::Limit => Ok(self.resync_eni(&eni).await?),
+                    Err(e) => Err(e.into()),
                 }
             }
             Step::NewEni { ips, prefixes } => self.new_eni(ips, prefixes).await,
@@ -346,7 +354,7 @@ impl<E: Ec2> Manager<E> {
                         for ip in ips {
                             let _ = ds.add_ip(&eni, ip);
                         }
-                        Err(e)
+                        Err(e.into())
                     }
                 }
             }
@@ -372,7 +380,7 @@ impl<E: Ec2> Manager<E> {
                         for p in ps {
                             let _ = ds.add_prefix(&eni, p);
                         }
-                        Err(e)
+                        Err(e.into())
                     }
                 }
             }
@@ -409,8 +417,9 @@ impl<E: Ec2> Manager<E> {
     }
 
     /// Create, attach, set DeleteOnTermination: three calls, and the addresses come with the
-    /// create reply, so there is no wait for IMDS.
-    async fn new_eni(&mut self, ips: u32, prefixes: u32) -> Result<(), CloudError> {
+    /// create reply, so there is no wait for IMDS. Then node networking, then the pool; a step
+    /// that fails undoes the ones before it.
+    async fn new_eni(&mut self, ips: u32, prefixes: u32) -> Result<(), StepError> {
         let created = self
             .ec2
             .create_eni(NewEni {
@@ -422,16 +431,11 @@ impl<E: Ec2> Manager<E> {
                 prefixes,
             })
             .await?;
-        let Some(primary_ip) = created.primary_ip else {
-            self.delete_eni_retrying(&created.id).await;
-            return Err(CloudError::new(
-                "CreateNetworkInterface",
-                "",
-                "ENI created without a primary address",
-                0,
-            ));
-        };
         let device = self.next_device_index(&*self.shared.ds.lock().await);
+        let Some(eni) = lifecycle::from_ec2(&created, device, &self.node.subnet_cidr) else {
+            self.delete_eni_retrying(&created.id).await;
+            return Err(StepError::NoAddress(created.id));
+        };
         let attachment = match self
             .ec2
             .attach_eni(&created.id, &self.node.instance_id, device)
@@ -440,7 +444,7 @@ impl<E: Ec2> Manager<E> {
             Ok(a) => a,
             Err(e) => {
                 self.delete_eni_retrying(&created.id).await;
-                return Err(e);
+                return Err(e.into());
             }
         };
         if let Err(e) = self
@@ -449,44 +453,38 @@ impl<E: Ec2> Manager<E> {
             .await
         {
             self.detach_and_delete(&created.id, &attachment).await;
-            return Err(e);
+            return Err(e.into());
         }
-        let eni = Eni {
-            id: created.id.clone(),
-            device_number: device,
-            primary: false,
-            mac: created.mac.clone(),
-            subnet_cidr: self.node.subnet_cidr.clone(),
-            primary_ip,
-            ips: created.secondary_ips.clone(),
-            prefixes: created.prefixes.clone(),
-            attached_at: SystemTime::now(),
-        };
-        // Pods get addresses of this ENI only once its link, table and rule exist.
-        if let Some(net) = &self.net {
-            if let Err(e) = net.setup_eni(&eni, LINK_WAIT).await {
-                error!(eni = %eni.id, error = %e, "ENI attached but its networking failed; giving it back");
-                net.teardown_eni(&eni).await;
-                self.detach_and_delete(&created.id, &attachment).await;
-                return Err(CloudError::new("ENI setup", "", e.to_string(), 0));
-            }
-        }
-        let added = self.shared.ds.lock().await.add_eni(eni.clone());
-        if let Err(e) = added {
-            // Only a duplicate id or address gets here: nothing on the node may use this ENI.
-            if let Some(net) = &self.net {
-                net.teardown_eni(&eni).await;
-            }
+        if let Err(e) = self.bring_onto_node(eni.clone()).await {
             self.detach_and_delete(&created.id, &attachment).await;
-            return Err(CloudError::new(
-                "CreateNetworkInterface",
-                "",
-                e.to_string(),
-                0,
-            ));
+            return Err(e);
         }
         self.node.attachments.insert(created.id.clone(), attachment);
         info!(eni = %created.id, device, ips = created.secondary_ips.len(), prefixes = created.prefixes.len(), "ENI attached");
+        Ok(())
+    }
+
+    /// An attached ENI joins the node: networking first (pods get addresses of this ENI only
+    /// once its link, table and rule exist), then the pool. On failure both are undone and the
+    /// caller gives the ENI back (or, for one found in EC2, tries again next reconcile).
+    async fn bring_onto_node(&self, eni: Eni) -> Result<(), StepError> {
+        if let (Some(net), false) = (&self.net, eni.primary) {
+            if let Err(why) = net.setup_eni(&eni, LINK_WAIT).await {
+                net.teardown_eni(&eni).await;
+                return Err(StepError::Networking { eni: eni.id, why });
+            }
+        }
+        let added = self.shared.ds.lock().await.add_eni(eni.clone());
+        if let Err(source) = added {
+            // Only a duplicate id or address gets here: nothing on the node may use this ENI.
+            if let (Some(net), false) = (&self.net, eni.primary) {
+                net.teardown_eni(&eni).await;
+            }
+            return Err(StepError::Pool {
+                eni: eni.id,
+                source,
+            });
+        }
         Ok(())
     }
 
@@ -516,7 +514,7 @@ impl<E: Ec2> Manager<E> {
         }
     }
 
-    async fn free_eni(&mut self, eni_id: &str) -> Result<(), CloudError> {
+    async fn free_eni(&mut self, eni_id: &str) -> Result<(), StepError> {
         let Some(attachment) = self.node.attachments.get(eni_id).cloned() else {
             warn!(eni = eni_id, "no attachment id known; not freeing");
             return Ok(());
@@ -537,7 +535,7 @@ impl<E: Ec2> Manager<E> {
                     }
                 }
                 let _ = self.shared.ds.lock().await.add_eni(removed);
-                return Err(e);
+                return Err(e.into());
             }
         }
         self.node.attachments.remove(eni_id);
@@ -636,73 +634,76 @@ impl<E: Ec2> Manager<E> {
         };
         if let Some(net) = &self.net {
             if let Err(e) = net.setup_host(vpc_cidrs).await {
-                error!(
-                    error = format!("{e:#}"),
-                    changed, "node networking not reconciled"
-                );
+                error!(error = %e, changed, "node networking not reconciled");
             }
         }
     }
 
-    /// Make the pool agree with EC2's list of this instance's ENIs.
+    /// Make the pool agree with EC2's list of this instance's ENIs: ENIs attached behind
+    /// ipamd's back join the node through the same lifecycle as ENIs it creates (networking,
+    /// then the pool); ENIs EC2 no longer lists leave it (pool, then networking), unless pods
+    /// still hold their addresses.
     pub async fn sync_from_ec2(&mut self, enis: &[EniInfo]) {
-        let mut added = Vec::new();
-        let mut ds = self.shared.ds.lock().await;
-        let mut seen = HashSet::new();
-        for info in enis {
-            let Some(att) = &info.attachment else {
-                continue;
-            };
-            if att.network_card != 0 || info.no_manage() {
-                self.node
-                    .unmanaged
-                    .insert(att.device_index, info.id.clone());
-                continue;
-            }
-            seen.insert(info.id.clone());
-            self.node
-                .attachments
-                .insert(info.id.clone(), att.id.clone());
-            if ds.eni(&info.id).is_none() {
-                let Some(primary_ip) = info.primary_ip else {
+        let mut adopt = Vec::new();
+        let gone: Vec<Eni> = {
+            let mut ds = self.shared.ds.lock().await;
+            let mut seen = HashSet::new();
+            for info in enis {
+                let Some(att) = &info.attachment else {
                     continue;
                 };
-                let eni = Eni {
-                    id: info.id.clone(),
-                    device_number: att.device_index,
-                    primary: att.device_index == 0,
-                    mac: info.mac.clone(),
-                    subnet_cidr: self.node.subnet_cidr.clone(),
-                    primary_ip,
-                    ips: info.secondary_ips.clone(),
-                    prefixes: info.prefixes.clone(),
-                    attached_at: SystemTime::now(),
-                };
-                let copy = eni.clone();
-                match ds.add_eni(eni) {
-                    Ok(()) => {
-                        info!(eni = %info.id, "ENI found in EC2 added to the pool");
-                        added.push(copy);
+                if att.network_card != 0 || info.no_manage() {
+                    self.node
+                        .unmanaged
+                        .insert(att.device_index, info.id.clone());
+                    continue;
+                }
+                seen.insert(info.id.clone());
+                self.node
+                    .attachments
+                    .insert(info.id.clone(), att.id.clone());
+                if ds.eni(&info.id).is_some() {
+                    apply_eni_addresses(&mut ds, info);
+                } else if let Some(e) =
+                    lifecycle::from_ec2(info, att.device_index, &self.node.subnet_cidr)
+                {
+                    adopt.push(e);
+                }
+            }
+            let ids: Vec<String> = ds
+                .enis()
+                .filter(|e| !seen.contains(&e.id))
+                .map(|e| e.id.clone())
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| match ds.remove_eni(&id) {
+                    Ok(e) => Some(e),
+                    Err(err) => {
+                        error!(eni = %id, error = %err, "EC2 says this ENI is gone but pods use it; keeping their allocations");
+                        None
                     }
-                    Err(e) => warn!(eni = %info.id, error = %e, "ENI not added"),
+                })
+                .collect()
+        };
+        for e in gone {
+            if let (Some(net), false) = (&self.net, e.primary) {
+                net.teardown_eni(&e).await;
+            }
+            self.node.attachments.remove(&e.id);
+            info!(eni = %e.id, "ENI no longer attached in EC2; removed from the pool and the node");
+        }
+        for e in adopt {
+            let id = e.id.clone();
+            match self.bring_onto_node(e).await {
+                Ok(()) => {
+                    info!(eni = %id, "ENI found attached in EC2 adopted: networking set up, addresses in the pool")
                 }
-            } else {
-                apply_eni_addresses(&mut ds, info);
+                Err(err) => {
+                    warn!(eni = %id, error = %err, "ENI found in EC2 not adopted; next reconcile tries again")
+                }
             }
         }
-        let gone: Vec<String> = ds
-            .enis()
-            .filter(|e| !seen.contains(&e.id))
-            .map(|e| e.id.clone())
-            .collect();
-        for id in gone {
-            match ds.remove_eni(&id) {
-                Ok(_) => info!(eni = %id, "ENI no longer attached in EC2; removed from the pool"),
-                Err(e) => {
-                    error!(eni = %id, error = %e, "EC2 says this ENI is gone but pods use it; keeping their allocations")
-                }
-            }
-        }
+        self.shared.pool_grew.notify_waiters();
     }
 
     /// Delete ENIs ipamd created that were never attached or were left detached.
@@ -778,5 +779,276 @@ fn apply_eni_addresses(ds: &mut Datastore, info: &EniInfo) {
         if !ds.remove_prefix(&info.id, *p) {
             error!(eni = %info.id, prefix = %p.0, "EC2 no longer lists this prefix but pods hold it");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The manager's failure paths over in-memory EC2 and node networking.
+
+    use super::*;
+    use crate::checkpoint::Committer;
+    use crate::cloud::fake::FakeEc2;
+    use crate::datastore::{Key, PodMeta};
+    use crate::eni::fake::FakeNet;
+    use tokio::sync::Mutex;
+
+    struct Rig {
+        mgr: Manager<FakeEc2>,
+        ec2: Arc<FakeEc2>,
+        net: Arc<FakeNet>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Rig {
+        async fn new(targets: Targets) -> Rig {
+            let ec2 = Arc::new(FakeEc2::new("i-1", 5));
+            let net = Arc::new(FakeNet::default());
+            let dir = tempfile::tempdir().unwrap();
+            let mut ds = Datastore::new(Duration::from_secs(30), 100);
+            let mut node = CloudNode {
+                instance_id: "i-1".into(),
+                subnet_id: "subnet-1".into(),
+                subnet_cidr: "10.0.0.0/16".into(),
+                ..Default::default()
+            };
+            for info in ec2
+                .describe_enis(EniFilter::AttachedTo("i-1".into()))
+                .await
+                .unwrap()
+            {
+                let att = info.attachment.clone().unwrap();
+                node.attachments.insert(info.id.clone(), att.id.clone());
+                ds.add_eni(lifecycle::from_ec2(&info, att.device_index, "10.0.0.0/16").unwrap())
+                    .unwrap();
+            }
+            let ds = Arc::new(Mutex::new(ds));
+            let committer = Committer::start(dir.path().join("ipam.json"), ds.clone());
+            let shared = Arc::new(Shared::new(
+                ds,
+                committer,
+                vec!["10.0.0.0/16".into()],
+                false,
+                "t3.medium".into(),
+                true,
+            ));
+            let mut mgr = Manager::new(
+                ec2.clone(),
+                shared,
+                None,
+                node,
+                Limits {
+                    max_enis: 3,
+                    slots_per_eni: 5,
+                },
+                targets,
+                Timing {
+                    min_eni_age: Duration::ZERO,
+                    decrease: Duration::ZERO,
+                    ..Default::default()
+                },
+                String::new(),
+                BTreeMap::new(),
+                false,
+            );
+            let n: Arc<dyn NodeNetworking> = net.clone();
+            mgr.net = Some(n);
+            Rig {
+                mgr,
+                ec2,
+                net,
+                _dir: dir,
+            }
+        }
+
+        /// Wants one more ENI: 8 free addresses, the primary holds 5.
+        async fn growing() -> Rig {
+            Rig::new(Targets {
+                warm_ip: Some(8),
+                ..Default::default()
+            })
+            .await
+        }
+
+        async fn pool_enis(&self) -> Vec<String> {
+            self.mgr
+                .shared
+                .ds
+                .lock()
+                .await
+                .enis()
+                .map(|e| e.id.clone())
+                .collect()
+        }
+
+        fn ec2_enis(&self) -> Vec<String> {
+            self.ec2.lock().enis.keys().cloned().collect()
+        }
+
+        async fn sync(&mut self) {
+            let enis = self
+                .ec2
+                .describe_enis(EniFilter::AttachedTo("i-1".into()))
+                .await
+                .unwrap();
+            self.mgr.sync_from_ec2(&enis).await;
+        }
+
+        async fn assign(&self, n: usize) -> Vec<crate::datastore::Allocation> {
+            let mut ds = self.mgr.shared.ds.lock().await;
+            (0..n)
+                .map(|i| {
+                    ds.assign(
+                        Key {
+                            network_name: "aws-cni".into(),
+                            container_id: format!("c{i}"),
+                            ifname: "eth0".into(),
+                        },
+                        PodMeta::default(),
+                        SystemTime::now(),
+                    )
+                    .unwrap()
+                })
+                .collect()
+        }
+    }
+
+    #[tokio::test]
+    async fn grows_by_one_eni_through_attach_networking_and_pool() {
+        let mut r = Rig::growing().await;
+        r.mgr.converge().await;
+        let enis = r.pool_enis().await;
+        assert_eq!(enis.len(), 2, "{enis:?}");
+        let new = enis.iter().find(|e| *e != "eni-primary").unwrap();
+        assert!(r.net.set_up.lock().unwrap().contains(new));
+        assert_eq!(r.ec2.calls("CreateNetworkInterface"), 1);
+        assert_eq!(r.ec2.calls("AttachNetworkInterface"), 1);
+        assert_eq!(r.ec2.calls("ModifyNetworkInterfaceAttribute"), 1);
+    }
+
+    #[tokio::test]
+    async fn attach_failure_deletes_the_new_eni() {
+        let mut r = Rig::growing().await;
+        r.ec2.fail("AttachNetworkInterface", "InternalError");
+        r.mgr.converge().await;
+        assert_eq!(r.pool_enis().await, vec!["eni-primary".to_string()]);
+        assert_eq!(
+            r.ec2_enis(),
+            vec!["eni-primary".to_string()],
+            "created ENI deleted"
+        );
+        assert!(r.net.set_up.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn delete_on_termination_failure_detaches_and_deletes() {
+        let mut r = Rig::growing().await;
+        r.ec2
+            .fail("ModifyNetworkInterfaceAttribute", "InternalError");
+        r.mgr.converge().await;
+        assert_eq!(r.pool_enis().await, vec!["eni-primary".to_string()]);
+        assert_eq!(r.ec2_enis(), vec!["eni-primary".to_string()]);
+        assert_eq!(r.ec2.calls("DetachNetworkInterface"), 1);
+    }
+
+    #[tokio::test]
+    async fn networking_failure_gives_the_eni_back_and_adds_nothing() {
+        let mut r = Rig::growing().await;
+        r.net
+            .fail_all
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        r.mgr.converge().await;
+        assert_eq!(r.pool_enis().await, vec!["eni-primary".to_string()]);
+        assert_eq!(
+            r.ec2_enis(),
+            vec!["eni-primary".to_string()],
+            "detached and deleted"
+        );
+        let torn = r.net.torn_down.lock().unwrap().clone();
+        assert_eq!(torn.len(), 1, "the half-made networking is undone");
+        // Not an EC2 error: no EC2 reason reaches ADD callers.
+        assert!(r.mgr.shared.pool_note.lock().unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn an_eni_attached_behind_our_back_is_adopted_with_its_networking() {
+        let mut r = Rig::new(Targets::default()).await;
+        let foreign = r.ec2.attach_foreign(2, 4);
+        r.net.fail.lock().unwrap().insert(foreign.clone());
+        r.sync().await;
+        assert!(
+            !r.pool_enis().await.contains(&foreign),
+            "no addresses from an ENI whose networking failed"
+        );
+        r.net.fail.lock().unwrap().clear();
+        r.sync().await;
+        assert!(r.pool_enis().await.contains(&foreign));
+        assert!(r.net.set_up.lock().unwrap().contains(&foreign));
+        let eni = r.mgr.shared.ds.lock().await.eni(&foreign).cloned().unwrap();
+        assert_eq!(eni.device_number, 2);
+        assert_eq!(eni.ips.len(), 4);
+        assert_eq!(
+            r.mgr.node.attachments.get(&foreign).map(String::as_str),
+            Some(&*format!("attach-{foreign}"))
+        );
+    }
+
+    #[tokio::test]
+    async fn an_eni_ec2_drops_leaves_unless_pods_use_it() {
+        let mut r = Rig::new(Targets::default()).await;
+        let busy = r.ec2.attach_foreign(1, 2);
+        let idle = r.ec2.attach_foreign(2, 2);
+        r.sync().await;
+        // Five on the primary, then the next lands on `busy` (added first).
+        let allocs = r.assign(6).await;
+        assert!(allocs.iter().any(|a| a.eni_id == busy), "{allocs:?}");
+        for id in [&busy, &idle] {
+            r.ec2.lock().enis.get_mut(id).unwrap().attachment = None;
+        }
+        r.sync().await;
+        let enis = r.pool_enis().await;
+        assert!(enis.contains(&busy), "pods keep their addresses");
+        assert!(!enis.contains(&idle));
+        let torn = r.net.torn_down.lock().unwrap().clone();
+        assert_eq!(
+            torn,
+            vec![idle.clone()],
+            "only the idle ENI's networking goes"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_detach_puts_the_eni_back_with_its_networking() {
+        let mut r = Rig::new(Targets::default()).await;
+        let id = r.ec2.attach_foreign(1, 2);
+        r.sync().await;
+        r.ec2.fail("DetachNetworkInterface", "InternalError");
+        let e = r.mgr.free_eni(&id).await.unwrap_err();
+        assert!(matches!(e, StepError::Cloud(_)), "{e}");
+        assert!(r.pool_enis().await.contains(&id));
+        assert!(
+            r.net.set_up.lock().unwrap().contains(&id),
+            "networking restored"
+        );
+        // Next time it goes: pool, networking, EC2.
+        r.mgr.free_eni(&id).await.unwrap();
+        assert!(!r.pool_enis().await.contains(&id));
+        assert!(!r.ec2_enis().contains(&id));
+    }
+
+    #[tokio::test]
+    async fn subnet_full_pauses_growth_and_names_the_subnet() {
+        let mut r = Rig::growing().await;
+        r.ec2.fail(
+            "CreateNetworkInterface",
+            "InsufficientFreeAddressesInSubnet",
+        );
+        r.mgr.converge().await;
+        let note = r.mgr.shared.pool_note.lock().unwrap().clone().unwrap();
+        assert_eq!(note.0, FailureReason::SubnetFull);
+        assert!(note.1.contains("subnet-1"), "{}", note.1);
+        // Paused: no second create while the backoff runs.
+        r.mgr.converge().await;
+        assert_eq!(r.ec2.calls("CreateNetworkInterface"), 1);
     }
 }

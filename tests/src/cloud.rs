@@ -131,6 +131,60 @@ impl Shim {
             .unwrap_or_else(|e| panic!("DELETE {path}: {e}"));
     }
 
+    /// Run boto3 `body` against this shim (client `c`), as another tool in the account would;
+    /// its stdout.
+    pub fn boto3(&self, body: &str) -> String {
+        let script = format!(
+            "import boto3,json\n\
+             c=boto3.client('ec2',region_name='us-west-2',endpoint_url='{}',aws_access_key_id='x',aws_secret_access_key='y')\n{body}\n",
+            self.url
+        );
+        let out = Command::new(python())
+            .args(["-c", &script])
+            .output()
+            .expect("run python");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Create an ENI in `inst`'s subnet through the EC2 API (not ipamd): its id.
+    pub fn create_eni(
+        &self,
+        inst: &Instance,
+        tags: &[(&str, String)],
+        description: &str,
+        secondary_ips: u32,
+    ) -> String {
+        let tags: Vec<_> = tags
+            .iter()
+            .map(|(k, v)| serde_json::json!({"Key": k, "Value": v}))
+            .collect();
+        let count = if secondary_ips > 0 {
+            format!(",SecondaryPrivateIpAddressCount={secondary_ips}")
+        } else {
+            String::new()
+        };
+        self.boto3(&format!(
+            "r=c.create_network_interface(SubnetId='{}',Description='{description}'{count},\
+             TagSpecifications=[{{'ResourceType':'network-interface','Tags':json.loads('{}')}}])\n\
+             print(r['NetworkInterface']['NetworkInterfaceId'])",
+            inst.subnet_id,
+            serde_json::to_string(&tags).unwrap_or_default()
+        ))
+    }
+
+    /// Attach `eni` to `inst` at `device` through the EC2 API.
+    pub fn attach_eni(&self, inst: &Instance, eni: &str, device: u32) {
+        self.boto3(&format!(
+            "c.attach_network_interface(NetworkInterfaceId='{eni}',InstanceId='{}',DeviceIndex={device})",
+            inst.id
+        ));
+    }
+
     /// A VPC, subnet and running instance of `instance_type`.
     pub fn instance(&self, instance_type: &str, subnet_cidr: &str) -> Instance {
         let v = self.post(

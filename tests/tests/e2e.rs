@@ -226,3 +226,47 @@ fn failed_add_leaves_no_namespace_state() {
     assert_eq!(files.len(), 5, "{files:?}");
     s.down();
 }
+
+#[test]
+fn an_eni_attached_behind_ipamds_back_is_adopted_and_its_pods_work() {
+    // Old enough never: the adopted ENI must not be given back by scale-down mid-test.
+    let (mut s, _dir) = sim(&[t3(&[("IPAMD_MIN_ENI_AGE", "3600")]), t3(&[])]);
+    s.add_pod(1, "x", "").unwrap();
+    let ns = s.nodes[0].ns().to_string();
+    let inst = s.nodes[0].inst().clone();
+    let eni = s.vpc.shim.create_eni(&inst, &[], "attached by hand", 5);
+    s.vpc.shim.attach_eni(&inst, &eni, 2);
+    eventually(30, "the ENI adopted", || {
+        s.nodes[0]
+            .node
+            .ipamd()
+            .log_text()
+            .contains("adopted: networking set up")
+            .then_some(())
+    });
+    let e = s.enis(0).into_iter().find(|e| e.id == eni).unwrap();
+    // Its link, table 3 and source rule are in place, as for an ENI ipamd made itself.
+    let link = ip_json(&ns, &["link", "show", "eth2"]);
+    assert!(link[0]["flags"].to_string().contains("UP"), "{link}");
+    let table = integration::sh(&["ip", "-n", &ns, "route", "show", "table", "3"]);
+    assert!(table.contains("default via"), "{table}");
+    let rule = rules(&ns)
+        .into_iter()
+        .find(|r| r["priority"] == 32765 && r["src"] == e.primary_ip.as_str());
+    assert!(rule.is_some_and(|r| r["table"] == "3"), "{:?}", rules(&ns));
+    // Pods on it: fill the other ENIs first (the adopted one's addresses come last).
+    let x_ip = s.pod(1, "x").ip.clone();
+    let mut on_it = None;
+    for i in 0..15 {
+        let name = format!("p{i}");
+        let ip = s.add_pod(0, &name, "").unwrap();
+        if e.secondary.contains(&ip) {
+            on_it = Some(name);
+            break;
+        }
+    }
+    let name = on_it.expect("a pod on the adopted ENI");
+    let p = s.pod(0, &name);
+    assert!(s.ping(p, &x_ip).is_some(), "{name} ({}) -> x", p.ip);
+    assert!(s.ping(s.pod(1, "x"), &p.ip).is_some(), "x -> {name}");
+}

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use cni_proto::{AddNetworkReply, FailureReason, StatusReply, StatusRequest};
-use integration::cloud::{eventually, python, Instance, Shim};
+use integration::cloud::{eventually, Instance, Shim};
 use integration::ipamd_proc::{add_req, block, client, del_req, health, rt};
 use integration::vpc::{Vpc, VpcNode};
 use serde_json::json;
@@ -299,40 +299,9 @@ fn subnet_exhaustion_gives_the_reason() {
 }
 
 /// Run `body` (Python, with `c` a boto3 EC2 client on the shim) and return what it prints.
-fn boto3(shim: &Shim, body: &str) -> String {
-    let script = format!(
-        "import boto3,json\n\
-         c=boto3.client('ec2',region_name='us-west-2',endpoint_url='{}',aws_access_key_id='x',aws_secret_access_key='y')\n{body}\n",
-        shim.url
-    );
-    let out = std::process::Command::new(python())
-        .args(["-c", &script])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
 /// Create an ENI through the EC2 API, as a crashed ipamd would have.
 fn create_eni(shim: &Shim, inst: &Instance, tags: &[(&str, String)], description: &str) -> String {
-    let tags: Vec<_> = tags
-        .iter()
-        .map(|(k, v)| json!({"Key": k, "Value": v}))
-        .collect();
-    boto3(
-        shim,
-        &format!(
-            "r=c.create_network_interface(SubnetId='{}',Description='{description}',\
-             TagSpecifications=[{{'ResourceType':'network-interface','Tags':json.loads('{}')}}])\n\
-             print(r['NetworkInterface']['NetworkInterfaceId'])",
-            inst.subnet_id,
-            serde_json::to_string(&tags).unwrap()
-        ),
-    )
+    shim.create_eni(inst, tags, description, 0)
 }
 
 #[test]
@@ -436,13 +405,7 @@ fn imds_lag_does_not_remove_addresses() {
 
 /// Attach an ENI through the EC2 API at `device`.
 fn attach_eni(shim: &Shim, inst: &Instance, eni: &str, device: u32) {
-    boto3(
-        shim,
-        &format!(
-            "c.attach_network_interface(NetworkInterfaceId='{eni}',InstanceId='{}',DeviceIndex={device})",
-            inst.id
-        ),
-    );
+    shim.attach_eni(inst, eni, device)
 }
 
 #[test]

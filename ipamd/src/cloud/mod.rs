@@ -4,6 +4,8 @@
 //! the pool logic is tested without any server. `guard` wraps any `Ec2` with the per-node token
 //! bucket, retries with jittered backoff and call counting.
 
+#[cfg(test)]
+pub mod fake;
 pub mod guard;
 pub mod imds;
 pub mod sdk;
