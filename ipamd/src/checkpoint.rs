@@ -296,7 +296,8 @@ impl Committer {
     /// Did the last write succeed? Readiness follows this: an ADD cannot succeed while the
     /// checkpoint cannot be written.
     pub fn healthy(&self) -> bool {
-        self.done.borrow().error.is_none()
+        // A writer task that died (its sender dropped) writes nothing any more.
+        self.done.has_changed().is_ok() && self.done.borrow().error.is_none()
     }
 
     /// The last write failed: try again now with whatever the datastore holds, so readiness

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context};
 use tokio::sync::Mutex;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::checkpoint::{self, Committer};
 use crate::cloud::guard::{Bucket, Guarded, RetryPolicy};
@@ -25,6 +25,7 @@ use crate::netconf::links::Links;
 use crate::netconf::NodeNetwork;
 use crate::node::{self, NodeInfo};
 use crate::server::{self, Shared};
+use crate::supervise::Supervisor;
 use crate::sweep::{self, HostView};
 
 /// Put the checkpoint's allocations and cooldowns back, then release (into cooldown) those
@@ -478,28 +479,40 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             * (limits.ipv4_per_eni.saturating_sub(1) as i64)
             * if prefix_delegation { 16 } else { 1 },
     );
+    let mut tasks = Supervisor::default();
     if let Some(a) = cfg.metrics {
-        tokio::spawn(crate::http::serve(a, shared.clone(), true));
+        tasks.spawn(
+            "metrics server",
+            crate::http::serve(a, shared.clone(), true),
+        );
     }
     if let Some(a) = cfg.introspection {
-        tokio::spawn(crate::http::serve(a, shared.clone(), false));
+        tasks.spawn(
+            "introspection server",
+            crate::http::serve(a, shared.clone(), false),
+        );
     }
 
     // Addresses of pods whose DEL never arrived, or arrived while ipamd was away, go back.
     let sweeper = shared.clone();
     let sweep_cfg = cfg.clone();
-    tokio::spawn(async move {
+    let fault = std::env::var("IPAMD_TEST_FAULT").unwrap_or_default();
+    tasks.spawn("sweeper", async move {
         let mut t = tokio::time::interval(sweep_cfg.timing.reconcile);
         t.tick().await;
         loop {
             t.tick().await;
+            if fault == "sweeper-stops" {
+                // Test-only: shows that a background task ending is noticed.
+                return;
+            }
             sweep_once(&sweeper, &links, &sweep_cfg, false).await;
         }
     });
 
     // Cooldowns expire on their own; health must follow them without a request.
     let ticker = shared.clone();
-    tokio::spawn(async move {
+    tasks.spawn("readiness ticker", async move {
         let mut t = tokio::time::interval(Duration::from_secs(1));
         loop {
             t.tick().await;
@@ -553,7 +566,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let mut mgr = mgr;
         let net: Arc<dyn crate::eni::NodeNetworking> = net;
         mgr.net = Some(net);
-        tokio::spawn(mgr.run());
+        tasks.spawn("pool manager", mgr.run());
     }
 
     // On SIGTERM the server stops taking connections and finishes what is in flight; a client
@@ -565,8 +578,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         shutdown_signal().await;
         s2.notify_one();
     };
+    let health = shared.clone();
     tokio::select! {
         r = server::serve(&cfg.socket, shared, signalled) => r,
+        (task, how) = tasks.ended() => {
+            // Serving on without it would look healthy while addresses go unmanaged.
+            error!(task, how = %how, "background task stopped; exiting so that ipamd is restarted");
+            health.initialised.store(false, Ordering::Release);
+            health.update_health().await;
+            Err(anyhow::anyhow!("background task {task} {how}"))
+        }
         _ = async {
             stopping.notified().await;
             tokio::time::sleep(SHUTDOWN_GRACE).await;

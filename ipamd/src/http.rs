@@ -288,7 +288,8 @@ pub async fn serve(addr: SocketAddr, shared: Arc<Shared>, metrics: bool) {
                 .ipamd_error_count
                 .with_label_values(&[what])
                 .inc();
-            return;
+            // Pods work without this port; the task stays (idle) so supervision sees no death.
+            return std::future::pending().await;
         }
     };
     info!(%addr, "serving {what}");

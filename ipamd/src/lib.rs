@@ -20,5 +20,6 @@ pub mod metrics;
 pub mod netconf;
 pub mod node;
 pub mod server;
+pub mod supervise;
 pub mod sweep;
 pub mod warm;

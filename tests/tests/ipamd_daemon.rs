@@ -329,3 +329,39 @@ fn unreadable_checkpoint_stops_the_daemon_instead_of_forgetting_pods() {
     assert!(err.contains("cannot read checkpoint"), "{err}");
     assert!(!dir.path().join("ipamd.sock").exists(), "must not serve");
 }
+
+#[test]
+fn a_background_task_that_stops_is_noticed_and_ipamd_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Ipamd::standalone(
+        dir.path(),
+        None,
+        "t3.medium",
+        &enis(1, 5),
+        &[
+            ("IPAMD_TEST_FAULT", "sweeper-stops"),
+            ("IPAMD_RECONCILE_INTERVAL", "1"),
+        ],
+    );
+    rt().block_on(async {
+        assert_eq!(health(&d.socket).await, "SERVING");
+    });
+    let mut child = d.child.take().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ipamd kept serving without its sweeper"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    let log = d.log_text();
+    assert!(
+        log.contains("background task stopped") && log.contains("sweeper"),
+        "{log}"
+    );
+}
