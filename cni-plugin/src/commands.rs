@@ -108,7 +108,7 @@ fn route_table(ip: &cni_proto::IpAddress) -> u32 {
     if ip.device_number > 0 && ip.route_table_id > 0 {
         ip.route_table_id as u32
     } else {
-        cni_proto::route_table_for_device(ip.device_number.max(0) as u32)
+        cni_common::netlink::route_table_for_device(ip.device_number.max(0) as u32)
     }
 }
 

@@ -132,7 +132,7 @@ impl NetConf {
 }
 
 pub fn validate_veth_prefix(p: &str) -> Result<()> {
-    cni_proto::naming::validate_veth_prefix(p)
+    cni_common::naming::validate_veth_prefix(p)
         .map_err(|why| CniError::new(Code::InvalidConfig, format!("vethPrefix: {why}")))
 }
 
@@ -413,7 +413,7 @@ mod tests {
             if let Ok(c) = NetConf::parse(conf.as_bytes(), &no_env) {
                 proptest::prop_assert!((MIN_MTU..=MAX_MTU).contains(&c.mtu));
                 proptest::prop_assert!(cni_common::validate::network_name(&c.name).is_ok());
-                proptest::prop_assert!(cni_proto::naming::validate_veth_prefix(&c.veth_prefix).is_ok());
+                proptest::prop_assert!(cni_common::naming::validate_veth_prefix(&c.veth_prefix).is_ok());
             }
         }
 

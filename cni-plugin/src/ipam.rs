@@ -5,9 +5,7 @@ use std::time::Duration;
 
 use cni_proto::cni_backend_client::CniBackendClient;
 use cni_proto::FailureReason;
-use hyper_util::rt::TokioIo;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 use crate::error::{CniError, Code, Result};
 
@@ -22,26 +20,14 @@ pub struct IpamClient {
 
 impl IpamClient {
     pub async fn connect(socket: &Path) -> Result<IpamClient> {
-        let path = socket.to_path_buf();
-        let unreachable = |e: &dyn std::fmt::Display| {
-            CniError::new(
-                Code::TryAgainLater,
-                format!("ipamd unreachable at {}: {e}", socket.display()),
-            )
-        };
-        // The URI is required by tonic but ignored: the connector always dials the socket.
-        let endpoint = Endpoint::from_static("http://ipamd.sock")
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(REQUEST_TIMEOUT);
-        let connector = tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-        });
-        let channel =
-            tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect_with_connector(connector))
-                .await
-                .map_err(|e| unreachable(&e))?
-                .map_err(|e| unreachable(&source_chain(&e)))?;
+        let channel = cni_common::grpc::connect(socket, CONNECT_TIMEOUT, REQUEST_TIMEOUT)
+            .await
+            .map_err(|e| {
+                CniError::new(
+                    Code::TryAgainLater,
+                    format!("ipamd unreachable at {}: {e}", socket.display()),
+                )
+            })?;
         Ok(IpamClient {
             inner: CniBackendClient::new(channel),
             socket: socket.to_path_buf(),
@@ -133,17 +119,6 @@ pub fn refusal(reason: FailureReason, message: &str) -> CniError {
         format!("{what}: {message}")
     };
     CniError::new(code, msg)
-}
-
-fn source_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -12,22 +12,13 @@ use netlink_packet_route::link::{
 };
 use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteScope};
-use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use netlink_packet_route::AddressFamily;
 use nix::errno::Errno;
-use rtnetlink::{Handle, IpVersion, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
-pub use cni_proto::MAIN_TABLE;
+pub use cni_common::netlink::{errno, Rule, MAIN_TABLE};
 
 pub type NlResult<T> = Result<T, rtnetlink::Error>;
-
-/// Positive errno of a netlink failure, if it was one.
-pub fn errno(e: &rtnetlink::Error) -> Option<i32> {
-    match e {
-        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
-        _ => None,
-    }
-}
 
 fn is(e: &rtnetlink::Error, code: i32) -> bool {
     errno(e) == Some(code)
@@ -227,89 +218,16 @@ impl Netlink {
     }
 
     pub async fn rules_v4(&self) -> NlResult<Vec<Rule>> {
-        let msgs: Vec<_> = self
-            .handle
-            .rule()
-            .get(IpVersion::V4)
-            .execute()
-            .try_collect()
-            .await?;
-        Ok(msgs.into_iter().map(Rule::from_msg).collect())
+        cni_common::netlink::rules_v4(&self.handle).await
     }
 
     /// Add a `lookup <table>` rule; a rule already there is fine (idempotent ADD).
     pub async fn add_rule(&self, r: &Rule) -> NlResult<()> {
-        let mut req = self
-            .handle
-            .rule()
-            .add()
-            .v4()
-            .action(RuleAction::ToTable)
-            .table_id(r.table)
-            .priority(r.priority);
-        if let Some(dst) = r.dst {
-            req = req.destination_prefix(dst, 32);
-        }
-        if let Some(src) = r.src {
-            req = req.source_prefix(src, 32);
-        }
-        match req.execute().await {
-            Err(e) if is(&e, Errno::EEXIST as i32) => Ok(()),
-            r => r,
-        }
+        cni_common::netlink::add_rule(&self.handle, r).await
     }
 
     pub async fn del_rule(&self, r: &Rule) -> NlResult<()> {
-        let mut msg = RuleMessage::default();
-        msg.header.family = AddressFamily::Inet;
-        msg.header.action = RuleAction::ToTable;
-        msg.attributes.push(RuleAttribute::Priority(r.priority));
-        msg.attributes.push(RuleAttribute::Table(r.table));
-        if let Some(dst) = r.dst {
-            msg.header.dst_len = 32;
-            msg.attributes
-                .push(RuleAttribute::Destination(IpAddr::V4(dst)));
-        }
-        if let Some(src) = r.src {
-            msg.header.src_len = 32;
-            msg.attributes.push(RuleAttribute::Source(IpAddr::V4(src)));
-        }
-        match self.handle.rule().del(msg).execute().await {
-            Err(e) if is(&e, Errno::ENOENT as i32) => Ok(()),
-            r => r,
-        }
-    }
-}
-
-/// A /32 policy rule as the plugin makes them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rule {
-    pub priority: u32,
-    pub table: u32,
-    pub src: Option<Ipv4Addr>,
-    pub dst: Option<Ipv4Addr>,
-}
-
-impl Rule {
-    fn from_msg(m: RuleMessage) -> Rule {
-        let mut r = Rule {
-            priority: 0,
-            table: m.header.table as u32,
-            src: None,
-            dst: None,
-        };
-        for a in m.attributes {
-            match a {
-                RuleAttribute::Priority(p) => r.priority = p,
-                RuleAttribute::Table(t) => r.table = t,
-                RuleAttribute::Source(IpAddr::V4(s)) if m.header.src_len == 32 => r.src = Some(s),
-                RuleAttribute::Destination(IpAddr::V4(d)) if m.header.dst_len == 32 => {
-                    r.dst = Some(d)
-                }
-                _ => {}
-            }
-        }
-        r
+        cni_common::netlink::del_rule(&self.handle, r).await
     }
 }
 

@@ -21,9 +21,7 @@ use crate::netlink::{
 };
 use crate::result::GATEWAY;
 
-/// Upstream's rule priorities; node networking (ipamd) places its own rules around them.
-pub const TO_POD_RULE_PRIORITY: u32 = 512;
-pub const FROM_POD_RULE_PRIORITY: u32 = 1536;
+pub use cni_common::netlink::{FROM_POD_RULE_PRIORITY, TO_POD_RULE_PRIORITY};
 
 #[derive(Debug, Clone)]
 pub struct PodNet {
@@ -39,21 +37,16 @@ pub struct PodNet {
 
 impl PodNet {
     fn rule_to_pod(&self) -> Rule {
-        Rule {
-            priority: TO_POD_RULE_PRIORITY,
-            table: MAIN_TABLE,
-            src: None,
-            dst: Some(self.ip),
-        }
+        Rule::host(TO_POD_RULE_PRIORITY, MAIN_TABLE, Some(self.ip), None)
     }
 
     fn rule_from_pod(&self) -> Option<Rule> {
-        (self.route_table != MAIN_TABLE).then_some(Rule {
-            priority: FROM_POD_RULE_PRIORITY,
-            table: self.route_table,
-            src: Some(self.ip),
-            dst: None,
-        })
+        (self.route_table != MAIN_TABLE).then_some(Rule::host(
+            FROM_POD_RULE_PRIORITY,
+            self.route_table,
+            None,
+            Some(self.ip),
+        ))
     }
 }
 
@@ -220,8 +213,8 @@ pub async fn teardown(
                 Err(e) => failed.push(netlink("list rules", e).msg),
                 Ok(rules) => {
                     for r in rules {
-                        let mine = (r.priority == TO_POD_RULE_PRIORITY && r.dst == Some(ip))
-                            || (r.priority == FROM_POD_RULE_PRIORITY && r.src == Some(ip));
+                        let mine = (r.priority == TO_POD_RULE_PRIORITY && r.dst == Some((ip, 32)))
+                            || (r.priority == FROM_POD_RULE_PRIORITY && r.src == Some((ip, 32)));
                         if mine {
                             if let Err(e) = host.del_rule(&r).await {
                                 failed.push(

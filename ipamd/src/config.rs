@@ -292,7 +292,7 @@ impl Config {
         };
         let veth_prefix = env("AWS_VPC_K8S_CNI_VETHPREFIX").unwrap_or_else(|| "eni".into());
         // The plugin's rule, with its words: the prefix also reaches iptables rules.
-        if let Err(why) = cni_proto::naming::validate_veth_prefix(&veth_prefix) {
+        if let Err(why) = cni_common::naming::validate_veth_prefix(&veth_prefix) {
             return Err(ConfigError {
                 var: "AWS_VPC_K8S_CNI_VETHPREFIX",
                 value: veth_prefix,

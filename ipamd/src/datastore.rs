@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use std::time::{Duration, SystemTime};
 
-pub use cni_proto::MAIN_TABLE;
+pub use cni_common::netlink::MAIN_TABLE;
 
 /// An allocation's identity: the CNI triple.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -70,7 +70,7 @@ impl Eni {
         if self.primary {
             MAIN_TABLE
         } else {
-            cni_proto::route_table_for_device(self.device_number)
+            cni_common::netlink::route_table_for_device(self.device_number)
         }
     }
 }

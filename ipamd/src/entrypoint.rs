@@ -153,18 +153,7 @@ pub fn exe_dir() -> anyhow::Result<PathBuf> {
 /// serving, None when it does not answer.
 pub async fn health(socket: &Path) -> Option<bool> {
     use tonic_health::pb::health_client::HealthClient;
-    let path = socket.to_path_buf();
-    let channel = tonic::transport::Endpoint::from_static("http://ipamd.sock")
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(2))
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
+    let channel = cni_common::grpc::connect(socket, Duration::from_secs(2), Duration::from_secs(2))
         .await
         .ok()?;
     let r = HealthClient::new(channel)

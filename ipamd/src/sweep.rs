@@ -59,7 +59,7 @@ pub fn verdict(
         return Verdict::Keep(format!("host veth {v} (recorded by the plugin) exists"));
     }
     if !a.pod.name.is_empty() {
-        let v = cni_proto::naming::host_veth_name(veth_prefix, &a.pod.namespace, &a.pod.name);
+        let v = cni_common::naming::host_veth_name(veth_prefix, &a.pod.namespace, &a.pod.name);
         if host.links.contains(&v) {
             return Verdict::Keep(format!("host veth {v} exists"));
         }
@@ -213,11 +213,11 @@ mod tests {
         host.host_routes.clear();
         // The veth under the configured prefix keeps it.
         host.links
-            .insert(cni_proto::naming::host_veth_name("eni", "default", "web"));
+            .insert(cni_common::naming::host_veth_name("eni", "default", "web"));
         assert!(orphaned(&d, &host, "eni", now, grace, &none).is_empty());
         // The prefix changed since: the plugin's record still names the real veth.
         let recorded = |_: &Key| -> std::io::Result<Option<String>> {
-            Ok(Some(cni_proto::naming::host_veth_name(
+            Ok(Some(cni_common::naming::host_veth_name(
                 "eni", "default", "web",
             )))
         };

@@ -10,8 +10,6 @@ pub mod rpc {
     tonic::include_proto!("rpc");
 }
 
-pub mod naming;
-
 pub use rpc::*;
 
 /// Protocol revision of this contract; plugin and ipamd compare the major part.
@@ -26,27 +24,13 @@ pub fn major(version: &str) -> &str {
     v.split('.').next().unwrap_or(v)
 }
 
-/// Route table of the main routing table, where the primary ENI's pods are routed.
-pub const MAIN_TABLE: u32 = 254;
-
-/// Upstream's per-ENI route table: the primary ENI (device 0) uses main, every other ENI
-/// the table numbered device number + 1. Plugin and ipamd must agree on it.
-pub fn route_table_for_device(device_number: u32) -> u32 {
-    if device_number == 0 {
-        MAIN_TABLE
-    } else {
-        device_number + 1
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn route_tables() {
-        assert_eq!(route_table_for_device(0), MAIN_TABLE);
-        assert_eq!(route_table_for_device(2), 3);
+    fn majors() {
         assert_eq!(major("v1.19.2"), "1");
+        assert_eq!(major("2.3.0"), "2");
     }
 }

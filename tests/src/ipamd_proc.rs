@@ -5,9 +5,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cni_proto::cni_backend_client::CniBackendClient;
-use hyper_util::rt::TokioIo;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 pub struct Ipamd {
     pub child: Option<Child>,
@@ -243,12 +241,7 @@ pub fn rt() -> tokio::runtime::Runtime {
 }
 
 pub async fn channel(socket: &Path) -> Channel {
-    let path = socket.to_path_buf();
-    Endpoint::from_static("http://ipamd.sock")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-        }))
+    cni_common::grpc::connect(socket, Duration::from_secs(5), Duration::from_secs(60))
         .await
         .expect("connect to ipamd")
 }

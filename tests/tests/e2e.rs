@@ -174,7 +174,7 @@ fn ipamd_restart_keeps_pods_and_del_without_ipamd_cleans_the_host() {
     s.stop_ipamd(0);
     // DEL while ipamd is down still removes the pod's veth and rules.
     let ns = s.nodes[0].ns().to_string();
-    let veth = cni_proto::naming::host_veth_name("eni", "default", "c");
+    let veth = cni_common::naming::host_veth_name("eni", "default", "c");
     assert!(links(&ns).contains(&veth));
     s.del_pod(0, "c");
     assert!(!links(&ns).contains(&veth), "{:?}", links(&ns));

@@ -238,7 +238,7 @@ fn restart_restores_upstream_checkpoint_and_drops_what_is_gone() {
     let dir = tempfile::tempdir().unwrap();
     // Written by upstream: an old pod whose veth exists, an old one whose veth is gone, a fresh
     // one (still being wired: kept), and one on an address this node no longer holds.
-    let veth_kept = cni_proto::naming::host_veth_name("eni", "default", "alive");
+    let veth_kept = cni_common::naming::host_veth_name("eni", "default", "alive");
     integration::sh(&[
         "ip", "-n", &node.name, "link", "add", &veth_kept, "type", "veth", "peer", "name",
         "tmp-peer",

@@ -8,18 +8,15 @@ use futures::TryStreamExt;
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressScope};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::route::{RouteAttribute, RouteMessage, RouteScope};
-use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use netlink_packet_route::AddressFamily;
-use rtnetlink::{Handle, IpVersion, LinkUnspec, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
-pub use cni_proto::MAIN_TABLE;
+pub use cni_common::netlink::MAIN_TABLE;
 
-/// `ip rule from <ENI primary IP> lookup <table>` (upstream's FromPrimaryIPofENIRulePriority).
-pub const ENI_RULE_PRIORITY: u32 = 32765;
-/// `ip rule fwmark <mark>/<mark> lookup main` (upstream's hostRulePriority).
-pub const FWMARK_RULE_PRIORITY: u32 = 1024;
-/// `ip rule to <cidr> lookup main` for AWS_EXTERNAL_SERVICE_CIDRS.
-pub const EXTERNAL_SERVICE_RULE_PRIORITY: u32 = 1535;
+pub use cni_common::netlink::{
+    errno, Rule as NodeRule, ENI_RULE_PRIORITY, EXTERNAL_SERVICE_RULE_PRIORITY,
+    FWMARK_RULE_PRIORITY,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -39,13 +36,6 @@ fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> LinkError {
     move |source| LinkError::Netlink { what, source }
 }
 
-fn errno(e: &rtnetlink::Error) -> Option<i32> {
-    match e {
-        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
-        _ => None,
-    }
-}
-
 /// What an ENI needs on the node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EniNet {
@@ -55,16 +45,6 @@ pub struct EniNet {
     pub gateway: Ipv4Addr,
     pub table: u32,
     pub mtu: u32,
-}
-
-/// A node-wide policy rule ipamd owns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct NodeRule {
-    pub priority: u32,
-    pub table: u32,
-    pub dst: Option<(Ipv4Addr, u8)>,
-    pub src: Option<(Ipv4Addr, u8)>,
-    pub fwmark: Option<(u32, u32)>,
 }
 
 /// Subnet gateway: the subnet's first address + 1, as in every VPC.
@@ -340,69 +320,21 @@ impl Links {
     }
 
     pub async fn rules(&self) -> Result<Vec<NodeRule>, LinkError> {
-        let msgs: Vec<RuleMessage> = self
-            .handle
-            .rule()
-            .get(IpVersion::V4)
-            .execute()
-            .try_collect()
+        cni_common::netlink::rules_v4(&self.handle)
             .await
-            .map_err(nl("list rules"))?;
-        Ok(msgs.iter().map(rule_of).collect())
+            .map_err(nl("list rules"))
     }
 
     pub async fn add_rule(&self, r: &NodeRule) -> Result<(), LinkError> {
-        let mut req = self
-            .handle
-            .rule()
-            .add()
-            .v4()
-            .action(RuleAction::ToTable)
-            .table_id(r.table)
-            .priority(r.priority);
-        if let Some((ip, len)) = r.dst {
-            req = req.destination_prefix(ip, len);
-        }
-        if let Some((ip, len)) = r.src {
-            req = req.source_prefix(ip, len);
-        }
-        if let Some((mark, mask)) = r.fwmark {
-            req.message_mut()
-                .attributes
-                .push(RuleAttribute::FwMark(mark));
-            req.message_mut()
-                .attributes
-                .push(RuleAttribute::FwMask(mask));
-        }
-        match req.execute().await {
-            Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(()),
-            res => res.map_err(nl(format!("add rule {r:?}"))),
-        }
+        cni_common::netlink::add_rule(&self.handle, r)
+            .await
+            .map_err(nl(format!("add rule {r:?}")))
     }
 
     pub async fn del_rule(&self, r: &NodeRule) -> Result<(), LinkError> {
-        let mut msg = RuleMessage::default();
-        msg.header.family = AddressFamily::Inet;
-        msg.header.action = RuleAction::ToTable;
-        msg.attributes.push(RuleAttribute::Priority(r.priority));
-        msg.attributes.push(RuleAttribute::Table(r.table));
-        if let Some((ip, len)) = r.dst {
-            msg.header.dst_len = len;
-            msg.attributes
-                .push(RuleAttribute::Destination(IpAddr::V4(ip)));
-        }
-        if let Some((ip, len)) = r.src {
-            msg.header.src_len = len;
-            msg.attributes.push(RuleAttribute::Source(IpAddr::V4(ip)));
-        }
-        if let Some((mark, mask)) = r.fwmark {
-            msg.attributes.push(RuleAttribute::FwMark(mark));
-            msg.attributes.push(RuleAttribute::FwMask(mask));
-        }
-        match self.handle.rule().del(msg).execute().await {
-            Err(e) if errno(&e) == Some(libc::ENOENT) => Ok(()),
-            r => r.map_err(nl("delete rule")),
-        }
+        cni_common::netlink::del_rule(&self.handle, r)
+            .await
+            .map_err(nl("delete rule"))
     }
 
     /// Make the rules at `priority` exactly `want` (those at other priorities are not ours).
@@ -473,33 +405,6 @@ pub fn set_rp_filter(ifname: &str, value: u8) -> std::io::Result<()> {
         format!("/proc/sys/net/ipv4/conf/{ifname}/rp_filter"),
         value.to_string(),
     )
-}
-
-fn rule_of(m: &RuleMessage) -> NodeRule {
-    let mut r = NodeRule {
-        priority: 0,
-        table: m.header.table as u32,
-        dst: None,
-        src: None,
-        fwmark: None,
-    };
-    let mut mark = None;
-    let mut mask = None;
-    for a in &m.attributes {
-        match a {
-            RuleAttribute::Priority(p) => r.priority = *p,
-            RuleAttribute::Table(t) => r.table = *t,
-            RuleAttribute::Source(IpAddr::V4(s)) => r.src = Some((*s, m.header.src_len)),
-            RuleAttribute::Destination(IpAddr::V4(d)) => r.dst = Some((*d, m.header.dst_len)),
-            RuleAttribute::FwMark(v) => mark = Some(*v),
-            RuleAttribute::FwMask(v) => mask = Some(*v),
-            _ => {}
-        }
-    }
-    if let Some(mark) = mark {
-        r.fwmark = Some((mark, mask.unwrap_or(u32::MAX)));
-    }
-    r
 }
 
 #[cfg(test)]

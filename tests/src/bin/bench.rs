@@ -200,23 +200,13 @@ fn floor(node: &Netns, pod: &Netns, n: usize) -> Vec<f64> {
             host.replace_route(host_route(ip, hi, MAIN_TABLE))
                 .await
                 .expect("host route");
-            host.add_rule(&Rule {
-                priority: 512,
-                table: MAIN_TABLE,
-                src: None,
-                dst: Some(ip),
-            })
-            .await
-            .expect("rule");
+            host.add_rule(&Rule::host(512, MAIN_TABLE, Some(ip), None))
+                .await
+                .expect("rule");
             out.push(ms(t.elapsed()));
-            host.del_rule(&Rule {
-                priority: 512,
-                table: MAIN_TABLE,
-                src: None,
-                dst: Some(ip),
-            })
-            .await
-            .expect("del rule");
+            host.del_rule(&Rule::host(512, MAIN_TABLE, Some(ip), None))
+                .await
+                .expect("del rule");
             host.del_link(hi).await.expect("del veth");
         }
         out

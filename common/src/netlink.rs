@@ -1,0 +1,172 @@
+//! What both binaries do to policy routing, and the numbers they must agree on: rule
+//! priorities and route tables (upstream's values, so a node switched from upstream keeps its
+//! layout), and the rule add/delete/list calls over rtnetlink.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures::TryStreamExt;
+use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+use netlink_packet_route::AddressFamily;
+use rtnetlink::{Handle, IpVersion};
+
+/// The kernel's main routing table.
+pub const MAIN_TABLE: u32 = 254;
+
+/// `to <pod IP> lookup main`: traffic for a pod stays on the node (plugin).
+pub const TO_POD_RULE_PRIORITY: u32 = 512;
+/// `fwmark <mark>/<mark> lookup main`: replies to connections that came in by the primary ENI
+/// leave by it (ipamd, upstream's hostRulePriority).
+pub const FWMARK_RULE_PRIORITY: u32 = 1024;
+/// `to <cidr> lookup main` for each AWS_EXTERNAL_SERVICE_CIDRS entry (ipamd).
+pub const EXTERNAL_SERVICE_RULE_PRIORITY: u32 = 1535;
+/// `from <pod IP> lookup <ENI table>`: a pod on a secondary ENI leaves by that ENI (plugin).
+pub const FROM_POD_RULE_PRIORITY: u32 = 1536;
+/// `from <ENI primary IP> lookup <ENI table>` (ipamd, upstream's FromPrimaryIPofENIRulePriority).
+pub const ENI_RULE_PRIORITY: u32 = 32765;
+
+/// Upstream's table for the ENI at `device_number`: device + 1; the primary ENI (device 0)
+/// routes through main.
+pub fn route_table_for_device(device_number: u32) -> u32 {
+    if device_number == 0 {
+        MAIN_TABLE
+    } else {
+        device_number + 1
+    }
+}
+
+/// An IPv4 `lookup <table>` policy rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Rule {
+    pub priority: u32,
+    pub table: u32,
+    pub dst: Option<(Ipv4Addr, u8)>,
+    pub src: Option<(Ipv4Addr, u8)>,
+    pub fwmark: Option<(u32, u32)>,
+}
+
+impl Rule {
+    /// `to <ip>/32` or `from <ip>/32` at `priority`.
+    pub fn host(priority: u32, table: u32, dst: Option<Ipv4Addr>, src: Option<Ipv4Addr>) -> Rule {
+        Rule {
+            priority,
+            table,
+            dst: dst.map(|d| (d, 32)),
+            src: src.map(|s| (s, 32)),
+            fwmark: None,
+        }
+    }
+
+    fn from_msg(m: &RuleMessage) -> Rule {
+        let mut r = Rule {
+            priority: 0,
+            table: m.header.table as u32,
+            dst: None,
+            src: None,
+            fwmark: None,
+        };
+        let (mut mark, mut mask) = (None, None);
+        for a in &m.attributes {
+            match a {
+                RuleAttribute::Priority(p) => r.priority = *p,
+                RuleAttribute::Table(t) => r.table = *t,
+                RuleAttribute::Source(IpAddr::V4(s)) => r.src = Some((*s, m.header.src_len)),
+                RuleAttribute::Destination(IpAddr::V4(d)) => r.dst = Some((*d, m.header.dst_len)),
+                RuleAttribute::FwMark(v) => mark = Some(*v),
+                RuleAttribute::FwMask(v) => mask = Some(*v),
+                _ => {}
+            }
+        }
+        if let Some(mark) = mark {
+            r.fwmark = Some((mark, mask.unwrap_or(u32::MAX)));
+        }
+        r
+    }
+}
+
+/// Positive errno of a netlink failure, if it was one.
+pub fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
+        _ => None,
+    }
+}
+
+/// Every IPv4 policy rule.
+pub async fn rules_v4(handle: &Handle) -> Result<Vec<Rule>, rtnetlink::Error> {
+    let msgs: Vec<RuleMessage> = handle
+        .rule()
+        .get(IpVersion::V4)
+        .execute()
+        .try_collect()
+        .await?;
+    Ok(msgs.iter().map(Rule::from_msg).collect())
+}
+
+/// Add a rule; one already there is fine (both binaries converge, and may run again).
+pub async fn add_rule(handle: &Handle, r: &Rule) -> Result<(), rtnetlink::Error> {
+    // The action must be set: the kernel accepts a rule without one, then fails every lookup
+    // through it with EINVAL.
+    let mut req = handle
+        .rule()
+        .add()
+        .v4()
+        .action(RuleAction::ToTable)
+        .table_id(r.table)
+        .priority(r.priority);
+    if let Some((ip, len)) = r.dst {
+        req = req.destination_prefix(ip, len);
+    }
+    if let Some((ip, len)) = r.src {
+        req = req.source_prefix(ip, len);
+    }
+    if let Some((mark, mask)) = r.fwmark {
+        req.message_mut()
+            .attributes
+            .push(RuleAttribute::FwMark(mark));
+        req.message_mut()
+            .attributes
+            .push(RuleAttribute::FwMask(mask));
+    }
+    match req.execute().await {
+        Err(e) if errno(&e) == Some(nix::libc::EEXIST) => Ok(()),
+        r => r,
+    }
+}
+
+/// Delete a rule; one already gone is fine.
+pub async fn del_rule(handle: &Handle, r: &Rule) -> Result<(), rtnetlink::Error> {
+    let mut msg = RuleMessage::default();
+    msg.header.family = AddressFamily::Inet;
+    msg.header.action = RuleAction::ToTable;
+    msg.attributes.push(RuleAttribute::Priority(r.priority));
+    msg.attributes.push(RuleAttribute::Table(r.table));
+    if let Some((ip, len)) = r.dst {
+        msg.header.dst_len = len;
+        msg.attributes
+            .push(RuleAttribute::Destination(IpAddr::V4(ip)));
+    }
+    if let Some((ip, len)) = r.src {
+        msg.header.src_len = len;
+        msg.attributes.push(RuleAttribute::Source(IpAddr::V4(ip)));
+    }
+    if let Some((mark, mask)) = r.fwmark {
+        msg.attributes.push(RuleAttribute::FwMark(mark));
+        msg.attributes.push(RuleAttribute::FwMask(mask));
+    }
+    match handle.rule().del(msg).execute().await {
+        Err(e) if errno(&e) == Some(nix::libc::ENOENT) => Ok(()),
+        r => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_as_upstream() {
+        assert_eq!(route_table_for_device(0), MAIN_TABLE);
+        assert_eq!(route_table_for_device(1), 2);
+        assert_eq!(route_table_for_device(14), 15);
+    }
+}
