@@ -24,7 +24,8 @@ use crate::maxpods;
 use crate::netconf::links::Links;
 use crate::netconf::NodeNetwork;
 use crate::node::{self, NodeInfo};
-use crate::server::{self, Shared};
+use crate::pool::Pool;
+use crate::server;
 use crate::supervise::Supervisor;
 use crate::sweep::{self, HostView};
 
@@ -98,7 +99,7 @@ fn unusable_checkpoint(e: &checkpoint::LoadError, cfg: &Config) -> anyhow::Error
 
 /// Release what DELs recorded while ipamd was unreachable, and what the host shows no trace
 /// of; make it durable; then delete the records applied. One pass of the sweeper.
-async fn sweep_once(shared: &Shared, links: &Links, cfg: &Config, at_start: bool) {
+async fn sweep_once(shared: &Pool, links: &Links, cfg: &Config, at_start: bool) {
     let (pending, problems) = sweep::pending_releases(&cfg.cni_state_dir);
     for p in &problems {
         warn!("{p}; left in place");
@@ -459,7 +460,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let gen = ds.lock().await.generation();
     committer.commit(gen).await.map_err(anyhow::Error::msg)?;
 
-    let shared = Arc::new(Shared::new(
+    let shared = Arc::new(Pool::new(
         ds,
         committer,
         node.vpc_cidrs.clone(),

@@ -15,7 +15,7 @@ use serde_json::{json, Map, Value};
 use tracing::{info, warn};
 
 use crate::datastore::Datastore;
-use crate::server::Shared;
+use crate::pool::Pool;
 
 /// Variables shown by /v1/ipamd-env-settings (upstream's GetConfigForDebug, and ours).
 pub const IPAMD_ENV: &[&str] = &[
@@ -174,10 +174,12 @@ pub fn pods_json(ds: &Datastore) -> Value {
 }
 
 /// Mirror the pool into the gauges, at scrape time.
-async fn refresh_gauges(s: &Shared) {
+async fn refresh_gauges(s: &Pool) {
+    s.inspect(refresh_gauges_from).await
+}
+
+fn refresh_gauges_from(ds: &Datastore) {
     let m = crate::metrics::global();
-    let mut ds = s.ds.lock().await;
-    ds.expire_cooldowns(SystemTime::now());
     let st = ds.stats();
     m.eni_allocated.set(ds.enis().count() as i64);
     m.total_ip_addresses.set(st.total as i64);
@@ -217,7 +219,7 @@ fn reply(status: StatusCode, ctype: &str, body: String) -> Response<Full<Bytes>>
 }
 
 async fn route(
-    s: Arc<Shared>,
+    s: Arc<Pool>,
     metrics: bool,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -241,16 +243,8 @@ async fn route(
         });
     }
     Ok(match path {
-        "/v1/enis" => reply(
-            StatusCode::OK,
-            JSON,
-            enis_json(&*s.ds.lock().await).to_string(),
-        ),
-        "/v1/pods" => reply(
-            StatusCode::OK,
-            JSON,
-            pods_json(&*s.ds.lock().await).to_string(),
-        ),
+        "/v1/enis" => reply(StatusCode::OK, JSON, s.inspect(enis_json).await.to_string()),
+        "/v1/pods" => reply(StatusCode::OK, JSON, s.inspect(pods_json).await.to_string()),
         "/v1/ipamd-env-settings" => reply(StatusCode::OK, JSON, env_json(IPAMD_ENV).to_string()),
         "/v1/networkutils-env-settings" => {
             reply(StatusCode::OK, JSON, env_json(NETWORK_ENV).to_string())
@@ -278,7 +272,7 @@ const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(
 /// Both ports may face every pod on the node (metrics listens on all addresses), so nothing a
 /// client does may cost ipamd more than a bounded share of its descriptors or CPU: connections
 /// are capped, slow and idle ones time out, and a failing accept backs off instead of spinning.
-pub async fn serve(addr: SocketAddr, shared: Arc<Shared>, metrics: bool) {
+pub async fn serve(addr: SocketAddr, shared: Arc<Pool>, metrics: bool) {
     let what = if metrics { "metrics" } else { "introspection" };
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(l) => l,

@@ -19,6 +19,7 @@ pub mod maxpods;
 pub mod metrics;
 pub mod netconf;
 pub mod node;
+pub mod pool;
 pub mod server;
 pub mod supervise;
 pub mod sweep;

@@ -20,7 +20,7 @@ use crate::config::Timing;
 use crate::datastore::{Datastore, Eni, Prefix};
 use crate::eni::{self as lifecycle, NodeNetworking, StepError};
 use crate::netconf::LINK_WAIT;
-use crate::server::Shared;
+use crate::pool::Pool;
 use crate::warm::{self, Ceiling, EniView, PoolView, Step, Targets};
 
 /// Leaked ENIs younger than this may still be on their way to being attached.
@@ -52,7 +52,7 @@ pub struct Limits {
 
 pub struct Manager<E: Ec2> {
     pub ec2: Arc<E>,
-    pub shared: Arc<Shared>,
+    pub shared: Arc<Pool>,
     pub imds: Option<Arc<Imds>>,
     pub node: CloudNode,
     pub limits: Limits,
@@ -108,7 +108,7 @@ impl<E: Ec2> Manager<E> {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         ec2: Arc<E>,
-        shared: Arc<Shared>,
+        shared: Arc<Pool>,
         imds: Option<Arc<Imds>>,
         node: CloudNode,
         limits: Limits,
@@ -824,7 +824,7 @@ mod tests {
             }
             let ds = Arc::new(Mutex::new(ds));
             let committer = Committer::start(dir.path().join("ipam.json"), ds.clone());
-            let shared = Arc::new(Shared::new(
+            let shared = Arc::new(Pool::new(
                 ds,
                 committer,
                 vec!["10.0.0.0/16".into()],
