@@ -129,7 +129,8 @@ impl Out {
 fn run_plugin(node: &str, env: &[(String, String)], stdin: &[u8]) -> Out {
     use std::io::Write;
     let mut child = Command::new("ip")
-        .args(["netns", "exec", node, env!("CARGO_BIN_EXE_aws-cni")])
+        .args(["netns", "exec", node])
+        .arg(integration::bin("aws-cni"))
         .env_clear()
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(Stdio::piped())
@@ -687,7 +688,7 @@ fn version_lists_supported_versions() {
         (&br#"{"cniVersion":"1.0.0"}"#[..], "1.0.0"),
         (&b""[..], "1.1.0"),
     ] {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_aws-cni"))
+        let mut child = Command::new(integration::bin("aws-cni"))
             .env_clear()
             .env("CNI_COMMAND", "VERSION")
             .stdin(Stdio::piped())
