@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, SystemTime};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use ipamd::datastore::{Datastore, Eni, Key, PodMeta};
+use ipamd::pool::datastore::{Datastore, Eni, Key, PodMeta};
 
 fn pool(held: usize) -> (Datastore, Vec<Key>) {
     let mut ds = Datastore::new(Duration::ZERO, 100_000);

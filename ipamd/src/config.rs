@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::netconf::iptables::Randomize;
-use crate::netconf::NetConfig;
-use crate::warm::Targets;
+use crate::hostnet::iptables::Randomize;
+use crate::hostnet::NetConfig;
+use crate::pool::warm::Targets;
 
 /// How often the pool manager does what. Upstream hard-codes these; ipamd reads them from
 /// `IPAMD_*` variables (seconds, fractions allowed) so tests and unusual clusters can tune them.
@@ -166,7 +166,7 @@ fn cidr_list(
     let mut out = Vec::new();
     for c in v.split(',').map(str::trim).filter(|c| !c.is_empty()) {
         let ok =
-            c.split_once('/').is_some() && crate::netconf::iptables::normalise_cidr(c).is_some();
+            c.split_once('/').is_some() && crate::hostnet::iptables::normalise_cidr(c).is_some();
         if !ok {
             return Err(ConfigError {
                 var,

@@ -9,25 +9,25 @@ use anyhow::{bail, Context};
 use tokio::sync::Mutex;
 use tracing::{error, info, warn};
 
-use crate::checkpoint::{self, Committer};
+use crate::api::grpc as server;
 use crate::cloud::guard::{Bucket, Guarded, RetryPolicy};
 use crate::cloud::imds::Imds;
 use crate::cloud::sdk::SdkEc2;
 use crate::cloud::{Ec2, EniFilter};
 use crate::config::Config;
-use crate::datastore::Datastore;
-use crate::datastore::Eni;
-use crate::instance_types;
-use crate::instance_types::InstanceLimits;
-use crate::manager::{CloudNode, Limits, Manager};
-use crate::maxpods;
-use crate::netconf::links::Links;
-use crate::netconf::NodeNetwork;
-use crate::node::{self, NodeInfo};
+use crate::hostnet::links::Links;
+use crate::hostnet::NodeNetwork;
+use crate::instance::maxpods;
+use crate::instance::node_file::{self as node, NodeInfo};
+use crate::instance::types as instance_types;
+use crate::instance::types::InstanceLimits;
+use crate::pool::checkpoint::{self, Committer};
+use crate::pool::datastore::Datastore;
+use crate::pool::datastore::Eni;
+use crate::pool::manager::{CloudNode, Limits, Manager};
+use crate::pool::sweep::{self, HostView};
 use crate::pool::Pool;
-use crate::server;
 use crate::supervise::Supervisor;
-use crate::sweep::{self, HostView};
 
 /// Put the checkpoint's allocations and cooldowns back, then release (into cooldown) those
 /// whose pods the host positively shows no trace of. `host` is None when the look at the host
@@ -353,7 +353,7 @@ async fn cloud_node(cfg: &Config) -> anyhow::Result<(NodeInfo, InstanceLimits, C
         let subnet_cidr = from_imds
             .map(|i| i.subnet_cidr.clone())
             .unwrap_or_else(|| primary.subnet_cidr.clone());
-        if let Some(e) = crate::eni::from_ec2(info, att.device_index, &subnet_cidr) {
+        if let Some(e) = crate::pool::lifecycle::from_ec2(info, att.device_index, &subnet_cidr) {
             cloud.attachments.insert(info.id.clone(), att.id.clone());
             enis.push(e);
         }
@@ -484,13 +484,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if let Some(a) = cfg.metrics {
         tasks.spawn(
             "metrics server",
-            crate::http::serve(a, shared.clone(), true),
+            crate::api::http::serve(a, shared.clone(), true),
         );
     }
     if let Some(a) = cfg.introspection {
         tasks.spawn(
             "introspection server",
-            crate::http::serve(a, shared.clone(), false),
+            crate::api::http::serve(a, shared.clone(), false),
         );
     }
 
@@ -565,7 +565,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             !cfg.disable_leaked_eni_cleanup,
         );
         let mut mgr = mgr;
-        let net: Arc<dyn crate::eni::NodeNetworking> = net;
+        let net: Arc<dyn crate::pool::lifecycle::NodeNetworking> = net;
         mgr.net = Some(net);
         tasks.spawn("pool manager", mgr.run());
     }

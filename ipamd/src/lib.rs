@@ -1,26 +1,23 @@
 //! ipamd: the node daemon that holds a pool of VPC addresses and hands them to `aws-cni`.
 //!
-//! Pure logic (`datastore`, `maxpods`, `instance_types`, `config`) is kept apart from side
-//! effects (`checkpoint` files, the gRPC `server`, the `daemon` that wires them together).
+//! - `pool`: the datastore, its checkpoint, the warm-pool planner, the pool manager that
+//!   drives EC2, the ENI lifecycle and the sweeper (pure logic apart from side effects);
+//! - `cloud`: EC2 and IMDS behind a trait (the SDK, the rate guard, an in-memory fake);
+//! - `hostnet`: the node's networking (ENI links, route tables, rules, SNAT);
+//! - `api`: the gRPC server the plugin talks to and the HTTP metrics/introspection ports;
+//! - `instance`: instance-type limits, max pods and the standalone node file;
+//! - `daemon` wires them together; `config`, `logging`, `metrics`, `supervise`, `rlimit` and
+//!   `entrypoint` (the aws-vpc-cni binary's work) serve it.
 
-pub mod checkpoint;
+pub mod api;
 pub mod cloud;
 pub mod config;
 pub mod daemon;
-pub mod datastore;
-pub mod eni;
 pub mod entrypoint;
-pub mod http;
-pub mod instance_types;
-pub mod limits;
+pub mod hostnet;
+pub mod instance;
 pub mod logging;
-pub mod manager;
-pub mod maxpods;
 pub mod metrics;
-pub mod netconf;
-pub mod node;
 pub mod pool;
-pub mod server;
+pub mod rlimit;
 pub mod supervise;
-pub mod sweep;
-pub mod warm;

@@ -90,12 +90,12 @@ fn flooded_http_ports_at_a_low_descriptor_limit_release_nothing() {
             conns.len()
         );
         assert!(
-            conns.len() > 4 * ipamd::http::MAX_CONNECTIONS,
+            conns.len() > 4 * ipamd::api::http::MAX_CONNECTIONS,
             "{what}: only {} connections",
             conns.len()
         );
         assert!(
-            fds <= fds_before + ipamd::http::MAX_CONNECTIONS + 8,
+            fds <= fds_before + ipamd::api::http::MAX_CONNECTIONS + 8,
             "{what}: ipamd holds {fds} descriptors (was {fds_before})"
         );
         // Several sweeps run while the port is flooded.

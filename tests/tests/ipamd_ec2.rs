@@ -488,7 +488,7 @@ fn describe_instance_types_gives_the_tables_limits() {
             "t2.micro",
         ] {
             let got = ec2.describe_instance_type(t).await.unwrap().unwrap();
-            assert_eq!(&got, ipamd::instance_types::lookup(t).unwrap(), "{t}");
+            assert_eq!(&got, ipamd::instance::types::lookup(t).unwrap(), "{t}");
         }
         assert_eq!(
             ec2.describe_instance_type("x9.nonsense")

@@ -25,7 +25,7 @@ fn main() -> ExitCode {
     }
     // Rust keeps the soft descriptor limit it inherits (1,024 in many container runtimes),
     // where Go raises it; a burst of connections must not leave ipamd unable to open a file.
-    match ipamd::limits::raise_nofile() {
+    match ipamd::rlimit::raise_nofile() {
         Ok((from, to)) if from != to => tracing::info!(from, to, "raised the open-file limit"),
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),

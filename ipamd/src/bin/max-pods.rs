@@ -7,8 +7,8 @@
 use std::io::{self, Write};
 use std::process::ExitCode;
 
-use ipamd::instance_types::{self, InstanceLimits};
-use ipamd::maxpods::{max_pods, max_pods_uncapped, parse_cni_version, MaxPodsParams};
+use ipamd::instance::maxpods::{max_pods, max_pods_uncapped, parse_cni_version, MaxPodsParams};
+use ipamd::instance::types::{self as instance_types, InstanceLimits};
 
 const USAGE: &str = "\
 usage: max-pods (--instance-type TYPE | --all) [options]

@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use std::sync::Mutex;
 
 use super::{Attachment, CloudError, Ec2, EniFilter, EniInfo, NewEni};
-use crate::datastore::Prefix;
+use crate::pool::datastore::Prefix;
 
 #[derive(Default)]
 pub struct State {
@@ -259,7 +259,7 @@ impl Ec2 for FakeEc2 {
     async fn describe_instance_type(
         &self,
         _: &str,
-    ) -> Result<Option<crate::instance_types::InstanceLimits>, CloudError> {
+    ) -> Result<Option<crate::instance::types::InstanceLimits>, CloudError> {
         self.lock().call("DescribeInstanceTypes")?;
         Ok(None)
     }

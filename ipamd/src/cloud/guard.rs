@@ -11,8 +11,8 @@ use rand::Rng;
 use tracing::{debug, error, warn};
 
 use super::{CloudError, Ec2, EniFilter, EniInfo, ErrorKind, NewEni};
-use crate::datastore::Prefix;
-use crate::instance_types::InstanceLimits;
+use crate::instance::types::InstanceLimits;
+use crate::pool::datastore::Prefix;
 
 /// Token bucket: `burst` calls at once, then `per_second`.
 #[derive(Debug)]

@@ -8,7 +8,7 @@ use aws_config::imds::client::error::ImdsError;
 use aws_config::imds::Client;
 
 use super::parse_prefix;
-use crate::datastore::Prefix;
+use crate::pool::datastore::Prefix;
 
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("IMDS {path}: {message}")]

@@ -13,7 +13,7 @@ pub mod sdk;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
-use crate::datastore::Prefix;
+use crate::pool::datastore::Prefix;
 
 /// Tag upstream puts on every ENI it creates, naming the instance.
 pub const TAG_INSTANCE_ID: &str = "node.k8s.amazonaws.com/instance_id";
@@ -182,7 +182,7 @@ pub trait Ec2: Send + Sync + 'static {
     async fn describe_instance_type(
         &self,
         instance_type: &str,
-    ) -> Result<Option<crate::instance_types::InstanceLimits>, CloudError>;
+    ) -> Result<Option<crate::instance::types::InstanceLimits>, CloudError>;
 }
 
 /// The one HTTP client ipamd's SDK clients share: hyper with rustls on ring (the SDK's default

@@ -14,8 +14,8 @@ use aws_sdk_ec2::types::{
 };
 
 use super::{Attachment, CloudError, Ec2, EniFilter, EniInfo, NewEni};
-use crate::datastore::Prefix;
-use crate::instance_types::{Hypervisor, InstanceLimits};
+use crate::instance::types::{Hypervisor, InstanceLimits};
+use crate::pool::datastore::Prefix;
 
 pub struct SdkEc2 {
     client: aws_sdk_ec2::Client,

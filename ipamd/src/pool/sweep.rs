@@ -16,8 +16,8 @@ use std::time::{Duration, SystemTime};
 
 use cni_common::state::{read_attachment, released_dir, ReleaseRecord};
 
-use crate::checkpoint;
-use crate::datastore::{Allocation, Datastore, Key};
+use crate::pool::checkpoint;
+use crate::pool::datastore::{Allocation, Datastore, Key};
 
 /// What the node's network namespace showed in one successful look.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -154,7 +154,7 @@ pub fn apply_releases(ds: &mut Datastore, pending: &[Pending], now: SystemTime) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::datastore::{Eni, PodMeta};
+    use crate::pool::datastore::{Eni, PodMeta};
 
     fn ds() -> Datastore {
         let mut ds = Datastore::new(Duration::from_secs(30), 100);

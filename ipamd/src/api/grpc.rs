@@ -10,7 +10,7 @@ use tokio::net::UnixListener;
 use tonic::{Request, Response, Status};
 use tracing::{info, info_span, warn, Instrument};
 
-use crate::datastore::{Key, PodMeta};
+use crate::pool::datastore::{Key, PodMeta};
 use crate::pool::Pool;
 
 pub struct Backend(pub Arc<Pool>);
@@ -28,7 +28,7 @@ fn check_client(version: &str, rpc: &str) {
     }
 }
 
-fn ip_msg(a: &crate::datastore::Allocation) -> IpAddress {
+fn ip_msg(a: &crate::pool::datastore::Allocation) -> IpAddress {
     IpAddress {
         i_pv4_addr: a.ip.to_string(),
         i_pv6_addr: String::new(),

@@ -4,7 +4,7 @@
 //! otherwise pods get stuck in ContainerCreating. The rules here match the
 //! upstream calculator so nodes get the same `--max-pods` they would on EKS.
 
-use crate::instance_types::InstanceLimits;
+use crate::instance::types::InstanceLimits;
 
 /// Addresses in one delegated /28 prefix.
 const IPS_PER_PREFIX: u32 = 16;
@@ -134,7 +134,7 @@ pub fn node_max_pods(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::instance_types::lookup;
+    use crate::instance::types::lookup;
 
     fn calc(ty: &str, p: &MaxPodsParams) -> u32 {
         max_pods(lookup(ty).unwrap(), p)

@@ -1,6 +1,13 @@
 //! The address pool as the rest of ipamd sees it: one owner for the datastore, the
 //! checkpoint, readiness and the pool manager's growth notes.
 
+pub mod checkpoint;
+pub mod datastore;
+pub mod lifecycle;
+pub mod manager;
+pub mod sweep;
+pub mod warm;
+
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -11,8 +18,8 @@ use tokio::sync::{Mutex, Notify};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
-use crate::checkpoint::Committer;
-use crate::datastore::{Allocation, AssignError, Datastore, Key, PodMeta};
+use crate::pool::checkpoint::Committer;
+use crate::pool::datastore::{Allocation, AssignError, Datastore, Key, PodMeta};
 
 /// The address pool: the datastore, its checkpoint, readiness and what the pool manager says
 /// about growth. The gRPC and HTTP servers use it through the operations below (assign and
@@ -121,7 +128,7 @@ impl Pool {
             ));
         }
         let m = crate::metrics::global();
-        let deadline = tokio::time::Instant::now() + crate::manager::ADD_WAIT;
+        let deadline = tokio::time::Instant::now() + crate::pool::manager::ADD_WAIT;
         let (res, gen) = loop {
             let grew = self.pool_grew.notified();
             tokio::pin!(grew);

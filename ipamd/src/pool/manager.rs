@@ -17,11 +17,11 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 use crate::cloud::imds::Imds;
 use crate::cloud::{self, CloudError, Ec2, EniFilter, EniInfo, ErrorKind, NewEni};
 use crate::config::Timing;
-use crate::datastore::{Datastore, Eni, Prefix};
-use crate::eni::{self as lifecycle, NodeNetworking, StepError};
-use crate::netconf::LINK_WAIT;
+use crate::hostnet::LINK_WAIT;
+use crate::pool::datastore::{Datastore, Eni, Prefix};
+use crate::pool::lifecycle::{self as lifecycle, NodeNetworking, StepError};
+use crate::pool::warm::{self, Ceiling, EniView, PoolView, Step, Targets};
 use crate::pool::Pool;
-use crate::warm::{self, Ceiling, EniView, PoolView, Step, Targets};
 
 /// Leaked ENIs younger than this may still be on their way to being attached.
 pub const LEAK_MIN_AGE: Duration = Duration::from_secs(300);
@@ -787,10 +787,10 @@ mod tests {
     //! The manager's failure paths over in-memory EC2 and node networking.
 
     use super::*;
-    use crate::checkpoint::Committer;
     use crate::cloud::fake::FakeEc2;
-    use crate::datastore::{Key, PodMeta};
-    use crate::eni::fake::FakeNet;
+    use crate::pool::checkpoint::Committer;
+    use crate::pool::datastore::{Key, PodMeta};
+    use crate::pool::lifecycle::fake::FakeNet;
     use tokio::sync::Mutex;
 
     struct Rig {
@@ -894,7 +894,7 @@ mod tests {
             self.mgr.sync_from_ec2(&enis).await;
         }
 
-        async fn assign(&self, n: usize) -> Vec<crate::datastore::Allocation> {
+        async fn assign(&self, n: usize) -> Vec<crate::pool::datastore::Allocation> {
             let mut ds = self.mgr.shared.ds.lock().await;
             (0..n)
                 .map(|i| {

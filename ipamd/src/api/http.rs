@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Map, Value};
 use tracing::{info, warn};
 
-use crate::datastore::Datastore;
+use crate::pool::datastore::Datastore;
 use crate::pool::Pool;
 
 /// Variables shown by /v1/ipamd-env-settings (upstream's GetConfigForDebug, and ours).
@@ -89,7 +89,7 @@ fn ipnet(ip: std::net::Ipv4Addr, len: u32) -> Value {
 /// Upstream's /v1/enis: per network card, ENIInfos with every address; ContainerID and IfName
 /// scrubbed (they are what a forged DelNetwork would need).
 pub fn enis_json(ds: &Datastore) -> Value {
-    let allocs: BTreeMap<std::net::Ipv4Addr, &crate::datastore::Allocation> =
+    let allocs: BTreeMap<std::net::Ipv4Addr, &crate::pool::datastore::Allocation> =
         ds.allocations().map(|a| (a.ip, a)).collect();
     let cooling: BTreeMap<std::net::Ipv4Addr, SystemTime> = ds.cooldowns().collect();
     let addr = |ip: std::net::Ipv4Addr| -> Value {

@@ -8,8 +8,8 @@
 use std::time::{Duration, SystemTime};
 
 use crate::cloud::EniInfo;
-use crate::datastore::Eni;
-use crate::netconf::NodeNetwork;
+use crate::hostnet::NodeNetwork;
+use crate::pool::datastore::Eni;
 
 /// The node's networking as the pool manager drives it: node-wide rules and SNAT, and each
 /// secondary ENI's link, route table and source rule.
@@ -71,7 +71,7 @@ pub enum StepError {
     #[error("ENI {eni} not added to the pool: {source}; given back to EC2")]
     Pool {
         eni: String,
-        source: crate::datastore::EniError,
+        source: crate::pool::datastore::EniError,
     },
     #[error("EC2 created ENI {0} without a primary address; deleted it")]
     NoAddress(String),

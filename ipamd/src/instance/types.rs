@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
 /// The generated table; see `scripts/gen-instance-types.py` for the columns.
-const DATA: &str = include_str!("../data/instance-types.tsv");
+const DATA: &str = include_str!("../../data/instance-types.tsv");
 
 /// Header the parser expects; a mismatch means the generator and this parser
 /// disagree about column order, which the unit tests catch.

@@ -15,7 +15,7 @@ use cni_common::fsio::{self, WriteOptions};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Mutex};
 
-use crate::datastore::{Datastore, Key, PodMeta};
+use crate::pool::datastore::{Datastore, Key, PodMeta};
 
 pub const FORMAT_VERSION: &str = "vpc-cni-ipam/1";
 
@@ -356,7 +356,7 @@ pub fn entry_key(e: &Entry) -> Option<(Key, Ipv4Addr, PodMeta, SystemTime)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::datastore::{Eni, MAIN_TABLE};
+    use crate::pool::datastore::{Eni, MAIN_TABLE};
 
     const UPSTREAM: &str = r#"{"version":"vpc-cni-ipam/1","allocations":[
       {"networkName":"aws-cni","containerID":"c1","ifName":"eth0","ipv4":"10.0.1.11","allocationTimestamp":1700000000000000000,

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use self::iptables::{Iptables, Randomize, SnatSpec};
 use self::links::{EniNet, LinkError, Links, NodeRule};
-use crate::datastore::Eni;
+use crate::pool::datastore::Eni;
 
 /// Node networking settings, upstream's variable names and defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -137,7 +137,7 @@ impl Links {
 
     /// Every link name and every /32 host route of the main table, in one look. Any error
     /// is returned as such: the caller must not read a failed look as an empty host.
-    pub async fn host_view(&self) -> Result<crate::sweep::HostView, LinkError> {
+    pub async fn host_view(&self) -> Result<crate::pool::sweep::HostView, LinkError> {
         let links: Vec<LinkMessage> = self
             .handle
             .link()
@@ -158,7 +158,7 @@ impl Links {
             .iter()
             .map(|l| (l.header.index, link_name(l)))
             .collect();
-        let mut view = crate::sweep::HostView {
+        let mut view = crate::pool::sweep::HostView {
             links: names.values().cloned().collect(),
             ..Default::default()
         };

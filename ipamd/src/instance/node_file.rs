@@ -8,7 +8,7 @@ use std::time::SystemTime;
 
 use serde::Deserialize;
 
-use crate::datastore::{Eni, Prefix};
+use crate::pool::datastore::{Eni, Prefix};
 
 #[derive(Debug, Clone)]
 pub struct NodeInfo {
