@@ -25,6 +25,9 @@ pub struct Timing {
     pub leak_cleanup: Duration,
     /// Pause in growth after the subnet ran out of addresses (upstream: 120 s).
     pub subnet_full_backoff: Duration,
+    /// Longest pause in growth after EC2 accepted calls that did not grow the pool (ours;
+    /// the pause doubles from 1 s per call that changed nothing).
+    pub no_progress_backoff_max: Duration,
     /// An allocation this young is kept even without its pod's host veth: the plugin may still
     /// be wiring it. Older ones without a veth are released (at start and periodically).
     pub allocation_grace: Duration,
@@ -39,6 +42,7 @@ impl Default for Timing {
             min_eni_age: Duration::from_secs(60),
             leak_cleanup: Duration::from_secs(3600),
             subnet_full_backoff: Duration::from_secs(120),
+            no_progress_backoff_max: Duration::from_secs(300),
             allocation_grace: Duration::from_secs(60),
         }
     }
@@ -327,6 +331,11 @@ impl Config {
             min_eni_age: secs_var(env, "IPAMD_MIN_ENI_AGE", d.min_eni_age)?,
             leak_cleanup: secs_var(env, "IPAMD_LEAKED_ENI_CLEANUP_INTERVAL", d.leak_cleanup)?,
             subnet_full_backoff: secs_var(env, "IPAMD_SUBNET_FULL_BACKOFF", d.subnet_full_backoff)?,
+            no_progress_backoff_max: secs_var(
+                env,
+                "IPAMD_NO_PROGRESS_BACKOFF_MAX",
+                d.no_progress_backoff_max,
+            )?,
             allocation_grace: secs_var(env, "IPAMD_ALLOCATION_GRACE", d.allocation_grace)?,
         };
         // Each of these drives a periodic task, which a zero period would stop or spin.

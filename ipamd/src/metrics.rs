@@ -42,6 +42,8 @@ pub struct Metrics {
     pub pool_short: IntGauge,
     pub pool_over: IntGauge,
     pub ec2api_throttle_count: IntCounterVec,
+    pub ec2_no_progress_count: IntCounter,
+    pub ec2_no_progress_streak: IntGauge,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -120,6 +122,8 @@ impl Metrics {
             pool_short: g("awscni_pool_short", "Addresses (or prefixes) the pool is short of its warm targets"),
             pool_over: g("awscni_pool_over", "Addresses (or prefixes) the pool holds beyond its warm targets"),
             ec2api_throttle_count: cv("awscni_ec2api_throttle_count", "EC2 calls answered with a throttling error", &["fn"]),
+            ec2_no_progress_count: c("awscni_ec2_no_progress_count", "Pool-growing EC2 calls that were accepted but did not grow the pool (reply and describe)"),
+            ec2_no_progress_streak: g("awscni_ec2_no_progress_streak", "Such calls in a row right now; growth backs off exponentially while above 0"),
             registry: r,
         };
         m.build_info

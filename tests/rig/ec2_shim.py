@@ -332,11 +332,16 @@ class Shim:
                     fault["count"] -= 1
                     if fault["count"] == 0:
                         self.faults.remove(fault)
-            if fired and fired["code"] == "RequestLimitExceeded":
+            if fired and fired.get("code") == "RequestLimitExceeded":
                 self.calls["throttled"] += 1
         # Sleep outside every lock so latency does not serialise callers.
         if delay_ms > 0:
             time.sleep(delay_ms / 1000)
+        if fired and fired["kind"] == "noop":
+            # Accepted, and nothing done: what an eventually consistent or misbehaving EC2
+            # looks like to a caller that trusts the reply.
+            eni = params.get("NetworkInterfaceId", "")
+            return ec2_result(action, f"<networkInterfaceId>{eni}</networkInterfaceId><return>true</return>")
         if fired:
             return ec2_error(fired["code"], fired["message"], fired["status"])
         return self.handle_ec2(environ, region, params)
@@ -692,8 +697,8 @@ class Shim:
             if method != "POST":
                 return json_response({"error": "use GET, POST or DELETE"}, 405)
             kind = body.get("kind")
-            if kind not in ("throttle", "error", "latency"):
-                return json_response({"error": "kind must be throttle, error or latency"}, 400)
+            if kind not in ("throttle", "error", "latency", "noop"):
+                return json_response({"error": "kind must be throttle, error, latency or noop"}, 400)
             fault = {"id": self.next_fault_id, "action": body.get("action", "*"), "kind": kind,
                      "count": int(body.get("count", 1))}
             if fault["count"] == 0 or fault["count"] < -1:
@@ -708,7 +713,7 @@ class Shim:
                                   "RequestLimitExceeded": 503, "UnauthorizedOperation": 403}.get(code, 400)
                 fault.update(code=code, message=body.get("message", f"{code} (injected by ec2-shim)"),
                              status=int(body.get("status", default_status)))
-            else:
+            elif kind == "latency":
                 fault["latency_ms"] = int(body.get("latency_ms", 200))
             self.next_fault_id += 1
             self.faults.append(fault)

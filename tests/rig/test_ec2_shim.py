@@ -347,6 +347,21 @@ class Faults(ShimTest):
         self.ec2.assign_private_ip_addresses(NetworkInterfaceId=w["primary_eni"], SecondaryPrivateIpAddressCount=1)
         self.assertEqual(admin("GET", "/_shim/calls")["throttled"], 2)
 
+    def test_noop_accepts_and_does_nothing(self):
+        w = self.world()
+        admin("POST", "/_shim/faults", {"action": "AssignPrivateIpAddresses", "kind": "noop", "count": -1})
+        eni_id = w["primary_eni"]
+        before = self.ec2.describe_network_interfaces(NetworkInterfaceIds=[eni_id])["NetworkInterfaces"][0]
+        got = self.ec2.assign_private_ip_addresses(NetworkInterfaceId=eni_id, Ipv4PrefixCount=1)
+        self.assertEqual(got.get("AssignedIpv4Prefixes", []), [])
+        self.assertEqual(got.get("AssignedPrivateIpAddresses", []), [])
+        after = self.ec2.describe_network_interfaces(NetworkInterfaceIds=[eni_id])["NetworkInterfaces"][0]
+        self.assertEqual(after["PrivateIpAddresses"], before["PrivateIpAddresses"])
+        self.assertEqual(after.get("Ipv4Prefixes", []), before.get("Ipv4Prefixes", []))
+        admin("DELETE", "/_shim/faults")
+        got = self.ec2.assign_private_ip_addresses(NetworkInterfaceId=eni_id, SecondaryPrivateIpAddressCount=1)
+        self.assertEqual(len(got["AssignedPrivateIpAddresses"]), 1)
+
     def test_count_limited_faults_expire(self):
         admin("POST", "/_shim/faults", {"action": "*", "kind": "error", "count": 2,
                                         "code": "UnauthorizedOperation", "status": 403,

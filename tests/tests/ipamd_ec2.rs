@@ -550,3 +550,68 @@ fn prefix_exhaustion_gives_the_reason() {
     assert!(n.node.ipamd().log_text().contains("InsufficientCidrBlocks"));
     assert_eq!(n.ec2(), (1, 0, 2));
 }
+
+#[test]
+fn accepted_calls_that_assign_nothing_back_off_and_recover() {
+    let n = node_with(
+        "t3.medium",
+        "10.0.0.0/20",
+        &[
+            ("ENABLE_PREFIX_DELEGATION", "true"),
+            ("WARM_PREFIX_TARGET", "1"),
+            ("IPAMD_NO_PROGRESS_BACKOFF_MAX", "4"),
+        ],
+        |shim, _| {
+            // EC2 accepts every assignment and carries none of them out.
+            shim.fault(json!({"action": "AssignPrivateIpAddresses", "kind": "noop", "count": -1}));
+        },
+    );
+    eventually(20, "the no-progress log line", || {
+        n.node
+            .ipamd()
+            .log_text()
+            .contains("neither its reply nor a describe shows anything new")
+            .then_some(())
+    });
+    // The pause doubles 1, 2, 4 s (the cap here); then count a 10 s window at the cap.
+    std::thread::sleep(Duration::from_secs(8));
+    n.vpc.shim.reset_calls();
+    std::thread::sleep(Duration::from_secs(10));
+    let calls = &n.vpc.shim.calls()["by_action"];
+    let assigns = calls["AssignPrivateIpAddresses"].as_u64().unwrap_or(0);
+    // Without the backoff the token bucket alone allows 10 a second.
+    assert!(
+        (1..=4).contains(&assigns),
+        "{assigns} assigns in 10 s at a 4 s backoff: {calls}"
+    );
+    let (st, body) = integration::sim::http_get(&n.node.ns.name, "http://127.0.0.1:61678/metrics");
+    assert_eq!(st, 200);
+    let count: f64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("awscni_ec2_no_progress_count "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(count >= 3.0, "{count}");
+    let r = n.add("waiting");
+    assert!(!r.success);
+    assert!(r.message.contains("EC2 accepted"), "{}", r.message);
+    let (_, pool) = integration::sim::http_get(&n.node.ns.name, "http://127.0.0.1:61679/v1/pool");
+    let pool: serde_json::Value = serde_json::from_str(&pool).unwrap();
+    assert!(
+        pool["growthNote"]
+            .as_str()
+            .unwrap_or("")
+            .contains("growth paused"),
+        "{pool}"
+    );
+    // Fixed: within one backoff period the pool grows.
+    n.vpc.shim.clear_faults();
+    n.wait_ec2((1, 0, 1), 10);
+    let r = n.add("after");
+    assert!(r.success, "{r:?}");
+    assert!(n
+        .node
+        .ipamd()
+        .log_text()
+        .contains("EC2 calls grow the pool again"));
+}

@@ -245,6 +245,18 @@ async fn route(
     Ok(match path {
         "/v1/enis" => reply(StatusCode::OK, JSON, s.inspect(enis_json).await.to_string()),
         "/v1/pods" => reply(StatusCode::OK, JSON, s.inspect(pods_json).await.to_string()),
+        "/v1/pool" => {
+            let note = s.growth_note();
+            let mut v = s
+                .inspect(|ds| {
+                    let st = ds.stats();
+                    json!({"total": st.total, "assigned": st.assigned, "cooldown": st.cooldown,
+                           "available": st.available, "maxPods": ds.max_pods()})
+                })
+                .await;
+            v["growthNote"] = note.map(Value::String).unwrap_or(Value::Null);
+            reply(StatusCode::OK, JSON, v.to_string())
+        }
         "/v1/ipamd-env-settings" => reply(StatusCode::OK, JSON, env_json(IPAMD_ENV).to_string()),
         "/v1/networkutils-env-settings" => {
             reply(StatusCode::OK, JSON, env_json(NETWORK_ENV).to_string())

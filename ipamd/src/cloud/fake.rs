@@ -14,6 +14,8 @@ pub struct State {
     /// Failures to return, per action, in order.
     pub faults: HashMap<&'static str, VecDeque<CloudError>>,
     pub calls: Vec<&'static str>,
+    /// Actions that succeed and do nothing (EC2 accepting a call it does not carry out).
+    pub noop: std::collections::HashSet<&'static str>,
     next_id: u32,
     next_ip: u32,
 }
@@ -230,6 +232,9 @@ impl Ec2 for FakeEc2 {
     async fn assign_ips(&self, eni_id: &str, count: u32) -> Result<Vec<Ipv4Addr>, CloudError> {
         let mut st = self.lock();
         st.call("AssignPrivateIpAddresses")?;
+        if st.noop.contains("AssignPrivateIpAddresses") {
+            return Ok(Vec::new());
+        }
         let new: Vec<Ipv4Addr> = (0..count).map(|_| st.ip()).collect();
         st.eni("AssignPrivateIpAddresses", eni_id)?
             .secondary_ips

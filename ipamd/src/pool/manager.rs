@@ -65,6 +65,8 @@ pub struct Manager<E: Ec2> {
     pub net: Option<Arc<dyn NodeNetworking>>,
     last_release: Option<Instant>,
     growth_paused_until: Option<Instant>,
+    /// Growth calls in a row that EC2 accepted without the pool growing.
+    no_progress: u32,
 }
 
 fn grows(s: &Step) -> bool {
@@ -132,6 +134,7 @@ impl<E: Ec2> Manager<E> {
             net: None,
             last_release: None,
             growth_paused_until: None,
+            no_progress: 0,
         }
     }
 
@@ -192,9 +195,21 @@ impl<E: Ec2> Manager<E> {
                 break;
             }
             debug!(?step, "pool step");
+            let before = self.total_addresses().await;
             match self.execute(step.clone()).await {
                 Ok(()) => {
+                    if grows(&step) && !self.grew_since(&step, before).await {
+                        // Accepted and nothing to show for it: retrying at once would spend the
+                        // account's EC2 budget in a loop (upstream's failure mode at scale).
+                        self.on_no_progress(&step);
+                        break;
+                    }
                     if grows(&step) {
+                        if self.no_progress > 0 {
+                            info!(after = self.no_progress, "EC2 calls grow the pool again");
+                            crate::metrics::global().ec2_no_progress_streak.set(0);
+                        }
+                        self.no_progress = 0;
                         self.clear_note();
                     }
                     if matches!(step, Step::ReleaseIps { .. } | Step::ReleasePrefixes { .. }) {
@@ -211,6 +226,62 @@ impl<E: Ec2> Manager<E> {
         }
         self.shared.growing.store(false, Ordering::Release);
         self.shared.pool_grew.notify_waiters();
+    }
+
+    async fn total_addresses(&self) -> usize {
+        self.shared.ds.lock().await.stats().total
+    }
+
+    /// Did the pool grow past `before`? When the reply brought nothing new, one describe of
+    /// the ENI asks EC2 what it really holds (its answer may lag the reply, or run ahead).
+    async fn grew_since(&self, step: &Step, before: usize) -> bool {
+        if self.total_addresses().await > before {
+            return true;
+        }
+        let eni = match step {
+            Step::AssignIps { eni, .. } | Step::AssignPrefixes { eni, .. } => eni,
+            _ => return false,
+        };
+        if let Err(e) = self.resync_eni(eni).await {
+            warn!(%eni, error = %e, "cannot confirm the assignment with EC2");
+        }
+        self.total_addresses().await > before
+    }
+
+    /// Count a growth call that changed nothing and pause growth: 1 s, doubling per call in a
+    /// row, jittered, at most `no_progress_backoff_max`.
+    fn on_no_progress(&mut self, step: &Step) {
+        self.no_progress += 1;
+        let max = self.timing.no_progress_backoff_max;
+        let base = Duration::from_secs(1).min(max);
+        let exp = base
+            .saturating_mul(1u32 << (self.no_progress - 1).min(20))
+            .min(max);
+        let jitter = 0.8 + 0.4 * rand::random::<f64>();
+        let pause = exp.mul_f64(jitter).min(max);
+        self.growth_paused_until = Some(Instant::now() + pause);
+        let m = crate::metrics::global();
+        m.ec2_no_progress_count.inc();
+        m.ec2_no_progress_streak.set(self.no_progress as i64);
+        let asked = match step {
+            Step::AssignIps { eni, count } => {
+                format!("AssignPrivateIpAddresses of {count} address(es) on {eni}")
+            }
+            Step::AssignPrefixes { eni, count } => {
+                format!("AssignPrivateIpAddresses of {count} /28 prefix(es) on {eni}")
+            }
+            Step::NewEni { ips, prefixes } => {
+                format!("a new ENI with {ips} address(es) and {prefixes} prefix(es)")
+            }
+            other => format!("{other:?}"),
+        };
+        let msg = format!(
+            "EC2 accepted {asked} but neither its reply nor a describe shows anything new; {} such call(s) in a row; growth paused for {:.1}s",
+            self.no_progress,
+            pause.as_secs_f64()
+        );
+        warn!("{msg}");
+        self.note(FailureReason::PoolEmpty, msg);
     }
 
     fn set_ceiling(&self, c: Option<Ceiling>) {
@@ -1050,5 +1121,57 @@ mod tests {
         // Paused: no second create while the backoff runs.
         r.mgr.converge().await;
         assert_eq!(r.ec2.calls("CreateNetworkInterface"), 1);
+    }
+
+    #[tokio::test]
+    async fn accepted_calls_that_grow_nothing_back_off_and_recover() {
+        let ec2 = Arc::new(FakeEc2::new("i-1", 2));
+        let mut r = Rig::new(Targets {
+            warm_ip: Some(4),
+            ..Default::default()
+        })
+        .await;
+        // The rig's own EC2 has 5 addresses on the primary: use one with room to grow.
+        r.ec2 = ec2.clone();
+        r.mgr.ec2 = ec2.clone();
+        {
+            let mut ds = r.mgr.shared.ds.lock().await;
+            let _ = ds.remove_eni("eni-primary");
+            let info = ec2.lock().enis["eni-primary"].clone();
+            ds.add_eni(lifecycle::from_ec2(&info, 0, "10.0.0.0/16").unwrap())
+                .unwrap();
+        }
+        ec2.lock().noop.insert("AssignPrivateIpAddresses");
+        r.mgr.converge().await;
+        assert_eq!(ec2.calls("AssignPrivateIpAddresses"), 1);
+        assert_eq!(
+            ec2.calls("DescribeNetworkInterfaces"),
+            1,
+            "one describe to confirm"
+        );
+        assert_eq!(r.mgr.no_progress, 1);
+        let note = r.mgr.shared.pool_note.lock().unwrap().clone().unwrap();
+        assert!(
+            note.1.contains("neither its reply nor a describe"),
+            "{}",
+            note.1
+        );
+        // Paused: converging again calls nothing.
+        r.mgr.converge().await;
+        r.mgr.converge().await;
+        assert_eq!(ec2.calls("AssignPrivateIpAddresses"), 1);
+        // The pause grows with each call in a row that changes nothing.
+        r.mgr.growth_paused_until = None;
+        r.mgr.converge().await;
+        assert_eq!(r.mgr.no_progress, 2);
+        let paused = r.mgr.growth_paused_until.unwrap() - Instant::now();
+        assert!(paused > Duration::from_millis(1500), "{paused:?}");
+        // EC2 behaves again: the next try after the pause grows the pool and resets all.
+        ec2.lock().noop.clear();
+        r.mgr.growth_paused_until = None;
+        r.mgr.converge().await;
+        assert_eq!(r.mgr.no_progress, 0);
+        assert!(r.mgr.shared.pool_note.lock().unwrap().is_none());
+        assert!(r.mgr.shared.ds.lock().await.stats().total >= 4);
     }
 }

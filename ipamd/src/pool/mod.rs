@@ -286,6 +286,15 @@ impl Pool {
         f(&ds)
     }
 
+    /// Why the pool cannot grow right now, when the pool manager knows (subnet full,
+    /// throttled, EC2 accepting calls that change nothing...).
+    pub fn growth_note(&self) -> Option<String> {
+        self.pool_note
+            .lock()
+            .ok()
+            .and_then(|g| g.as_ref().map(|(_, m)| m.clone()))
+    }
+
     pub fn vpc_cidrs(&self) -> Vec<String> {
         self.vpc_cidrs.read().map(|v| v.clone()).unwrap_or_default()
     }
