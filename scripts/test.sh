@@ -29,6 +29,14 @@ else
   echo "FAIL bench --smoke (target/bench-smoke.log)" | tee -a "$mlog"
   tail -20 target/bench-smoke.log
 fi
+# The fleet simulation in smoke mode (4 nodes against an account-wide EC2 budget).
+if target/debug/fleet --smoke --out target/bench/fleet-smoke.json > target/fleet-smoke.log 2>&1; then
+  echo "fleet --smoke: ran"
+else
+  rc=1
+  echo "FAIL fleet --smoke (target/fleet-smoke.log)" | tee -a "$mlog"
+  tail -20 target/fleet-smoke.log
+fi
 # One closing line over all test binaries, the shim's suite and the manifest checks.
 awk '/^test result:/ { p += $4; f += $6 } END { printf "%d %d\n", p, f }' "$log" | {
   read -r p f

@@ -25,9 +25,10 @@ pub struct Timing {
     pub leak_cleanup: Duration,
     /// Pause in growth after the subnet ran out of addresses (upstream: 120 s).
     pub subnet_full_backoff: Duration,
-    /// Longest pause in growth after EC2 accepted calls that did not grow the pool (ours;
-    /// the pause doubles from 1 s per call that changed nothing).
-    pub no_progress_backoff_max: Duration,
+    /// Longest pause in growth after growth calls that EC2 throttled (past the per-call
+    /// retries) or accepted without the pool growing (ours; the pause doubles from 1 s per
+    /// such call in a row).
+    pub growth_backoff_max: Duration,
     /// An allocation this young is kept even without its pod's host veth: the plugin may still
     /// be wiring it. Older ones without a veth are released (at start and periodically).
     pub allocation_grace: Duration,
@@ -42,7 +43,7 @@ impl Default for Timing {
             min_eni_age: Duration::from_secs(60),
             leak_cleanup: Duration::from_secs(3600),
             subnet_full_backoff: Duration::from_secs(120),
-            no_progress_backoff_max: Duration::from_secs(300),
+            growth_backoff_max: Duration::from_secs(300),
             allocation_grace: Duration::from_secs(60),
         }
     }
@@ -69,6 +70,10 @@ pub struct Config {
     /// `ADDITIONAL_ENI_TAGS`, a JSON object.
     pub additional_eni_tags: BTreeMap<String, String>,
     pub timing: Timing,
+    /// This node's EC2 token bucket (ours: `IPAMD_EC2_BURST` calls at once, then
+    /// `IPAMD_EC2_RATE` per second).
+    pub ec2_burst: u32,
+    pub ec2_rate: f64,
     pub net: NetConfig,
     /// INTROSPECTION_BIND_ADDRESS (127.0.0.1:61679); None with DISABLE_INTROSPECTION=true.
     pub introspection: Option<std::net::SocketAddr>,
@@ -169,16 +174,22 @@ fn cidr_list(
     };
     let mut out = Vec::new();
     for c in v.split(',').map(str::trim).filter(|c| !c.is_empty()) {
-        let ok =
-            c.split_once('/').is_some() && crate::hostnet::iptables::normalise_cidr(c).is_some();
-        if !ok {
-            return Err(ConfigError {
-                var,
-                value: v.clone(),
-                why: format!("{c:?} is not an IPv4 CIDR"),
-            });
+        // Upstream accepts IPv6 entries here (they only matter to its IPv6 rules): so do we,
+        // and the IPv4 rules leave them out with a warning.
+        if c.contains(':') && c.parse::<ipnet::IpNet>().is_ok() {
+            out.push(c.to_string());
+            continue;
         }
-        out.push(c.to_string());
+        match crate::cidr::normalise(c).filter(|_| c.contains('/')) {
+            Some(n) => out.push(n),
+            None => {
+                return Err(ConfigError {
+                    var,
+                    value: v.clone(),
+                    why: format!("{c:?} is not a CIDR"),
+                })
+            }
+        }
     }
     Ok(out)
 }
@@ -331,11 +342,7 @@ impl Config {
             min_eni_age: secs_var(env, "IPAMD_MIN_ENI_AGE", d.min_eni_age)?,
             leak_cleanup: secs_var(env, "IPAMD_LEAKED_ENI_CLEANUP_INTERVAL", d.leak_cleanup)?,
             subnet_full_backoff: secs_var(env, "IPAMD_SUBNET_FULL_BACKOFF", d.subnet_full_backoff)?,
-            no_progress_backoff_max: secs_var(
-                env,
-                "IPAMD_NO_PROGRESS_BACKOFF_MAX",
-                d.no_progress_backoff_max,
-            )?,
+            growth_backoff_max: secs_var(env, "IPAMD_GROWTH_BACKOFF_MAX", d.growth_backoff_max)?,
             allocation_grace: secs_var(env, "IPAMD_ALLOCATION_GRACE", d.allocation_grace)?,
         };
         // Each of these drives a periodic task, which a zero period would stop or spin.
@@ -381,7 +388,26 @@ impl Config {
         } else {
             Some(addr("IPAMD_METRICS_BIND_ADDRESS", ":61678")?)
         };
+        let ec2_burst = count_var(env, "IPAMD_EC2_BURST")?.unwrap_or(20);
+        let ec2_rate = secs_var(env, "IPAMD_EC2_RATE", Duration::from_secs(10))?.as_secs_f64();
+        if ec2_burst == 0 || ec2_rate < 0.001 {
+            return Err(ConfigError {
+                var: if ec2_burst == 0 {
+                    "IPAMD_EC2_BURST"
+                } else {
+                    "IPAMD_EC2_RATE"
+                },
+                value: if ec2_burst == 0 {
+                    "0".into()
+                } else {
+                    ec2_rate.to_string()
+                },
+                why: "must be above 0 (at least one EC2 call, at least 0.001 per second)".into(),
+            });
+        }
         Ok(Config {
+            ec2_burst,
+            ec2_rate,
             introspection,
             metrics,
             net,

@@ -283,9 +283,38 @@ pub struct CloudSetup {
     pub node: CloudNode,
 }
 
-/// Requests per second to EC2 once the burst is spent, per node.
-const EC2_BURST: u32 = 20;
-const EC2_RATE: f64 = 10.0;
+/// How long start-up keeps retrying an EC2 call that is throttled or fails transiently. A fleet
+/// started together meets the account's limits; exiting (and being restarted by the DaemonSet
+/// to try again at once) would only add to the storm.
+const INIT_PATIENCE: Duration = Duration::from_secs(600);
+
+/// Run a start-up EC2 call until it succeeds, fails for good, or `INIT_PATIENCE` runs out,
+/// backing off (jittered, 1 s doubling to 30 s) between the guard's own retries.
+async fn patiently<T, F, Fut>(what: &str, mut f: F) -> Result<T, crate::cloud::CloudError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, crate::cloud::CloudError>>,
+{
+    let started = std::time::Instant::now();
+    let mut attempt = 0u32;
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.retryable() && started.elapsed() < INIT_PATIENCE => {
+                attempt += 1;
+                let pause = crate::cloud::guard::backoff(
+                    attempt,
+                    Duration::from_secs(1),
+                    Duration::from_secs(30),
+                    rand::random::<f64>(),
+                );
+                warn!(what, error = %e, attempt, pause_s = pause.as_secs_f64(), "start-up waits for EC2");
+                tokio::time::sleep(pause).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
 
 /// Read the instance from IMDS, then confirm its ENIs with one DescribeNetworkInterfaces: EC2
 /// decides what each ENI holds, IMDS may lag behind it.
@@ -306,21 +335,23 @@ async fn cloud_node(cfg: &Config) -> anyhow::Result<(NodeInfo, InstanceLimits, C
         .clone();
     let ec2 = Arc::new(Guarded::new(
         SdkEc2::new(&meta.region, cfg.ec2_endpoint.as_deref()).await,
-        Bucket::new(EC2_BURST, EC2_RATE),
+        Bucket::new(cfg.ec2_burst, cfg.ec2_rate),
         RetryPolicy::default(),
     ));
     let limits = match instance_types::lookup(&meta.instance_type) {
         Some(l) => *l,
-        None => ec2
-            .describe_instance_type(&meta.instance_type)
-            .await
-            .context("DescribeInstanceTypes for a type missing from the built-in table")?
-            .with_context(|| format!("EC2 does not know instance type {:?}", meta.instance_type))?,
-    };
-    let described = ec2
-        .describe_enis(EniFilter::AttachedTo(meta.instance_id.clone()))
+        None => patiently("DescribeInstanceTypes", || {
+            ec2.describe_instance_type(&meta.instance_type)
+        })
         .await
-        .context("DescribeNetworkInterfaces for this instance's ENIs")?;
+        .context("DescribeInstanceTypes for a type missing from the built-in table")?
+        .with_context(|| format!("EC2 does not know instance type {:?}", meta.instance_type))?,
+    };
+    let described = patiently("DescribeNetworkInterfaces", || {
+        ec2.describe_enis(EniFilter::AttachedTo(meta.instance_id.clone()))
+    })
+    .await
+    .context("DescribeNetworkInterfaces for this instance's ENIs")?;
     let mut cloud = CloudNode {
         instance_id: meta.instance_id.clone(),
         vpc_id: primary.vpc_id.clone(),
@@ -458,7 +489,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let committer = Committer::start(cfg.backing_store.clone(), ds.clone());
     // Persist what restore dropped, so the file agrees with memory before the first reply.
     let gen = ds.lock().await.generation();
-    committer.commit(gen).await.map_err(anyhow::Error::msg)?;
+    committer.commit(gen).await?;
 
     let shared = Arc::new(Pool::new(
         ds,

@@ -10,6 +10,7 @@
 //!   `entrypoint` (the aws-vpc-cni binary's work) serve it.
 
 pub mod api;
+pub mod cidr;
 pub mod cloud;
 pub mod config;
 pub mod daemon;

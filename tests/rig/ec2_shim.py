@@ -211,6 +211,10 @@ class Shim:
             self.faults: list[dict] = []
             self.next_fault_id = 1
             self._reset_calls()
+            # EC2's request rate limiting: a token bucket per API per account, sized by the
+            # API's category. None until a test sets it (moto has no limits at all).
+            self.account_limits: dict | None = None
+            self.buckets: dict[str, list[float]] = {}
         self.prefixes: dict[str, list[str]] = {}  # ENI id -> /28s, in assignment order
         self.pending_prefixes: list[str] | None = None
         self.mac_counter = 0
@@ -332,6 +336,9 @@ class Shim:
                     fault["count"] -= 1
                     if fault["count"] == 0:
                         self.faults.remove(fault)
+            if fired is None and self.account_limits is not None and not self._take_token(action):
+                fired = {"kind": "throttle", "code": "RequestLimitExceeded",
+                         "message": "Request limit exceeded.", "status": 503}
             if fired and fired.get("code") == "RequestLimitExceeded":
                 self.calls["throttled"] += 1
         # Sleep outside every lock so latency does not serialise callers.
@@ -345,6 +352,19 @@ class Shim:
         if fired:
             return ec2_error(fired["code"], fired["message"], fired["status"])
         return self.handle_ec2(environ, region, params)
+
+    def _take_token(self, action: str) -> bool:
+        """One token from `action`'s bucket (admin lock held); False when it is empty."""
+        category = "describe" if action.startswith("Describe") else "mutating"
+        limit = self.account_limits.get(category)
+        if not limit:
+            return True
+        now = time.monotonic()
+        tokens, at = self.buckets.get(action, [float(limit["burst"]), now])
+        tokens = min(float(limit["burst"]), tokens + (now - at) * float(limit["rate"]))
+        ok = tokens >= 1.0
+        self.buckets[action] = [tokens - 1.0 if ok else tokens, now]
+        return ok
 
     def handle_ec2(self, environ, region, params):
         handler = getattr(self, "_ec2_" + params["Action"], None)
@@ -658,6 +678,16 @@ class Shim:
                 with self.admin_lock:
                     self.latency_ms = max(0, int(body.get("ms", 0)))
                 return json_response({"ms": self.latency_ms})
+            if route[1] == "/_shim/account-limits":
+                with self.admin_lock:
+                    if method == "POST":
+                        self.account_limits = {k: {"burst": float(v["burst"]), "rate": float(v["rate"])}
+                                               for k, v in body.items() if k in ("mutating", "describe")}
+                        self.buckets = {}
+                    elif method == "DELETE":
+                        self.account_limits = None
+                        self.buckets = {}
+                    return json_response(self.account_limits or {})
             if route == ("GET", "/_shim/calls"):
                 with self.admin_lock:
                     return json_response(json.loads(json.dumps(self.calls)))

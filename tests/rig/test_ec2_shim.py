@@ -362,6 +362,28 @@ class Faults(ShimTest):
         got = self.ec2.assign_private_ip_addresses(NetworkInterfaceId=eni_id, SecondaryPrivateIpAddressCount=1)
         self.assertEqual(len(got["AssignedPrivateIpAddresses"]), 1)
 
+    def test_account_limits_are_per_api_token_buckets(self):
+        self.world()
+        admin("POST", "/_shim/account-limits", {"mutating": {"burst": 3, "rate": 0.5},
+                                                "describe": {"burst": 100, "rate": 20}})
+        admin("POST", "/_shim/calls/reset")
+        got = []
+        for _ in range(5):
+            try:
+                self.ec2.delete_network_interface(NetworkInterfaceId="eni-00000000000000000")
+                got.append("ok")
+            except ClientError as e:
+                got.append(e.response["Error"]["Code"])
+        # Three tokens, then throttled: a different API has its own bucket.
+        self.assertEqual(got[3:], ["RequestLimitExceeded"] * 2, got)
+        self.assertNotIn("RequestLimitExceeded", got[:3])
+        self.ec2.describe_network_interfaces()
+        self.assertEqual(admin("GET", "/_shim/calls")["throttled"], 2)
+        time.sleep(2.1)  # one token back at 0.5/s
+        self.assertEc2Error("InvalidNetworkInterfaceID.NotFound", self.ec2.delete_network_interface,
+                            NetworkInterfaceId="eni-00000000000000000")
+        admin("DELETE", "/_shim/account-limits")
+
     def test_count_limited_faults_expire(self):
         admin("POST", "/_shim/faults", {"action": "*", "kind": "error", "count": 2,
                                         "code": "UnauthorizedOperation", "status": 403,

@@ -28,18 +28,24 @@ impl Ipamd {
         env: &[(&str, &str)],
         wrapper: &[&str],
     ) -> Ipamd {
+        let mut d = Ipamd::spawn(dir, netns, env, wrapper);
+        d.wait_ready();
+        d
+    }
+
+    /// Start ipamd without waiting for its socket (many at once; then [`Ipamd::wait_ready`]).
+    /// It dies with the calling thread.
+    pub fn spawn(dir: &Path, netns: Option<&str>, env: &[(&str, &str)], wrapper: &[&str]) -> Ipamd {
         let mut cmd = Ipamd::command(dir, netns, env, wrapper);
         let child = crate::die_with_parent(&mut cmd)
             .spawn()
             .expect("spawn ipamd");
-        let mut d = Ipamd {
+        Ipamd {
             child: Some(child),
             socket: dir.join("ipamd.sock"),
             checkpoint: dir.join("ipam.json"),
             log: dir.join("ipamd.log"),
-        };
-        d.wait_ready();
-        d
+        }
     }
 
     /// Run ipamd expecting it to stop by itself (a refusal to start): its output. Panics if it
@@ -153,8 +159,10 @@ impl Ipamd {
         n(11) + n(12)
     }
 
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+    /// Wait (up to `secs`) until the socket accepts connections; panics with the log if
+    /// ipamd exits first.
+    pub fn wait_ready_for(&mut self, secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
         while Instant::now() < deadline {
             if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
                 return;
@@ -167,6 +175,10 @@ impl Ipamd {
             std::thread::sleep(Duration::from_millis(20));
         }
         panic!("ipamd did not come up; log:\n{}", self.log_text());
+    }
+
+    fn wait_ready(&mut self) {
+        self.wait_ready_for(20);
     }
 
     pub fn pid(&self) -> Option<u32> {

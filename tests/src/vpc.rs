@@ -415,6 +415,13 @@ impl VpcNode {
         all
     }
 
+    /// Start ipamd inside the node without waiting for it (see [`Ipamd::wait_ready_for`]).
+    pub fn spawn_ipamd(&mut self, dir: &Path, env: &[(&str, &str)]) {
+        let all = self.env(env);
+        let refs: Vec<(&str, &str)> = all.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.ipamd = Some(Ipamd::spawn(dir, Some(&self.ns.name), &refs, &[]));
+    }
+
     /// Start ipamd inside the node (state files under `dir`).
     pub fn start_ipamd(&mut self, dir: &Path, env: &[(&str, &str)]) -> &Ipamd {
         let all = self.env(env);

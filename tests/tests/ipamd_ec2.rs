@@ -559,7 +559,7 @@ fn accepted_calls_that_assign_nothing_back_off_and_recover() {
         &[
             ("ENABLE_PREFIX_DELEGATION", "true"),
             ("WARM_PREFIX_TARGET", "1"),
-            ("IPAMD_NO_PROGRESS_BACKOFF_MAX", "4"),
+            ("IPAMD_GROWTH_BACKOFF_MAX", "4"),
         ],
         |shim, _| {
             // EC2 accepts every assignment and carries none of them out.

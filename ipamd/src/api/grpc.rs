@@ -165,7 +165,7 @@ impl CniBackend for Backend {
                     return Ok(Response::new(DelNetworkReply {
                         success: false,
                         failure_reason: FailureReason::Internal as i32,
-                        message: e,
+                        message: e.to_string(),
                         ..Default::default()
                     }))
                 }
@@ -218,7 +218,7 @@ impl CniBackend for Backend {
         }
         Ok(Response::new(GcReply {
             success: res.is_ok(),
-            message: res.err().unwrap_or_default(),
+            message: res.err().map(|e| e.to_string()).unwrap_or_default(),
             released: released
                 .iter()
                 .map(|a| ReleasedAttachment {

@@ -45,6 +45,10 @@ pub const IPAMD_ENV: &[&str] = &[
     "IPAMD_LEAKED_ENI_CLEANUP_INTERVAL",
     "IPAMD_SUBNET_FULL_BACKOFF",
     "IPAMD_ALLOCATION_GRACE",
+    "IPAMD_GROWTH_BACKOFF_MAX",
+    "IPAMD_EC2_BURST",
+    "IPAMD_EC2_RATE",
+    "AWS_CNI_STATE_DIR",
 ];
 
 /// Variables shown by /v1/networkutils-env-settings.

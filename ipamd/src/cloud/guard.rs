@@ -14,23 +14,47 @@ use super::{CloudError, Ec2, EniFilter, EniInfo, ErrorKind, NewEni};
 use crate::instance::types::InstanceLimits;
 use crate::pool::datastore::Prefix;
 
-/// Token bucket: `burst` calls at once, then `per_second`.
+/// Token bucket: `burst` calls at once, then `per_second`. Adaptive: EC2 throttling a call
+/// means the account's budget is spent, so the node empties its bucket and halves its rate
+/// (down to one call every 20 s); each call that goes through gives back a tenth of the
+/// configured rate. Additive increase, multiplicative decrease: a fleet throttled together
+/// slows together instead of retrying in lockstep.
 #[derive(Debug)]
 pub struct Bucket {
     burst: f64,
+    configured: f64,
     per_second: f64,
     tokens: f64,
     at: Instant,
 }
 
+/// The slowest an adaptive bucket goes: one call every 20 s.
+const MIN_RATE: f64 = 1.0 / 20.0;
+
 impl Bucket {
     pub fn new(burst: u32, per_second: f64) -> Bucket {
         Bucket {
             burst: burst as f64,
+            configured: per_second,
             per_second,
             tokens: burst as f64,
             at: Instant::now(),
         }
+    }
+
+    /// EC2 said RequestLimitExceeded.
+    pub fn throttled(&mut self) {
+        self.tokens = 0.0;
+        self.per_second = (self.per_second / 2.0).max(MIN_RATE.min(self.configured));
+    }
+
+    /// A call went through.
+    pub fn succeeded(&mut self) {
+        self.per_second = (self.per_second + self.configured / 10.0).min(self.configured);
+    }
+
+    pub fn rate(&self) -> f64 {
+        self.per_second
     }
 
     /// Take a token if there is one; otherwise how long until there will be.
@@ -57,6 +81,9 @@ pub fn backoff(attempt: u32, base: Duration, cap: Duration, jitter: f64) -> Dura
     d.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
 }
 
+/// Tries of one call EC2 throttles, the first included.
+const THROTTLED_ATTEMPTS: u32 = 3;
+
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
     pub attempts: u32,
@@ -78,7 +105,13 @@ pub struct Guarded<E> {
     inner: E,
     bucket: Mutex<Bucket>,
     policy: RetryPolicy,
+    /// One DescribeNetworkInterfaces in flight per node: callers that queue behind one take
+    /// its answer when it started after they asked (same filter), instead of asking again.
+    describe_gate: tokio::sync::Mutex<()>,
+    last_describe: Mutex<Option<Described>>,
 }
+
+type Described = (String, Instant, Result<Vec<EniInfo>, CloudError>);
 
 impl<E: Ec2> Guarded<E> {
     pub fn new(inner: E, bucket: Bucket, policy: RetryPolicy) -> Guarded<E> {
@@ -86,6 +119,8 @@ impl<E: Ec2> Guarded<E> {
             inner,
             bucket: Mutex::new(bucket),
             policy,
+            describe_gate: tokio::sync::Mutex::new(()),
+            last_describe: Mutex::new(None),
         }
     }
 
@@ -129,12 +164,29 @@ impl<E: Ec2> Guarded<E> {
             let t0 = Instant::now();
             let r = f().await;
             self.record(op, t0.elapsed(), r.as_ref().err());
+            if let Ok(mut b) = self.bucket.lock() {
+                match &r {
+                    Err(e) if e.kind == ErrorKind::Throttled => b.throttled(),
+                    Ok(_) => b.succeeded(),
+                    Err(_) => {}
+                }
+            }
             match r {
                 Ok(v) => {
                     debug!(op, ms = t0.elapsed().as_millis() as u64, "EC2 call");
                     return Ok(v);
                 }
-                Err(e) if e.retryable() && attempt < self.policy.attempts => {
+                // Throttling is the account's budget, not this call's luck: a few tries, then
+                // the caller backs off as a whole (the pool manager pauses growth).
+                Err(e)
+                    if e.retryable()
+                        && attempt
+                            < if e.kind == ErrorKind::Throttled {
+                                THROTTLED_ATTEMPTS.min(self.policy.attempts)
+                            } else {
+                                self.policy.attempts
+                            } =>
+                {
                     let d = backoff(
                         attempt,
                         self.policy.base,
@@ -162,10 +214,26 @@ impl<E: Ec2> Guarded<E> {
 #[async_trait::async_trait]
 impl<E: Ec2> Ec2 for Guarded<E> {
     async fn describe_enis(&self, f: EniFilter) -> Result<Vec<EniInfo>, CloudError> {
-        self.call("DescribeNetworkInterfaces", || {
-            self.inner.describe_enis(f.clone())
-        })
-        .await
+        let key = format!("{f:?}");
+        let asked = Instant::now();
+        let _one = self.describe_gate.lock().await;
+        if let Ok(last) = self.last_describe.lock() {
+            if let Some((k, started, res)) = last.as_ref() {
+                if *k == key && *started >= asked {
+                    return res.clone();
+                }
+            }
+        }
+        let started = Instant::now();
+        let res = self
+            .call("DescribeNetworkInterfaces", || {
+                self.inner.describe_enis(f.clone())
+            })
+            .await;
+        if let Ok(mut last) = self.last_describe.lock() {
+            *last = Some((key, started, res.clone()));
+        }
+        res
     }
     async fn create_eni(&self, r: NewEni) -> Result<EniInfo, CloudError> {
         self.call("CreateNetworkInterface", || {
@@ -243,6 +311,26 @@ mod tests {
             assert!(b.take(later).is_ok());
         }
         assert!(b.take(later).is_err());
+    }
+
+    #[test]
+    fn throttling_halves_the_rate_and_successes_win_it_back() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(5, 10.0);
+        b.throttled();
+        assert_eq!(b.rate(), 5.0);
+        assert!(b.take(t0).is_err(), "the bucket is emptied");
+        for _ in 0..20 {
+            b.throttled();
+        }
+        assert!(
+            (b.rate() - MIN_RATE).abs() < 1e-9,
+            "floored at one every 20 s"
+        );
+        for _ in 0..100 {
+            b.succeeded();
+        }
+        assert_eq!(b.rate(), 10.0, "back to the configured rate, never above");
     }
 
     #[test]

@@ -196,13 +196,7 @@ pub fn http_client() -> aws_sdk_ec2::config::SharedHttpClient {
         .build_https()
 }
 
-/// Parse "a.b.c.d/28" into a prefix.
-pub fn parse_prefix(s: &str) -> Option<Prefix> {
-    let (ip, len) = s.trim().split_once('/')?;
-    (len == "28").then_some(())?;
-    let ip: Ipv4Addr = ip.parse().ok()?;
-    (u32::from(ip) & 0xf == 0).then_some(Prefix(ip))
-}
+pub use crate::cidr::parse_prefix;
 
 #[cfg(test)]
 mod tests {

@@ -52,13 +52,20 @@ fn is_our_chain(name: &str) -> bool {
     name.starts_with("AWS-SNAT-CHAIN-") || name.starts_with("AWS-CONNMARK-CHAIN-")
 }
 
-/// "10.0.1.7/16" -> "10.0.0.0/16", as iptables-save prints it; None if not an IPv4 CIDR.
-pub fn normalise_cidr(c: &str) -> Option<String> {
-    let (ip, len) = c.trim().split_once('/').unwrap_or((c.trim(), "32"));
-    let ip: Ipv4Addr = ip.parse().ok()?;
-    let len: u32 = len.parse().ok().filter(|l| *l <= 32)?;
-    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-    Some(format!("{}/{len}", Ipv4Addr::from(u32::from(ip) & mask)))
+pub use crate::cidr::normalise as normalise_cidr;
+
+/// The CIDRs of `list` in iptables' spelling; an entry that is not an IPv4 CIDR (an IPv6 one,
+/// or garbage from IMDS) is left out and said so, never silently.
+fn cidrs(what: &str, list: &[String]) -> Vec<String> {
+    list.iter()
+        .filter_map(|c| {
+            let n = normalise_cidr(c);
+            if n.is_none() {
+                tracing::warn!(cidr = %c, "{what}: not an IPv4 CIDR; left out of the IPv4 rules");
+            }
+            n
+        })
+        .collect()
 }
 
 /// One table's desired state: our chains with their rules in order, and our rules in
@@ -82,16 +89,8 @@ pub fn desired(s: &SnatSpec) -> (TableRules, TableRules) {
     let mark = format!("{:#x}", s.mark);
     let mut nat = TableRules::default();
     let mut mangle = TableRules::default();
-    let vpc: Vec<String> = s
-        .vpc_cidrs
-        .iter()
-        .filter_map(|c| normalise_cidr(c))
-        .collect();
-    let excl: Vec<String> = s
-        .exclude_cidrs
-        .iter()
-        .filter_map(|c| normalise_cidr(c))
-        .collect();
+    let vpc = cidrs("VPC CIDR", &s.vpc_cidrs);
+    let excl = cidrs("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS", &s.exclude_cidrs);
     if !s.external_snat {
         nat.builtin.push(format!(
             "-A POSTROUTING -m comment --comment \"AWS SNAT CHAIN\" -j {SNAT_CHAIN}"

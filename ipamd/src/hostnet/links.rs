@@ -47,14 +47,7 @@ pub struct EniNet {
     pub mtu: u32,
 }
 
-/// Subnet gateway: the subnet's first address + 1, as in every VPC.
-pub fn gateway_of(cidr: &str) -> Option<(Ipv4Addr, u8)> {
-    let (ip, len) = cidr.split_once('/')?;
-    let ip: Ipv4Addr = ip.parse().ok()?;
-    let len: u8 = len.parse().ok().filter(|l| *l <= 30)?;
-    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-    Some((Ipv4Addr::from((u32::from(ip) & mask) + 1), len))
-}
+pub use crate::cidr::gateway_of;
 
 pub fn mac_string(mac: &[u8]) -> String {
     mac.iter()

@@ -55,9 +55,8 @@ impl Default for NetConfig {
 pub const LINK_WAIT: Duration = Duration::from_secs(30);
 
 fn cidr_tuple(c: &str) -> Option<(Ipv4Addr, u8)> {
-    let n = iptables::normalise_cidr(c)?;
-    let (ip, len) = n.split_once('/')?;
-    Some((ip.parse().ok()?, len.parse().ok()?))
+    let n = crate::cidr::parse_v4(c)?;
+    Some((n.network(), n.prefix_len()))
 }
 
 pub struct NodeNetwork {

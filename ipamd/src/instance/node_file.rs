@@ -8,7 +8,7 @@ use std::time::SystemTime;
 
 use serde::Deserialize;
 
-use crate::pool::datastore::{Eni, Prefix};
+use crate::pool::datastore::Eni;
 
 #[derive(Debug, Clone)]
 pub struct NodeInfo {
@@ -52,11 +52,7 @@ struct FileEni {
     prefixes: Vec<String>,
 }
 
-fn parse_prefix(s: &str) -> Option<Prefix> {
-    let (ip, len) = s.split_once('/')?;
-    (len == "28").then_some(())?;
-    Some(Prefix(ip.parse().ok()?))
-}
+use crate::cidr::parse_prefix;
 
 pub fn load_node_file(path: &Path) -> Result<NodeInfo, NodeError> {
     let p = path.display().to_string();
@@ -103,6 +99,7 @@ pub fn load_node_file(path: &Path) -> Result<NodeInfo, NodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pool::datastore::Prefix;
 
     #[test]
     fn reads_node_file() {

@@ -234,7 +234,16 @@ pub fn write_atomic(path: &Path, f: &Checkpoint) -> std::io::Result<()> {
 struct Progress {
     written: u64,
     attempted: u64,
-    error: Option<String>,
+    error: Option<CommitError>,
+}
+
+/// Why a change did not reach the disk.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommitError {
+    #[error("write checkpoint {path}: {reason}")]
+    Write { path: String, reason: String },
+    #[error("checkpoint writer stopped")]
+    WriterStopped,
 }
 
 /// Group commit: after changing the datastore a caller takes its generation and waits until a
@@ -276,7 +285,10 @@ impl Committer {
                     }
                     Err(e) => {
                         tracing::error!(path = %p.display(), error = %e, "checkpoint write failed");
-                        Some(format!("write checkpoint {}: {e}", p.display()))
+                        Some(CommitError::Write {
+                            path: p.display().to_string(),
+                            reason: e,
+                        })
                     }
                 };
                 let _ = done_tx.send(Progress {
@@ -314,7 +326,7 @@ impl Committer {
     }
 
     /// Wait until the datastore state of generation `gen` is on disk.
-    pub async fn commit(&self, gen: u64) -> Result<(), String> {
+    pub async fn commit(&self, gen: u64) -> Result<(), CommitError> {
         let mut done = self.done.clone();
         self.wanted.send_modify(|w| *w = (*w).max(gen));
         loop {
@@ -328,7 +340,7 @@ impl Committer {
                 }
             }
             if done.changed().await.is_err() {
-                return Err("checkpoint writer stopped".into());
+                return Err(CommitError::WriterStopped);
             }
         }
     }
@@ -569,6 +581,7 @@ mod tests {
             g.generation()
         };
         let e = c.commit(gen).await.unwrap_err();
-        assert!(e.contains("write checkpoint"), "{e}");
+        assert!(matches!(e, CommitError::Write { .. }), "{e}");
+        assert!(e.to_string().contains("write checkpoint"), "{e}");
     }
 }

@@ -248,11 +248,17 @@ impl<E: Ec2> Manager<E> {
         self.total_addresses().await > before
     }
 
-    /// Count a growth call that changed nothing and pause growth: 1 s, doubling per call in a
-    /// row, jittered, at most `no_progress_backoff_max`.
-    fn on_no_progress(&mut self, step: &Step) {
+    /// One more growth step in a row without progress (no-op or throttled): pause growth for
+    /// 1 s doubling per step, jittered ±20 %, at most `growth_backoff_max` (and at most a
+    /// minute while EC2 throttles: the account's budget refills in seconds, and the node's
+    /// adaptive bucket already spaces its calls). Returns the pause.
+    fn pause_growth(&mut self, throttled: bool) -> Duration {
         self.no_progress += 1;
-        let max = self.timing.no_progress_backoff_max;
+        let max = if throttled {
+            self.timing.growth_backoff_max.min(Duration::from_secs(60))
+        } else {
+            self.timing.growth_backoff_max
+        };
         let base = Duration::from_secs(1).min(max);
         let exp = base
             .saturating_mul(1u32 << (self.no_progress - 1).min(20))
@@ -260,6 +266,12 @@ impl<E: Ec2> Manager<E> {
         let jitter = 0.8 + 0.4 * rand::random::<f64>();
         let pause = exp.mul_f64(jitter).min(max);
         self.growth_paused_until = Some(Instant::now() + pause);
+        pause
+    }
+
+    /// Count a growth call that EC2 accepted without the pool growing, and pause growth.
+    fn on_no_progress(&mut self, step: &Step) {
+        let pause = self.pause_growth(false);
         let m = crate::metrics::global();
         m.ec2_no_progress_count.inc();
         m.ec2_no_progress_streak.set(self.no_progress as i64);
@@ -346,12 +358,21 @@ impl<E: Ec2> Manager<E> {
                 self.growth_paused_until = Some(Instant::now() + self.timing.subnet_full_backoff);
                 self.note(FailureReason::SubnetFull, msg);
             }
+            ErrorKind::Throttled if grows(step) => {
+                // Past the per-call retries: the account's budget is spent. Every node retrying
+                // on its next pool check would keep it spent; back off like for no progress.
+                let pause = self.pause_growth(true);
+                let msg = format!(
+                    "EC2 is throttling this node's calls ({}); {} throttled step(s) in a row; growth paused for {:.1}s",
+                    e.code,
+                    self.no_progress,
+                    pause.as_secs_f64()
+                );
+                warn!(error = %e, ?step, "{msg}");
+                self.note(FailureReason::Throttled, msg);
+            }
             ErrorKind::Throttled => {
                 warn!(error = %e, ?step, "EC2 keeps throttling; will retry");
-                self.note(
-                    FailureReason::Throttled,
-                    format!("EC2 is throttling this node's calls ({}); retrying", e.code),
-                );
             }
             ErrorKind::Unauthorized => {
                 self.note(

@@ -18,7 +18,7 @@ use tokio::sync::{Mutex, Notify};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
-use crate::pool::checkpoint::Committer;
+use crate::pool::checkpoint::{CommitError, Committer};
 use crate::pool::datastore::{Allocation, AssignError, Datastore, Key, PodMeta};
 
 /// The address pool: the datastore, its checkpoint, readiness and what the pool manager says
@@ -192,14 +192,14 @@ impl Pool {
             }
         };
         if let Err(e) = self.committer.commit(gen).await {
-            return Err((FailureReason::Internal, e));
+            return Err((FailureReason::Internal, e.to_string()));
         }
         self.update_health().await;
         Ok(alloc)
     }
 
     /// Release `key`'s address into cooldown, durably. `None`: it held none.
-    pub async fn release(&self, key: &Key) -> Result<Option<Allocation>, String> {
+    pub async fn release(&self, key: &Key) -> Result<Option<Allocation>, CommitError> {
         let (released, gen) = {
             let mut ds = self.ds.lock().await;
             let a = ds.release(key, SystemTime::now());
@@ -219,7 +219,7 @@ impl Pool {
         &self,
         network: &str,
         valid: &HashSet<(String, String)>,
-    ) -> (Vec<Allocation>, Result<(), String>) {
+    ) -> (Vec<Allocation>, Result<(), CommitError>) {
         let (released, gen) = {
             let mut ds = self.ds.lock().await;
             let stale: Vec<Key> = ds
