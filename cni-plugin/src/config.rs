@@ -97,7 +97,7 @@ impl NetConf {
             .filter(|n| !n.is_empty())
             .ok_or_else(|| CniError::new(Code::InvalidConfig, "network config has no name"))?;
         cni_common::validate::network_name(&name)
-            .map_err(|why| CniError::new(Code::InvalidConfig, why))?;
+            .map_err(|why| CniError::new(Code::InvalidConfig, why.to_string()))?;
 
         let veth_prefix = raw
             .veth_prefix
@@ -246,7 +246,9 @@ impl CniEnv {
         if netns && self.netns.is_empty() {
             return Err(missing("CNI_NETNS"));
         }
-        let invalid = |v: &str, why: String| CniError::new(Code::InvalidEnv, format!("{v}: {why}"));
+        let invalid = |v: &str, why: cni_common::validate::Invalid| {
+            CniError::new(Code::InvalidEnv, format!("{v}: {why}"))
+        };
         cni_common::validate::container_id(&self.container_id)
             .map_err(|w| invalid("CNI_CONTAINERID", w))?;
         cni_common::validate::ifname(&self.ifname).map_err(|w| invalid("CNI_IFNAME", w))?;

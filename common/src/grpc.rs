@@ -7,13 +7,23 @@ use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+/// Why ipamd's socket could not be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("no connection within {0:?}")]
+    Timeout(Duration),
+    /// The transport's error with its causes ("connect: No such file or directory").
+    #[error("{0}")]
+    Transport(String),
+}
+
 /// A channel to the unix socket at `socket`, connected within `connect_timeout`; requests on
 /// it time out after `request_timeout`.
 pub async fn connect(
     socket: &Path,
     connect_timeout: Duration,
     request_timeout: Duration,
-) -> Result<Channel, String> {
+) -> Result<Channel, ConnectError> {
     let path = socket.to_path_buf();
     // tonic wants a URI; the connector ignores it and always dials the socket.
     let endpoint = Endpoint::from_static("http://ipamd.sock")
@@ -24,8 +34,8 @@ pub async fn connect(
         async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
     });
     match tokio::time::timeout(connect_timeout, endpoint.connect_with_connector(connector)).await {
-        Err(_) => Err(format!("no connection within {connect_timeout:?}")),
-        Ok(Err(e)) => Err(source_chain(&e)),
+        Err(_) => Err(ConnectError::Timeout(connect_timeout)),
+        Ok(Err(e)) => Err(ConnectError::Transport(source_chain(&e))),
         Ok(Ok(c)) => Ok(c),
     }
 }

@@ -3,6 +3,8 @@
 
 use sha1::{Digest, Sha1};
 
+use crate::validate::Invalid;
+
 /// `<prefix>` + the first 11 hex characters of sha1("<namespace>.<pod name>").
 pub fn host_veth_name(prefix: &str, pod_namespace: &str, pod_name: &str) -> String {
     let digest = Sha1::digest(format!("{pod_namespace}.{pod_name}").as_bytes());
@@ -16,22 +18,34 @@ pub fn host_veth_name(prefix: &str, pod_namespace: &str, pod_name: &str) -> Stri
 /// Upstream's rule for `vethPrefix` / `AWS_VPC_K8S_CNI_VETHPREFIX`: at most 4 characters so
 /// prefix + 11 hex characters fits an interface name (15), and not a prefix other interfaces
 /// use. Both the plugin and ipamd check it, with the same words.
-pub fn validate_veth_prefix(p: &str) -> Result<(), String> {
-    if p.is_empty() || p.len() > 4 {
-        return Err(format!("veth prefix {p:?} must be 1 to 4 characters"));
+pub fn validate_veth_prefix(p: &str) -> Result<(), Invalid> {
+    const WHAT: &str = "veth prefix";
+    if p.is_empty() {
+        return Err(Invalid::Empty { what: WHAT });
+    }
+    if p.len() > 4 {
+        return Err(Invalid::TooLong {
+            what: WHAT,
+            len: p.len(),
+            max: 4,
+        });
     }
     if !p
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
     {
-        return Err(format!(
-            "veth prefix {p:?} has characters not allowed in an interface name"
-        ));
+        return Err(Invalid::Characters {
+            what: WHAT,
+            value: p.to_string(),
+            allowed: "[A-Za-z0-9_-]",
+        });
     }
     if matches!(p, "eth" | "lo" | "vlan") {
-        return Err(format!(
-            "veth prefix {p:?} is reserved for other interfaces"
-        ));
+        return Err(Invalid::Reserved {
+            what: WHAT,
+            value: p.to_string(),
+            why: "other interfaces use it",
+        });
     }
     Ok(())
 }

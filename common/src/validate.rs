@@ -24,77 +24,108 @@ pub const MAX_SHORT: usize = 128;
 /// The kernel's IFNAMSIZ - 1.
 pub const MAX_IFNAME: usize = 15;
 
-pub fn container_id(s: &str) -> Result<(), String> {
+/// Why a value was refused, with the field it was in.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    #[error("{what} is empty")]
+    Empty { what: &'static str },
+    #[error("{what} is {len} bytes long, at most {max} allowed")]
+    TooLong {
+        what: &'static str,
+        len: usize,
+        max: usize,
+    },
+    #[error("{what} {value:?} has characters outside {allowed}")]
+    Characters {
+        what: &'static str,
+        value: String,
+        allowed: &'static str,
+    },
+    #[error("{what} {value:?} is reserved ({why})")]
+    Reserved {
+        what: &'static str,
+        value: String,
+        why: &'static str,
+    },
+}
+
+const CNI_RULE: &str = "[A-Za-z0-9_.-] (starting with a letter or digit)";
+
+fn cni_id(what: &'static str, s: &str, max: usize) -> Result<(), Invalid> {
     if s.is_empty() {
-        return Err("container id is empty".into());
+        return Err(Invalid::Empty { what });
     }
-    if s.len() > MAX_CONTAINER_ID {
-        return Err(format!(
-            "container id is {} bytes long, at most {MAX_CONTAINER_ID} allowed",
-            s.len()
-        ));
+    if s.len() > max {
+        return Err(Invalid::TooLong {
+            what,
+            len: s.len(),
+            max,
+        });
     }
     if !cni_chars(s) {
-        return Err(format!(
-            "container id {:?} has characters outside [A-Za-z0-9_.-] (or does not start with a letter or digit)",
-            clip(s)
-        ));
+        return Err(Invalid::Characters {
+            what,
+            value: clip(s),
+            allowed: CNI_RULE,
+        });
     }
     Ok(())
 }
 
-pub fn network_name(s: &str) -> Result<(), String> {
-    if s.is_empty() {
-        return Err("network name is empty".into());
-    }
-    if s.len() > MAX_K8S_NAME {
-        return Err(format!(
-            "network name is {} bytes long, at most {MAX_K8S_NAME} allowed",
-            s.len()
-        ));
-    }
-    if !cni_chars(s) {
-        return Err(format!(
-            "network name {:?} has characters outside [A-Za-z0-9_.-]",
-            clip(s)
-        ));
-    }
-    Ok(())
+pub fn container_id(s: &str) -> Result<(), Invalid> {
+    cni_id("container id", s, MAX_CONTAINER_ID)
+}
+
+pub fn network_name(s: &str) -> Result<(), Invalid> {
+    cni_id("network name", s, MAX_K8S_NAME)
 }
 
 /// The kernel's rules for an interface name, as libcni checks them.
-pub fn ifname(s: &str) -> Result<(), String> {
+pub fn ifname(s: &str) -> Result<(), Invalid> {
+    const WHAT: &str = "interface name";
     if s.is_empty() {
-        return Err("interface name is empty".into());
+        return Err(Invalid::Empty { what: WHAT });
     }
     if s.len() > MAX_IFNAME {
-        return Err(format!(
-            "interface name {:?} is longer than {MAX_IFNAME} bytes",
-            clip(s)
-        ));
+        return Err(Invalid::TooLong {
+            what: WHAT,
+            len: s.len(),
+            max: MAX_IFNAME,
+        });
     }
     if s == "." || s == ".." {
-        return Err(format!("interface name {s:?} is not allowed"));
+        return Err(Invalid::Reserved {
+            what: WHAT,
+            value: s.to_string(),
+            why: "a path component",
+        });
     }
     if s.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) {
-        return Err(format!(
-            "interface name {s:?} contains '/', ':' or whitespace"
-        ));
+        return Err(Invalid::Characters {
+            what: WHAT,
+            value: clip(s),
+            allowed: "anything but '/', ':' and whitespace",
+        });
     }
     Ok(())
 }
 
 /// A free-form field (pod name, namespace, uid, path, version): only a length bound and no
 /// control characters, which would otherwise reach logs and files verbatim.
-pub fn bounded(what: &str, s: &str, max: usize) -> Result<(), String> {
+pub fn bounded(what: &'static str, s: &str, max: usize) -> Result<(), Invalid> {
     if s.len() > max {
-        return Err(format!(
-            "{what} is {} bytes long, at most {max} allowed",
-            s.len()
-        ));
+        return Err(Invalid::TooLong {
+            what,
+            len: s.len(),
+            max,
+        });
     }
     if s.chars().any(char::is_control) {
-        return Err(format!("{what} {:?} contains control characters", clip(s)));
+        return Err(Invalid::Characters {
+            what,
+            value: clip(s),
+            allowed: "printable characters",
+        });
     }
     Ok(())
 }
@@ -121,7 +152,9 @@ mod tests {
         }
         assert!(container_id(&"a".repeat(MAX_CONTAINER_ID + 1)).is_err());
         let e = container_id(&"a".repeat(3_000_000)).unwrap_err();
-        assert!(e.len() < 200, "{e}");
+        assert!(e.to_string().len() < 200, "{e}");
+        let e = container_id(&format!("k/{}", "x".repeat(500))).unwrap_err();
+        assert!(e.to_string().len() < 200, "{e}");
     }
 
     #[test]

@@ -311,7 +311,7 @@ impl Config {
             return Err(ConfigError {
                 var: "AWS_VPC_K8S_CNI_VETHPREFIX",
                 value: veth_prefix,
-                why,
+                why: why.to_string(),
             });
         }
         let prefix_delegation = bool_var(env, "ENABLE_PREFIX_DELEGATION", false)?;

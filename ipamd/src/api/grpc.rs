@@ -12,6 +12,7 @@ use tracing::{info, info_span, warn, Instrument};
 
 use crate::pool::datastore::{Key, PodMeta};
 use crate::pool::Pool;
+use cni_common::validate::Invalid;
 
 pub struct Backend(pub Arc<Pool>);
 
@@ -39,7 +40,7 @@ fn ip_msg(a: &crate::pool::datastore::Allocation) -> IpAddress {
 
 /// Reject what no plugin of ours sends: ids and names outside CNI's rules, fields longer than
 /// anything real. Stored strings are bounded, so no request can bloat the checkpoint.
-fn validate_key(container_id: &str, if_name: &str, network_name: &str) -> Result<(), String> {
+fn validate_key(container_id: &str, if_name: &str, network_name: &str) -> Result<(), Invalid> {
     use cni_common::validate;
     validate::container_id(container_id)?;
     validate::ifname(if_name)?;
@@ -47,7 +48,7 @@ fn validate_key(container_id: &str, if_name: &str, network_name: &str) -> Result
     Ok(())
 }
 
-fn validate_add(r: &AddNetworkRequest) -> Result<(), String> {
+fn validate_add(r: &AddNetworkRequest) -> Result<(), Invalid> {
     use cni_common::validate::{
         bounded, MAX_CONTAINER_ID, MAX_K8S_NAME, MAX_PATH, MAX_SHORT, MAX_UID,
     };
@@ -100,7 +101,7 @@ impl CniBackend for Backend {
             check_client(&r.client_version, "AddNetwork");
             let s = &self.0;
             if let Err(why) = validate_add(&r) {
-                return Ok(add_refusal(FailureReason::InvalidRequest, why));
+                return Ok(add_refusal(FailureReason::InvalidRequest, why.to_string()));
             }
             let key = Key {
                 network_name: r.network_name.clone(),
@@ -150,7 +151,7 @@ impl CniBackend for Backend {
                 return Ok(Response::new(DelNetworkReply {
                     success: false,
                     failure_reason: FailureReason::InvalidRequest as i32,
-                    message: why,
+                    message: why.to_string(),
                     ..Default::default()
                 }));
             }

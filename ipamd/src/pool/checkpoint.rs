@@ -146,8 +146,33 @@ pub enum LoadError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("checkpoint {} is not a usable {FORMAT_VERSION} file: {why}", path.display())]
-    Invalid { path: PathBuf, why: String },
+    #[error("checkpoint {} is not a usable {FORMAT_VERSION} file: {source}", path.display())]
+    Invalid { path: PathBuf, source: Corrupt },
+}
+
+/// What is wrong with a checkpoint's content.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Corrupt {
+    #[error("the file is empty")]
+    Empty,
+    #[error("{0}")]
+    Json(String),
+    #[error("version {0:?}, expected {FORMAT_VERSION:?}")]
+    Version(String),
+    #[error("allocation {index} ({container:?}) has no valid IPv4 address {value:?}")]
+    Address {
+        index: usize,
+        container: String,
+        value: String,
+    },
+    #[error("allocation {index} ({ip}) has no containerID or ifName")]
+    Key { index: usize, ip: Ipv4Addr },
+    #[error("address {0} is allocated twice")]
+    AddressTwice(Ipv4Addr),
+    #[error("attachment {container}/{ifname} holds two addresses")]
+    AttachmentTwice { container: String, ifname: String },
+    #[error("cooldown entry has no valid IPv4 address {0:?}")]
+    Cooldown(String),
 }
 
 /// Read the checkpoint. A missing file is a fresh node. Anything else that is not a whole,
@@ -163,55 +188,50 @@ pub fn load(path: &Path) -> Result<Loaded, LoadError> {
             })
         }
     };
-    parse(&data).map_err(|why| LoadError::Invalid {
+    parse(&data).map_err(|source| LoadError::Invalid {
         path: path.to_path_buf(),
-        why,
+        source,
     })
 }
 
 /// Strict parse of a checkpoint's bytes (exposed for the fuzz test).
-pub fn parse(data: &[u8]) -> Result<Loaded, String> {
+pub fn parse(data: &[u8]) -> Result<Loaded, Corrupt> {
     if data.iter().all(u8::is_ascii_whitespace) {
-        return Err("the file is empty".into());
+        return Err(Corrupt::Empty);
     }
-    let f: Checkpoint = serde_json::from_slice(data).map_err(|e| e.to_string())?;
+    let f: Checkpoint = serde_json::from_slice(data).map_err(|e| Corrupt::Json(e.to_string()))?;
     if f.version != FORMAT_VERSION {
-        return Err(format!(
-            "version {:?}, expected {FORMAT_VERSION:?}",
-            f.version
-        ));
+        return Err(Corrupt::Version(f.version));
     }
     let mut ips = std::collections::HashSet::new();
     let mut keys = std::collections::HashSet::new();
-    for (i, e) in f.allocations.iter().enumerate() {
+    for (index, e) in f.allocations.iter().enumerate() {
         let Some((key, ip, _, _)) = entry_key(e) else {
-            return Err(format!(
-                "allocation {i} ({:?}) has no valid IPv4 address {:?}",
-                e.container_id, e.ipv4
-            ));
+            return Err(Corrupt::Address {
+                index,
+                container: e.container_id.clone(),
+                value: e.ipv4.clone(),
+            });
         };
         if key.container_id.is_empty() || key.ifname.is_empty() {
-            return Err(format!(
-                "allocation {i} ({ip}) has no containerID or ifName"
-            ));
+            return Err(Corrupt::Key { index, ip });
         }
         if !ips.insert(ip) {
-            return Err(format!("address {ip} is allocated twice"));
+            return Err(Corrupt::AddressTwice(ip));
         }
         if !keys.insert(key.clone()) {
-            return Err(format!(
-                "attachment {}/{} holds two addresses",
-                key.container_id, key.ifname
-            ));
+            return Err(Corrupt::AttachmentTwice {
+                container: key.container_id,
+                ifname: key.ifname,
+            });
         }
     }
-    for c in &f.cooldowns {
-        if c.ipv4.parse::<Ipv4Addr>().is_err() {
-            return Err(format!(
-                "cooldown entry has no valid IPv4 address {:?}",
-                c.ipv4
-            ));
-        }
+    if let Some(c) = f
+        .cooldowns
+        .iter()
+        .find(|c| c.ipv4.parse::<Ipv4Addr>().is_err())
+    {
+        return Err(Corrupt::Cooldown(c.ipv4.clone()));
     }
     Ok(Loaded {
         entries: f.allocations,
@@ -476,7 +496,9 @@ mod tests {
         ] {
             std::fs::write(&p, bytes).unwrap();
             match load(&p) {
-                Err(LoadError::Invalid { why, .. }) => assert!(!why.is_empty(), "{what}"),
+                Err(LoadError::Invalid { source, .. }) => {
+                    assert!(!source.to_string().is_empty(), "{what}")
+                }
                 other => panic!("{what}: {other:?}"),
             }
             assert_eq!(std::fs::read(&p).unwrap(), bytes, "{what}: file changed");

@@ -11,32 +11,39 @@ use crate::cloud::EniInfo;
 use crate::hostnet::NodeNetwork;
 use crate::pool::datastore::Eni;
 
+/// Why node networking could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkingError {
+    #[error("node rules and SNAT: {0:#}")]
+    Host(anyhow::Error),
+    #[error(transparent)]
+    Link(#[from] crate::hostnet::links::LinkError),
+}
+
 /// The node's networking as the pool manager drives it: node-wide rules and SNAT, and each
 /// secondary ENI's link, route table and source rule.
 #[async_trait::async_trait]
 pub trait NodeNetworking: Send + Sync + 'static {
     /// Node-wide rules and SNAT for the VPC's CIDRs (converges; cheap when unchanged).
-    async fn setup_host(&self, vpc_cidrs: &[String]) -> Result<(), String>;
+    async fn setup_host(&self, vpc_cidrs: &[String]) -> Result<(), NetworkingError>;
     /// Wait up to `wait` for the ENI's link to appear, then configure it. Converges: running
     /// it on an ENI already set up changes nothing.
-    async fn setup_eni(&self, eni: &Eni, wait: Duration) -> Result<(), String>;
+    async fn setup_eni(&self, eni: &Eni, wait: Duration) -> Result<(), NetworkingError>;
     /// Remove what `setup_eni` made; failures are logged, never fatal (the ENI is leaving).
     async fn teardown_eni(&self, eni: &Eni);
 }
 
 #[async_trait::async_trait]
 impl NodeNetworking for NodeNetwork {
-    async fn setup_host(&self, vpc_cidrs: &[String]) -> Result<(), String> {
+    async fn setup_host(&self, vpc_cidrs: &[String]) -> Result<(), NetworkingError> {
         NodeNetwork::setup_host(self, vpc_cidrs)
             .await
-            .map_err(|e| format!("{e:#}"))
+            .map_err(NetworkingError::Host)
     }
 
-    async fn setup_eni(&self, eni: &Eni, wait: Duration) -> Result<(), String> {
-        NodeNetwork::setup_eni(self, eni, wait)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+    async fn setup_eni(&self, eni: &Eni, wait: Duration) -> Result<(), NetworkingError> {
+        NodeNetwork::setup_eni(self, eni, wait).await?;
+        Ok(())
     }
 
     async fn teardown_eni(&self, eni: &Eni) {
@@ -66,8 +73,11 @@ pub fn from_ec2(info: &EniInfo, device_index: u32, subnet_cidr: &str) -> Option<
 pub enum StepError {
     #[error(transparent)]
     Cloud(#[from] crate::cloud::CloudError),
-    #[error("ENI {eni} attached but its node networking failed: {why}; given back to EC2")]
-    Networking { eni: String, why: String },
+    #[error("ENI {eni} attached but its node networking failed: {source}; given back to EC2")]
+    Networking {
+        eni: String,
+        source: NetworkingError,
+    },
     #[error("ENI {eni} not added to the pool: {source}; given back to EC2")]
     Pool {
         eni: String,
@@ -97,11 +107,11 @@ pub mod fake {
 
     #[async_trait::async_trait]
     impl NodeNetworking for FakeNet {
-        async fn setup_host(&self, _: &[String]) -> Result<(), String> {
+        async fn setup_host(&self, _: &[String]) -> Result<(), NetworkingError> {
             Ok(())
         }
 
-        async fn setup_eni(&self, eni: &Eni, _wait: Duration) -> Result<(), String> {
+        async fn setup_eni(&self, eni: &Eni, _wait: Duration) -> Result<(), NetworkingError> {
             let fail = self.fail_all.load(std::sync::atomic::Ordering::Relaxed)
                 || self
                     .fail
@@ -109,7 +119,7 @@ pub mod fake {
                     .map(|f| f.contains(&eni.id))
                     .unwrap_or(false);
             if fail {
-                return Err(format!("no link with MAC {}", eni.mac));
+                return Err(crate::hostnet::links::LinkError::NoLink(eni.mac.clone()).into());
             }
             if let Ok(mut s) = self.set_up.lock() {
                 s.insert(eni.id.clone());

@@ -561,9 +561,12 @@ impl<E: Ec2> Manager<E> {
     /// caller gives the ENI back (or, for one found in EC2, tries again next reconcile).
     async fn bring_onto_node(&self, eni: Eni) -> Result<(), StepError> {
         if let (Some(net), false) = (&self.net, eni.primary) {
-            if let Err(why) = net.setup_eni(&eni, LINK_WAIT).await {
+            if let Err(source) = net.setup_eni(&eni, LINK_WAIT).await {
                 net.teardown_eni(&eni).await;
-                return Err(StepError::Networking { eni: eni.id, why });
+                return Err(StepError::Networking {
+                    eni: eni.id,
+                    source,
+                });
             }
         }
         let added = self.shared.ds.lock().await.add_eni(eni.clone());
