@@ -31,8 +31,8 @@ pub fn parse_prefix(s: &str) -> Option<Prefix> {
 }
 
 /// The subnet's gateway (its first address + 1, as in every VPC) and prefix length.
-pub fn gateway_of(subnet: &str) -> Option<(Ipv4Addr, u8)> {
-    let n = parse_v4(subnet).filter(|n| n.prefix_len() <= 30)?;
+pub fn gateway_of(subnet: &Ipv4Net) -> Option<(Ipv4Addr, u8)> {
+    let n = Some(subnet.trunc()).filter(|n| n.prefix_len() <= 30)?;
     let gw = u32::from(n.network()).checked_add(1)?;
     Some((Ipv4Addr::from(gw), n.prefix_len()))
 }
@@ -55,10 +55,11 @@ mod tests {
         );
         assert_eq!(parse_prefix("10.0.1.17/28"), None, "unaligned");
         assert_eq!(parse_prefix("10.0.1.16/27"), None);
+        let net = |s: &str| s.parse::<Ipv4Net>().unwrap();
         assert_eq!(
-            gateway_of("10.0.64.7/18"),
+            gateway_of(&net("10.0.64.7/18")),
             Some((Ipv4Addr::new(10, 0, 64, 1), 18))
         );
-        assert_eq!(gateway_of("10.0.0.4/31"), None);
+        assert_eq!(gateway_of(&net("10.0.0.4/31")), None);
     }
 }

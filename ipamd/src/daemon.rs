@@ -356,7 +356,7 @@ async fn cloud_node(cfg: &Config) -> anyhow::Result<(NodeInfo, InstanceLimits, C
         instance_id: meta.instance_id.clone(),
         vpc_id: primary.vpc_id.clone(),
         subnet_id: primary.subnet_id.clone(),
-        subnet_cidr: primary.subnet_cidr.clone(),
+        subnet_cidr: primary.subnet_cidr,
         security_groups: primary.security_groups.clone(),
         ..Default::default()
     };
@@ -382,9 +382,9 @@ async fn cloud_node(cfg: &Config) -> anyhow::Result<(NodeInfo, InstanceLimits, C
             _ => {}
         }
         let subnet_cidr = from_imds
-            .map(|i| i.subnet_cidr.clone())
-            .unwrap_or_else(|| primary.subnet_cidr.clone());
-        if let Some(e) = crate::pool::lifecycle::from_ec2(info, att.device_index, &subnet_cidr) {
+            .map(|i| i.subnet_cidr)
+            .unwrap_or(primary.subnet_cidr);
+        if let Some(e) = crate::pool::lifecycle::from_ec2(info, att.device_index, subnet_cidr) {
             cloud.attachments.insert(info.id.clone(), att.id.clone());
             enis.push(e);
         }

@@ -125,7 +125,7 @@ impl CniBackend for Backend {
                 success: true,
                 ip_address: vec![ip_msg(&alloc)],
                 use_external_snat: s.external_snat,
-                vp_cv4_cid_rs: s.vpc_cidrs(),
+                vp_cv4_cid_rs: s.vpc_cidrs().iter().map(|c| c.to_string()).collect(),
                 ..Default::default()
             }))
         }

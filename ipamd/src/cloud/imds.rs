@@ -25,9 +25,9 @@ pub struct ImdsEni {
     pub device_number: u32,
     pub network_card: u32,
     pub subnet_id: String,
-    pub subnet_cidr: String,
+    pub subnet_cidr: ipnet::Ipv4Net,
     pub vpc_id: String,
-    pub vpc_cidrs: Vec<String>,
+    pub vpc_cidrs: Vec<ipnet::Ipv4Net>,
     /// The ENI's primary address first, as IMDS lists them.
     pub ips: Vec<Ipv4Addr>,
     pub prefixes: Vec<Prefix>,
@@ -166,13 +166,24 @@ impl Imds {
             device_number,
             network_card,
             subnet_id: self.get(&field("subnet-id")).await?.trim().to_string(),
-            subnet_cidr: self
-                .get(&field("subnet-ipv4-cidr-block"))
-                .await?
-                .trim()
-                .to_string(),
+            subnet_cidr: {
+                let v = self.get(&field("subnet-ipv4-cidr-block")).await?;
+                crate::cidr::parse_v4(&v).ok_or_else(|| MetadataError {
+                    path: field("subnet-ipv4-cidr-block"),
+                    message: format!("{:?} is not an IPv4 CIDR", v.trim()),
+                })?
+            },
             vpc_id: self.get(&field("vpc-id")).await?.trim().to_string(),
-            vpc_cidrs: lines(self.get_opt(&field("vpc-ipv4-cidr-blocks")).await?),
+            vpc_cidrs: lines(self.get_opt(&field("vpc-ipv4-cidr-blocks")).await?)
+                .iter()
+                .filter_map(|c| {
+                    let n = crate::cidr::parse_v4(c);
+                    if n.is_none() {
+                        tracing::warn!(cidr = %c, "IMDS lists a VPC CIDR that is not IPv4; ignored");
+                    }
+                    n
+                })
+                .collect(),
             ips,
             prefixes,
             security_groups: lines(self.get_opt(&field("security-group-ids")).await?),

@@ -25,7 +25,7 @@ pub enum Randomize {
 /// Everything the rules depend on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnatSpec {
-    pub vpc_cidrs: Vec<String>,
+    pub vpc_cidrs: Vec<ipnet::Ipv4Net>,
     /// `AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS`.
     pub exclude_cidrs: Vec<String>,
     pub primary_ip: Ipv4Addr,
@@ -89,7 +89,7 @@ pub fn desired(s: &SnatSpec) -> (TableRules, TableRules) {
     let mark = format!("{:#x}", s.mark);
     let mut nat = TableRules::default();
     let mut mangle = TableRules::default();
-    let vpc = cidrs("VPC CIDR", &s.vpc_cidrs);
+    let vpc: Vec<String> = s.vpc_cidrs.iter().map(|c| c.trunc().to_string()).collect();
     let excl = cidrs("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS", &s.exclude_cidrs);
     if !s.external_snat {
         nat.builtin.push(format!(
@@ -307,7 +307,7 @@ mod tests {
 
     fn spec() -> SnatSpec {
         SnatSpec {
-            vpc_cidrs: vec!["10.0.0.0/16".into()],
+            vpc_cidrs: vec!["10.0.0.0/16".parse().unwrap()],
             exclude_cidrs: vec!["172.16.5.9/16".into()],
             primary_ip: Ipv4Addr::new(10, 0, 1, 4),
             primary_if: "eth0".into(),

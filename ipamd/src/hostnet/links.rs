@@ -399,21 +399,3 @@ pub fn set_rp_filter(ifname: &str, value: u8) -> std::io::Result<()> {
         value.to_string(),
     )
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn gateways() {
-        assert_eq!(
-            gateway_of("10.0.1.0/24"),
-            Some((Ipv4Addr::new(10, 0, 1, 1), 24))
-        );
-        assert_eq!(
-            gateway_of("10.0.64.7/18"),
-            Some((Ipv4Addr::new(10, 0, 64, 1), 18))
-        );
-        assert_eq!(gateway_of("nope"), None);
-    }
-}

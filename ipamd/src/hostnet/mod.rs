@@ -92,7 +92,7 @@ impl NodeNetwork {
 
     /// Node-wide state: primary ENI MTU and rp_filter, the fwmark and external-service rules,
     /// SNAT and connmark. Idempotent; run at start and at every reconcile.
-    pub async fn setup_host(&self, vpc_cidrs: &[String]) -> anyhow::Result<()> {
+    pub async fn setup_host(&self, vpc_cidrs: &[ipnet::Ipv4Net]) -> anyhow::Result<()> {
         use anyhow::Context;
         if let Some((idx, _)) = self.links.link_by_mac(&self.primary_mac).await? {
             self.links.set_mtu_up(idx, self.cfg.mtu).await?;
@@ -163,7 +163,7 @@ impl NodeNetwork {
     /// Wait for the ENI's link (it appears some time after the attach), then configure it.
     pub async fn setup_eni(&self, eni: &Eni, wait: Duration) -> Result<String, LinkError> {
         let (gateway, prefix_len) = links::gateway_of(&eni.subnet_cidr).ok_or_else(|| {
-            LinkError::NoLink(format!("subnet {:?} of {}", eni.subnet_cidr, eni.id))
+            LinkError::NoLink(format!("subnet {} of {}", eni.subnet_cidr, eni.id))
         })?;
         let deadline = Instant::now() + wait;
         while self.links.link_by_mac(&eni.mac).await?.is_none() {

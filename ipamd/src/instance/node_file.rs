@@ -14,7 +14,7 @@ use crate::pool::datastore::Eni;
 pub struct NodeInfo {
     pub instance_id: String,
     pub instance_type: String,
-    pub vpc_cidrs: Vec<String>,
+    pub vpc_cidrs: Vec<ipnet::Ipv4Net>,
     pub enis: Vec<Eni>,
 }
 
@@ -32,7 +32,7 @@ struct FileNode {
     instance_id: String,
     instance_type: String,
     #[serde(default)]
-    vpc_cidrs: Vec<String>,
+    vpc_cidrs: Vec<ipnet::Ipv4Net>,
     enis: Vec<FileEni>,
 }
 
@@ -44,7 +44,7 @@ struct FileEni {
     #[serde(default)]
     mac: String,
     #[serde(default)]
-    subnet_cidr: String,
+    subnet_cidr: ipnet::Ipv4Net,
     primary_ip: Ipv4Addr,
     #[serde(default)]
     ips: Vec<Ipv4Addr>,

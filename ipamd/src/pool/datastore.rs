@@ -56,7 +56,7 @@ pub struct Eni {
     pub primary: bool,
     pub mac: String,
     /// e.g. "10.0.1.0/24".
-    pub subnet_cidr: String,
+    pub subnet_cidr: ipnet::Ipv4Net,
     /// The ENI's own address; never handed to a pod.
     pub primary_ip: Ipv4Addr,
     pub ips: Vec<Ipv4Addr>,
@@ -550,7 +550,7 @@ mod tests {
             device_number: dev,
             primary: dev == 0,
             mac: String::new(),
-            subnet_cidr: "10.0.0.0/16".into(),
+            subnet_cidr: "10.0.0.0/16".parse().unwrap(),
             primary_ip: Ipv4Addr::new(10, 0, 0, dev as u8 + 200),
             ips: ips.iter().map(|o| Ipv4Addr::from(*o)).collect(),
             prefixes: vec![],

@@ -25,7 +25,7 @@ pub enum NetworkingError {
 #[async_trait::async_trait]
 pub trait NodeNetworking: Send + Sync + 'static {
     /// Node-wide rules and SNAT for the VPC's CIDRs (converges; cheap when unchanged).
-    async fn setup_host(&self, vpc_cidrs: &[String]) -> Result<(), NetworkingError>;
+    async fn setup_host(&self, vpc_cidrs: &[ipnet::Ipv4Net]) -> Result<(), NetworkingError>;
     /// Wait up to `wait` for the ENI's link to appear, then configure it. Converges: running
     /// it on an ENI already set up changes nothing.
     async fn setup_eni(&self, eni: &Eni, wait: Duration) -> Result<(), NetworkingError>;
@@ -35,7 +35,7 @@ pub trait NodeNetworking: Send + Sync + 'static {
 
 #[async_trait::async_trait]
 impl NodeNetworking for NodeNetwork {
-    async fn setup_host(&self, vpc_cidrs: &[String]) -> Result<(), NetworkingError> {
+    async fn setup_host(&self, vpc_cidrs: &[ipnet::Ipv4Net]) -> Result<(), NetworkingError> {
         NodeNetwork::setup_host(self, vpc_cidrs)
             .await
             .map_err(NetworkingError::Host)
@@ -53,13 +53,13 @@ impl NodeNetworking for NodeNetwork {
 
 /// The pool's record of an attached ENI, from EC2's description of it. `None` when EC2 lists
 /// no primary address (an ENI being created): nothing on the node can use it yet.
-pub fn from_ec2(info: &EniInfo, device_index: u32, subnet_cidr: &str) -> Option<Eni> {
+pub fn from_ec2(info: &EniInfo, device_index: u32, subnet_cidr: ipnet::Ipv4Net) -> Option<Eni> {
     Some(Eni {
         id: info.id.clone(),
         device_number: device_index,
         primary: device_index == 0,
         mac: info.mac.clone(),
-        subnet_cidr: subnet_cidr.to_string(),
+        subnet_cidr,
         primary_ip: info.primary_ip?,
         ips: info.secondary_ips.clone(),
         prefixes: info.prefixes.clone(),
@@ -107,7 +107,7 @@ pub mod fake {
 
     #[async_trait::async_trait]
     impl NodeNetworking for FakeNet {
-        async fn setup_host(&self, _: &[String]) -> Result<(), NetworkingError> {
+        async fn setup_host(&self, _: &[ipnet::Ipv4Net]) -> Result<(), NetworkingError> {
             Ok(())
         }
 

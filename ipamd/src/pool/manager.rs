@@ -34,7 +34,7 @@ pub struct CloudNode {
     pub instance_id: String,
     pub vpc_id: String,
     pub subnet_id: String,
-    pub subnet_cidr: String,
+    pub subnet_cidr: ipnet::Ipv4Net,
     pub security_groups: Vec<String>,
     /// ENIs attached to the node that ipamd does not manage, by device index.
     pub unmanaged: BTreeMap<u32, String>,
@@ -524,7 +524,7 @@ impl<E: Ec2> Manager<E> {
             })
             .await?;
         let device = self.next_device_index(&*self.shared.ds.lock().await);
-        let Some(eni) = lifecycle::from_ec2(&created, device, &self.node.subnet_cidr) else {
+        let Some(eni) = lifecycle::from_ec2(&created, device, self.node.subnet_cidr) else {
             self.delete_eni_retrying(&created.id).await;
             return Err(StepError::NoAddress(created.id));
         };
@@ -715,7 +715,7 @@ impl<E: Ec2> Manager<E> {
     }
 
     /// Adopt the VPC's current CIDRs and re-assert the node-wide rules (cheap when unchanged).
-    async fn refresh_host(&self, vpc_cidrs: &[String]) {
+    async fn refresh_host(&self, vpc_cidrs: &[ipnet::Ipv4Net]) {
         if vpc_cidrs.is_empty() {
             return;
         }
@@ -760,7 +760,7 @@ impl<E: Ec2> Manager<E> {
                 if ds.eni(&info.id).is_some() {
                     apply_eni_addresses(&mut ds, info);
                 } else if let Some(e) =
-                    lifecycle::from_ec2(info, att.device_index, &self.node.subnet_cidr)
+                    lifecycle::from_ec2(info, att.device_index, self.node.subnet_cidr)
                 {
                     adopt.push(e);
                 }
@@ -904,7 +904,7 @@ mod tests {
             let mut node = CloudNode {
                 instance_id: "i-1".into(),
                 subnet_id: "subnet-1".into(),
-                subnet_cidr: "10.0.0.0/16".into(),
+                subnet_cidr: "10.0.0.0/16".parse().unwrap(),
                 ..Default::default()
             };
             for info in ec2
@@ -914,15 +914,18 @@ mod tests {
             {
                 let att = info.attachment.clone().unwrap();
                 node.attachments.insert(info.id.clone(), att.id.clone());
-                ds.add_eni(lifecycle::from_ec2(&info, att.device_index, "10.0.0.0/16").unwrap())
-                    .unwrap();
+                ds.add_eni(
+                    lifecycle::from_ec2(&info, att.device_index, "10.0.0.0/16".parse().unwrap())
+                        .unwrap(),
+                )
+                .unwrap();
             }
             let ds = Arc::new(Mutex::new(ds));
             let committer = Committer::start(dir.path().join("ipam.json"), ds.clone());
             let shared = Arc::new(Pool::new(
                 ds,
                 committer,
-                vec!["10.0.0.0/16".into()],
+                vec!["10.0.0.0/16".parse().unwrap()],
                 false,
                 "t3.medium".into(),
                 true,
@@ -1162,7 +1165,7 @@ mod tests {
             let mut ds = r.mgr.shared.ds.lock().await;
             let _ = ds.remove_eni("eni-primary");
             let info = ec2.lock().enis["eni-primary"].clone();
-            ds.add_eni(lifecycle::from_ec2(&info, 0, "10.0.0.0/16").unwrap())
+            ds.add_eni(lifecycle::from_ec2(&info, 0, "10.0.0.0/16".parse().unwrap()).unwrap())
                 .unwrap();
         }
         ec2.lock().noop.insert("AssignPrivateIpAddresses");

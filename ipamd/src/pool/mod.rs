@@ -29,7 +29,7 @@ pub struct Pool {
     pub ds: Arc<Mutex<Datastore>>,
     pub committer: Arc<Committer>,
     /// The VPC's CIDRs, refreshed by the reconcile when the VPC gains or loses one.
-    pub vpc_cidrs: std::sync::RwLock<Vec<String>>,
+    pub vpc_cidrs: std::sync::RwLock<Vec<ipnet::Ipv4Net>>,
     pub external_snat: bool,
     /// Words for "the instance's limit", e.g. "t3.medium: 3 ENIs x 5 IPv4 addresses".
     pub capacity: String,
@@ -54,7 +54,7 @@ impl Pool {
     pub fn new(
         ds: Arc<Mutex<Datastore>>,
         committer: Arc<Committer>,
-        vpc_cidrs: Vec<String>,
+        vpc_cidrs: Vec<ipnet::Ipv4Net>,
         external_snat: bool,
         capacity: String,
         managed: bool,
@@ -295,7 +295,7 @@ impl Pool {
             .and_then(|g| g.as_ref().map(|(_, m)| m.clone()))
     }
 
-    pub fn vpc_cidrs(&self) -> Vec<String> {
+    pub fn vpc_cidrs(&self) -> Vec<ipnet::Ipv4Net> {
         self.vpc_cidrs.read().map(|v| v.clone()).unwrap_or_default()
     }
 }

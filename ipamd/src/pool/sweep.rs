@@ -163,7 +163,7 @@ mod tests {
             device_number: 0,
             primary: true,
             mac: String::new(),
-            subnet_cidr: "10.0.1.0/24".into(),
+            subnet_cidr: "10.0.1.0/24".parse().unwrap(),
             primary_ip: Ipv4Addr::new(10, 0, 1, 10),
             ips: (11..=20).map(|i| Ipv4Addr::new(10, 0, 1, i)).collect(),
             prefixes: vec![],
