@@ -136,17 +136,9 @@ impl Netlink {
     }
 
     pub async fn addrs_v4(&self, index: u32) -> NlResult<Vec<(Ipv4Addr, u8)>> {
-        let msgs: Vec<_> = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute()
-            .try_collect()
-            .await?;
+        let msgs = cni_common::netlink::link_addresses(&self.handle, index).await?;
         Ok(msgs
             .iter()
-            .filter(|m| m.header.index == index)
             .filter_map(|m| {
                 m.attributes.iter().find_map(|a| match a {
                     AddressAttribute::Address(IpAddr::V4(v4)) => Some((*v4, m.header.prefix_len)),

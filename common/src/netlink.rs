@@ -5,6 +5,8 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use futures::TryStreamExt;
+use netlink_packet_route::address::AddressMessage;
+use netlink_packet_route::route::{RouteAttribute, RouteMessage};
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use netlink_packet_route::AddressFamily;
 use rtnetlink::{Handle, IpVersion};
@@ -81,6 +83,35 @@ impl Rule {
         }
         r
     }
+}
+
+/// The table a route is in: the attribute when present (tables above 255 only fit there).
+pub fn route_table(m: &RouteMessage) -> u32 {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(m.header.table as u32)
+}
+
+/// The addresses on link `index` (the kernel's filter is a hint: checked again here).
+pub async fn link_addresses(
+    handle: &Handle,
+    index: u32,
+) -> Result<Vec<AddressMessage>, rtnetlink::Error> {
+    let msgs: Vec<AddressMessage> = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await?;
+    Ok(msgs
+        .into_iter()
+        .filter(|m| m.header.index == index)
+        .collect())
 }
 
 /// Positive errno of a netlink failure, if it was one.

@@ -156,14 +156,7 @@ impl Links {
             ..Default::default()
         };
         for r in routes {
-            let table = r
-                .attributes
-                .iter()
-                .find_map(|a| match a {
-                    RouteAttribute::Table(t) => Some(*t),
-                    _ => None,
-                })
-                .unwrap_or(r.header.table as u32);
+            let table = cni_common::netlink::route_table(&r);
             if table != MAIN_TABLE || r.header.destination_prefix_length != 32 {
                 continue;
             }
@@ -207,13 +200,7 @@ impl Links {
         ip: Ipv4Addr,
         len: u8,
     ) -> Result<(), LinkError> {
-        let msgs: Vec<_> = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute()
-            .try_collect()
+        let msgs = cni_common::netlink::link_addresses(&self.handle, index)
             .await
             .map_err(nl("list addresses"))?;
         let mut present = false;
@@ -293,15 +280,7 @@ impl Links {
             .await
             .map_err(nl("list routes"))?;
         for r in routes {
-            let t = r
-                .attributes
-                .iter()
-                .find_map(|a| match a {
-                    RouteAttribute::Table(t) => Some(*t),
-                    _ => None,
-                })
-                .unwrap_or(r.header.table as u32);
-            if t != table {
+            if cni_common::netlink::route_table(&r) != table {
                 continue;
             }
             match self.handle.route().del(r).execute().await {
