@@ -7,22 +7,19 @@
 use std::sync::Mutex;
 
 use cni_common::logfile::{RotatingFile, DEFAULT_KEEP, DEFAULT_MAX_BYTES};
-use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+use tracing_subscriber::filter::{LevelFilter, Targets};
 
 fn level(s: &str) -> LevelFilter {
     // tracing's parser takes upstream's level names in any case ("DEBUG", "Info", "off").
     s.trim().parse().unwrap_or(LevelFilter::INFO)
 }
 
-/// Ours at `lvl`, everything else at WARN (or less, when ours is quieter still).
-pub fn filter(lvl: LevelFilter) -> EnvFilter {
-    EnvFilter::default()
-        .add_directive(LevelFilter::WARN.min(lvl).into())
-        .add_directive(
-            format!("aws_cni={lvl}")
-                .parse()
-                .unwrap_or_else(|_| LevelFilter::INFO.into()),
-        )
+/// Ours at `lvl`, everything else at WARN (or less, when ours is quieter still). `Targets`,
+/// not `EnvFilter`: no regex engine in a binary that runs once per pod.
+pub fn filter(lvl: LevelFilter) -> Targets {
+    Targets::new()
+        .with_default(LevelFilter::WARN.min(lvl))
+        .with_target("aws_cni", lvl)
 }
 
 /// Best effort: a log file we cannot open must not fail pod creation.
@@ -31,17 +28,26 @@ pub fn init(file: &str, lvl: &str) {
     if file.is_empty() || lvl == LevelFilter::OFF {
         return;
     }
-    let builder = tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(filter(lvl))
-        .with_current_span(true)
-        .with_span_list(false);
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let layer = || {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+    };
     if file == "stderr" || file == "stdout" {
-        let _ = builder.with_writer(std::io::stderr).try_init();
+        let _ = tracing_subscriber::registry()
+            .with(layer().with_writer(std::io::stderr))
+            .with(filter(lvl))
+            .try_init();
         return;
     }
     if let Ok(f) = RotatingFile::open(std::path::Path::new(file), DEFAULT_MAX_BYTES, DEFAULT_KEEP) {
-        let _ = builder.with_writer(Mutex::new(f)).try_init();
+        let _ = tracing_subscriber::registry()
+            .with(layer().with_writer(Mutex::new(f)))
+            .with(filter(lvl))
+            .try_init();
     }
 }
 
@@ -58,8 +64,9 @@ mod tests {
 
     #[test]
     fn libraries_stay_at_warn() {
-        let f = filter(LevelFilter::DEBUG).to_string();
-        assert!(f.contains("aws_cni=debug"), "{f}");
-        assert!(f.contains("warn"), "{f}");
+        let f = filter(LevelFilter::DEBUG);
+        assert!(f.would_enable("aws_cni::commands", &tracing::Level::DEBUG));
+        assert!(!f.would_enable("h2::codec", &tracing::Level::DEBUG));
+        assert!(f.would_enable("h2::codec", &tracing::Level::WARN));
     }
 }
