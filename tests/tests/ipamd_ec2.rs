@@ -186,15 +186,16 @@ fn pods_attach_enis_up_to_the_limit_then_shrink_back() {
     // Everything released: after the cooldown, the idle ENIs go back down to the target.
     n.del_all("c", 30);
     n.wait_ec2((1, 5, 0), 30);
-    let left: Vec<_> = n
-        .vpc
-        .shim
-        .enis()
-        .into_iter()
-        .filter(|e| e["description"] == format!("aws-K8S-{}", n.node.inst.id))
-        .collect();
+    // Detached first, then deleted: the delete follows the detach by one EC2 call.
+    let ours = |e: &serde_json::Value| e["description"] == format!("aws-K8S-{}", n.node.inst.id);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        eventually(10, "freed ENIs deleted", || {
+            (!n.vpc.shim.enis().iter().any(ours)).then_some(())
+        })
+    }));
+    let left: Vec<_> = n.vpc.shim.enis().into_iter().filter(|e| ours(e)).collect();
     assert!(
-        left.is_empty(),
+        r.is_ok() && left.is_empty(),
         "freed ENIs are deleted, not left detached: {left:?}"
     );
 }
