@@ -32,8 +32,14 @@ pub async fn run(env: &CniEnv, conf: &NetConf) -> Result<Option<String>> {
                 _ => check(env, conf, &store).await.map(|_| None),
             };
             // The lock file lives as long as the attachment's record: a failed ADD or a DEL
-            // leaves neither behind.
-            if store.load(&env.container_id, &env.ifname).is_none() {
+            // leaves neither behind. A successful ADD has just written the record and a
+            // successful DEL removed it; only the other outcomes need a look.
+            let record_left = match (env.command.as_str(), out.is_ok()) {
+                ("ADD", true) => true,
+                ("DEL", true) => false,
+                _ => store.load(&env.container_id, &env.ifname).is_some(),
+            };
+            if !record_left {
                 if let Err(e) = lock.remove() {
                     warn!(error = %e, "remove attachment lock file");
                 }

@@ -25,22 +25,13 @@ use crate::pool::checkpoint::{self, Committer};
 use crate::pool::datastore::Datastore;
 use crate::pool::datastore::Eni;
 use crate::pool::manager::{CloudNode, Limits, Manager};
-use crate::pool::sweep::{self, HostView};
+use crate::pool::sweep;
 use crate::pool::Pool;
 use crate::supervise::Supervisor;
 
-/// Put the checkpoint's allocations and cooldowns back, then release (into cooldown) those
-/// whose pods the host positively shows no trace of. `host` is None when the look at the host
-/// failed: then nothing is released on its account. Returns what was dropped and why.
-pub fn restore(
-    ds: &mut Datastore,
-    loaded: &checkpoint::Loaded,
-    host: Option<&HostView>,
-    veth_prefix: &str,
-    now: SystemTime,
-    grace: Duration,
-    recorded_veth: &sweep::RecordedVeth,
-) -> Vec<String> {
+/// Put the checkpoint's allocations and cooldowns back. (Pods the host shows no trace of are
+/// released by the first sweep, before ipamd serves.) Returns what was dropped and why.
+pub fn restore(ds: &mut Datastore, loaded: &checkpoint::Loaded, now: SystemTime) -> Vec<String> {
     let mut dropped = Vec::new();
     for e in &loaded.entries {
         let Some((key, ip, pod, at)) = checkpoint::entry_key(e) else {
@@ -68,16 +59,6 @@ pub fn restore(
         let at = checkpoint::from_nanos(c.released_at);
         if now.duration_since(at).unwrap_or_default() < ds.cooldown_period() {
             ds.restore_cooldown(ip, at);
-        }
-    }
-    if let Some(host) = host {
-        for k in sweep::orphaned(ds, host, veth_prefix, now, grace, recorded_veth) {
-            if let Some(a) = ds.release(&k, now) {
-                dropped.push(format!(
-                    "{} ({}/{}) on {}: no host route and no host veth; released into cooldown",
-                    a.key.container_id, a.pod.namespace, a.pod.name, a.ip
-                ));
-            }
         }
     }
     dropped
@@ -111,21 +92,35 @@ async fn sweep_once(shared: &Pool, links: &Links, cfg: &Config, at_start: bool) 
             None
         }
     };
-    let (from_records, orphans, gen) = {
+    let grace = cfg.timing.allocation_grace;
+    let (from_records, candidates) = {
         let mut ds = shared.ds.lock().await;
         let now = SystemTime::now();
         let from_records = sweep::apply_releases(&mut ds, &pending, now);
+        let candidates = host
+            .as_ref()
+            .map(|h| sweep::candidates(&ds, h, &cfg.veth_prefix, now, grace))
+            .unwrap_or_default();
+        (from_records, candidates)
+    };
+    // The plugin's records are read without holding the pool: ADDs go on meanwhile.
+    let gone = match &host {
+        Some(h) if !candidates.is_empty() => {
+            sweep::confirm(candidates, h, &sweep::state_reader(&cfg.cni_state_dir))
+        }
+        _ => Vec::new(),
+    };
+    let (orphans, gen) = {
+        let mut ds = shared.ds.lock().await;
+        let now = SystemTime::now();
         let mut orphans = Vec::new();
-        if let Some(h) = &host {
-            let reader = sweep::state_reader(&cfg.cni_state_dir);
-            let grace = cfg.timing.allocation_grace;
-            for k in sweep::orphaned(&ds, h, &cfg.veth_prefix, now, grace, &reader) {
-                if let Some(a) = ds.release(&k, now) {
-                    orphans.push(a);
-                }
+        for (k, ip) in gone {
+            // Only the allocation that was looked at: not one made since for the same key.
+            if ds.allocation(&k).map(|a| a.ip) == Some(ip) {
+                orphans.extend(ds.release(&k, now));
             }
         }
-        (from_records, orphans, ds.generation())
+        (orphans, ds.generation())
     };
     if pending.is_empty() && orphans.is_empty() {
         return;
@@ -139,7 +134,7 @@ async fn sweep_once(shared: &Pool, links: &Links, cfg: &Config, at_start: bool) 
         info!(container = %a.key.container_id, pod = %format!("{}/{}", a.pod.namespace, a.pod.name), ip = %a.ip, at_start, "released by a DEL recorded while ipamd was unreachable");
     }
     for a in &orphans {
-        warn!(container = %a.key.container_id, pod = %format!("{}/{}", a.pod.namespace, a.pod.name), ip = %a.ip, "no host route and no host veth for this pod, and no DEL came; address released");
+        warn!(container = %a.key.container_id, pod = %format!("{}/{}", a.pod.namespace, a.pod.name), ip = %a.ip, at_start, "{} ({}/{}) on {}: no host route and no host veth; released into cooldown (no DEL came)", a.key.container_id, a.pod.namespace, a.pod.name, a.ip);
     }
     for p in &pending {
         if let Err(e) = cni_common::fsio::remove_if_exists(&p.path) {
@@ -459,22 +454,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let loaded = checkpoint::load(&cfg.backing_store).map_err(|e| unusable_checkpoint(&e, &cfg))?;
     let links = Links::new().context("open a netlink socket")?;
-    let host = match links.host_view().await {
-        Ok(h) => Some(h),
-        Err(e) => {
-            warn!(error = %e, "cannot read the host's links and routes; every checkpointed allocation is kept");
-            None
-        }
-    };
-    for d in restore(
-        &mut ds,
-        &loaded,
-        host.as_ref(),
-        &cfg.veth_prefix,
-        SystemTime::now(),
-        cfg.timing.allocation_grace,
-        &sweep::state_reader(&cfg.cni_state_dir),
-    ) {
+    for d in restore(&mut ds, &loaded, SystemTime::now()) {
         warn!("checkpoint: {d}");
     }
     let st = ds.stats();
@@ -499,7 +479,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         capacity,
         cloud.is_some(),
     ));
-    // Releases DELs recorded while ipamd was away are applied before the first request.
+    // Before the first request: releases DELs recorded while ipamd was away, and pods the host
+    // shows no trace of.
     sweep_once(&shared, &links, &cfg, true).await;
     shared.initialised.store(true, Ordering::Release);
     shared.update_health().await;

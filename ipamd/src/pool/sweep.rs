@@ -77,10 +77,44 @@ pub fn orphaned(
     grace: Duration,
     recorded_veth: &RecordedVeth,
 ) -> Vec<Key> {
+    let c = candidates(ds, host, veth_prefix, now, grace);
+    confirm(c, host, recorded_veth)
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect()
+}
+
+/// First half of [`orphaned`], for under the datastore lock: no I/O, only the host view. The
+/// allocations older than `grace` with neither a host route nor a veth under the prefix.
+pub fn candidates(
+    ds: &Datastore,
+    host: &HostView,
+    veth_prefix: &str,
+    now: SystemTime,
+    grace: Duration,
+) -> Vec<(Key, Ipv4Addr)> {
+    let no_record = |_: &Key| Ok(None);
     ds.allocations()
         .filter(|a| now.duration_since(a.allocated_at).unwrap_or_default() >= grace)
-        .filter(|a| verdict(a, host, veth_prefix, recorded_veth) == Verdict::Gone)
-        .map(|a| a.key.clone())
+        .filter(|a| verdict(a, host, veth_prefix, &no_record) == Verdict::Gone)
+        .map(|a| (a.key.clone(), a.ip))
+        .collect()
+}
+
+/// Second half, without the lock: keep out every candidate whose plugin record names a veth
+/// that exists, or whose record cannot be read.
+pub fn confirm(
+    candidates: Vec<(Key, Ipv4Addr)>,
+    host: &HostView,
+    recorded_veth: &RecordedVeth,
+) -> Vec<(Key, Ipv4Addr)> {
+    candidates
+        .into_iter()
+        .filter(|(k, _)| match recorded_veth(k) {
+            Ok(Some(v)) => !host.links.contains(&v),
+            Ok(None) => true,
+            Err(_) => false,
+        })
         .collect()
 }
 
@@ -154,23 +188,10 @@ pub fn apply_releases(ds: &mut Datastore, pending: &[Pending], now: SystemTime) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pool::datastore::{Eni, PodMeta};
+    use crate::pool::datastore::PodMeta;
 
     fn ds() -> Datastore {
-        let mut ds = Datastore::new(Duration::from_secs(30), 100);
-        ds.add_eni(Eni {
-            id: "eni-0".into(),
-            device_number: 0,
-            primary: true,
-            mac: String::new(),
-            subnet_cidr: "10.0.1.0/24".parse().unwrap(),
-            primary_ip: Ipv4Addr::new(10, 0, 1, 10),
-            ips: (11..=20).map(|i| Ipv4Addr::new(10, 0, 1, i)).collect(),
-            prefixes: vec![],
-            attached_at: SystemTime::UNIX_EPOCH,
-        })
-        .unwrap();
-        ds
+        crate::pool::datastore::one_eni_store(20)
     }
 
     fn key(c: &str) -> Key {
