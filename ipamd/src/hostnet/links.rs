@@ -95,16 +95,19 @@ impl Links {
         Ok(Links { handle })
     }
 
-    /// (index, name) of the link with this MAC.
-    pub async fn link_by_mac(&self, mac: &str) -> Result<Option<(u32, String)>, LinkError> {
-        let links: Vec<LinkMessage> = self
-            .handle
+    async fn all_links(&self) -> Result<Vec<LinkMessage>, LinkError> {
+        self.handle
             .link()
             .get()
             .execute()
             .try_collect()
             .await
-            .map_err(nl("list links"))?;
+            .map_err(nl("list links"))
+    }
+
+    /// (index, name) of the link with this MAC.
+    pub async fn link_by_mac(&self, mac: &str) -> Result<Option<(u32, String)>, LinkError> {
+        let links = self.all_links().await?;
         let mac = mac.to_ascii_lowercase();
         Ok(links
             .iter()
@@ -131,14 +134,7 @@ impl Links {
     /// Every link name and every /32 host route of the main table, in one look. Any error
     /// is returned as such: the caller must not read a failed look as an empty host.
     pub async fn host_view(&self) -> Result<crate::pool::sweep::HostView, LinkError> {
-        let links: Vec<LinkMessage> = self
-            .handle
-            .link()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl("list links"))?;
+        let links = self.all_links().await?;
         let routes: Vec<RouteMessage> = self
             .handle
             .route()

@@ -388,7 +388,7 @@ pub fn entry_key(e: &Entry) -> Option<(Key, Ipv4Addr, PodMeta, SystemTime)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pool::datastore::{Eni, MAIN_TABLE};
+    use crate::pool::datastore::MAIN_TABLE;
 
     const UPSTREAM: &str = r#"{"version":"vpc-cni-ipam/1","allocations":[
       {"networkName":"aws-cni","containerID":"c1","ifName":"eth0","ipv4":"10.0.1.11","allocationTimestamp":1700000000000000000,
@@ -397,20 +397,7 @@ mod tests {
        "metadata":{"k8sPodNamespace":"kube-system","k8sPodName":"coredns-1"}}]}"#;
 
     fn ds() -> Datastore {
-        let mut ds = Datastore::new(Duration::from_secs(30), 100);
-        ds.add_eni(Eni {
-            id: "eni-0".into(),
-            device_number: 0,
-            primary: true,
-            mac: String::new(),
-            subnet_cidr: "10.0.1.0/24".parse().unwrap(),
-            primary_ip: Ipv4Addr::new(10, 0, 1, 10),
-            ips: (11..=210).map(|i| Ipv4Addr::new(10, 0, 1, i)).collect(),
-            prefixes: vec![],
-            attached_at: SystemTime::UNIX_EPOCH,
-        })
-        .unwrap();
-        ds
+        crate::pool::datastore::one_eni_store(210)
     }
 
     #[test]

@@ -531,6 +531,26 @@ impl Datastore {
     }
 }
 
+/// A store with one primary ENI (10.0.1.10) holding 10.0.1.11 up to 10.0.1.`last`, 30 s
+/// cooldown, for the unit tests of the modules around the datastore.
+#[cfg(test)]
+pub(crate) fn one_eni_store(last: u8) -> Datastore {
+    let mut ds = Datastore::new(Duration::from_secs(30), 100);
+    let added = ds.add_eni(Eni {
+        id: "eni-0".into(),
+        device_number: 0,
+        primary: true,
+        mac: String::new(),
+        subnet_cidr: ipnet::Ipv4Net::new(Ipv4Addr::new(10, 0, 1, 0), 24).unwrap_or_default(),
+        primary_ip: Ipv4Addr::new(10, 0, 1, 10),
+        ips: (11..=last).map(|i| Ipv4Addr::new(10, 0, 1, i)).collect(),
+        prefixes: vec![],
+        attached_at: SystemTime::UNIX_EPOCH,
+    });
+    assert!(added.is_ok(), "{added:?}");
+    ds
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
