@@ -389,22 +389,27 @@ impl Config {
             Some(addr("IPAMD_METRICS_BIND_ADDRESS", ":61678")?)
         };
         let ec2_burst = count_var(env, "IPAMD_EC2_BURST")?.unwrap_or(20);
-        let ec2_rate = secs_var(env, "IPAMD_EC2_RATE", Duration::from_secs(10))?.as_secs_f64();
-        if ec2_burst == 0 || ec2_rate < 0.001 {
+        if ec2_burst == 0 {
             return Err(ConfigError {
-                var: if ec2_burst == 0 {
-                    "IPAMD_EC2_BURST"
-                } else {
-                    "IPAMD_EC2_RATE"
-                },
-                value: if ec2_burst == 0 {
-                    "0".into()
-                } else {
-                    ec2_rate.to_string()
-                },
-                why: "must be above 0 (at least one EC2 call, at least 0.001 per second)".into(),
+                var: "IPAMD_EC2_BURST",
+                value: "0".into(),
+                why: "must be at least 1 EC2 call".into(),
             });
         }
+        let ec2_rate = match env("IPAMD_EC2_RATE").map(|v| v.trim().to_string()) {
+            None => 10.0,
+            Some(v) if v.is_empty() => 10.0,
+            Some(v) => match v.parse::<f64>() {
+                Ok(r) if r.is_finite() && (0.001..=1000.0).contains(&r) => r,
+                _ => {
+                    return Err(ConfigError {
+                        var: "IPAMD_EC2_RATE",
+                        value: v,
+                        why: "must be EC2 calls per second, from 0.001 to 1000".into(),
+                    })
+                }
+            },
+        };
         Ok(Config {
             ec2_burst,
             ec2_rate,
@@ -580,6 +585,17 @@ mod tests {
             let e = Config::from_env(&with(&pairs)).unwrap_err();
             assert_eq!(e.var, var, "{val:?}");
         }
+        for (var, val) in [
+            ("IPAMD_EC2_RATE", "0"),
+            ("IPAMD_EC2_RATE", "fast"),
+            ("IPAMD_EC2_BURST", "0"),
+        ] {
+            let pairs = [(var, val)];
+            let e = Config::from_env(&with(&pairs)).unwrap_err();
+            assert_eq!(e.var, var, "{val:?}");
+        }
+        let c = Config::from_env(&with(&[("IPAMD_EC2_RATE", "0.5")])).unwrap();
+        assert_eq!(c.ec2_rate, 0.5);
         // Above 2^32 means "no limit", not 0 after wrapping.
         let c = Config::from_env(&with(&[("MAX_ENI", "8589934593")])).unwrap();
         assert_eq!(c.max_eni, Some(u32::MAX));

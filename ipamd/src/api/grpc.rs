@@ -44,7 +44,11 @@ fn validate_key(container_id: &str, if_name: &str, network_name: &str) -> Result
     use cni_common::validate;
     validate::container_id(container_id)?;
     validate::ifname(if_name)?;
-    validate::network_name(network_name)?;
+    // Upstream's ipamd takes a request without a network name; when there is one, it is a
+    // CNI network name.
+    if !network_name.is_empty() {
+        validate::network_name(network_name)?;
+    }
     Ok(())
 }
 

@@ -54,18 +54,10 @@ fn is_our_chain(name: &str) -> bool {
 
 pub use crate::cidr::normalise as normalise_cidr;
 
-/// The CIDRs of `list` in iptables' spelling; an entry that is not an IPv4 CIDR (an IPv6 one,
-/// or garbage from IMDS) is left out and said so, never silently.
-fn cidrs(what: &str, list: &[String]) -> Vec<String> {
-    list.iter()
-        .filter_map(|c| {
-            let n = normalise_cidr(c);
-            if n.is_none() {
-                tracing::warn!(cidr = %c, "{what}: not an IPv4 CIDR; left out of the IPv4 rules");
-            }
-            n
-        })
-        .collect()
+/// The IPv4 CIDRs of `list` in iptables' spelling. IPv6 entries (upstream accepts them here)
+/// are left out: the config check admits nothing else, and ipamd says so once at start.
+fn cidrs(list: &[String]) -> Vec<String> {
+    list.iter().filter_map(|c| normalise_cidr(c)).collect()
 }
 
 /// One table's desired state: our chains with their rules in order, and our rules in
@@ -90,7 +82,7 @@ pub fn desired(s: &SnatSpec) -> (TableRules, TableRules) {
     let mut nat = TableRules::default();
     let mut mangle = TableRules::default();
     let vpc: Vec<String> = s.vpc_cidrs.iter().map(|c| c.trunc().to_string()).collect();
-    let excl = cidrs("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS", &s.exclude_cidrs);
+    let excl = cidrs(&s.exclude_cidrs);
     if !s.external_snat {
         nat.builtin.push(format!(
             "-A POSTROUTING -m comment --comment \"AWS SNAT CHAIN\" -j {SNAT_CHAIN}"

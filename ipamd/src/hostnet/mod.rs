@@ -80,6 +80,18 @@ impl NodeNetwork {
             .link_by_mac(primary_mac)
             .await?
             .ok_or_else(|| LinkError::NoLink(primary_mac.to_string()))?;
+        for (var, list) in [
+            (
+                "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS",
+                &cfg.exclude_snat_cidrs,
+            ),
+            ("AWS_EXTERNAL_SERVICE_CIDRS", &cfg.external_service_cidrs),
+        ] {
+            let v6: Vec<&String> = list.iter().filter(|c| c.contains(':')).collect();
+            if !v6.is_empty() {
+                info!(var, cidrs = ?v6, "IPv6 entries apply to IPv6 rules, which ipamd does not manage yet; the IPv4 rules leave them out");
+            }
+        }
         Ok(NodeNetwork {
             cfg,
             primary_ip,
