@@ -827,3 +827,40 @@ fn soak_10000_add_del_keeps_descriptors_and_memory_flat() {
     assert!(rss1 <= rss0 + 4096, "RSS grew: {rss0} -> {rss1} kB");
     assert!(checkpointed(&d.checkpoint).is_empty());
 }
+
+#[test]
+fn full_logs_rotate_at_upstreams_size() {
+    // A log already at 100 MB (sparse: no disk is spent) is rotated when the binary opens it.
+    let full = 100 * 1024 * 1024 + 1;
+    let node = Netns::node("lr");
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["ipamd.log", "plugin.log"] {
+        std::fs::File::create(dir.path().join(name))
+            .unwrap()
+            .set_len(full)
+            .unwrap();
+    }
+    let d = Ipamd::standalone(dir.path(), Some(&node.name), "t3.medium", &enis(1, 5), &[]);
+    let c = CniClient::new(&node.name, dir.path(), &d.socket);
+    let pod = Netns::new("lrp");
+    c.add("cid0", &pod, "web0", "").unwrap();
+    c.ok("del", "cid0", &pod, "web0", "");
+    for name in ["ipamd.log", "plugin.log"] {
+        let old = dir.path().join(format!("{name}.1"));
+        let new = dir.path().join(name);
+        assert_eq!(
+            std::fs::metadata(&old).map(|m| m.len()).unwrap_or(0),
+            full,
+            "{name}.1"
+        );
+        let len = std::fs::metadata(&new).unwrap().len();
+        assert!(
+            len > 0 && len < 1024 * 1024,
+            "{name}: {len} bytes after rotation"
+        );
+        assert_eq!(
+            std::fs::metadata(&new).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+}

@@ -23,6 +23,8 @@ pub struct State {
 pub struct FakeEc2 {
     pub state: Mutex<State>,
     pub instance_id: String,
+    /// How long a describe takes (to see calls overlap).
+    pub describe_latency: Mutex<std::time::Duration>,
 }
 
 impl FakeEc2 {
@@ -34,6 +36,7 @@ impl FakeEc2 {
                 ..Default::default()
             }),
             instance_id: instance_id.to_string(),
+            describe_latency: Mutex::new(std::time::Duration::ZERO),
         };
         let mut st = f.lock();
         let id = "eni-primary".to_string();
@@ -134,6 +137,8 @@ impl State {
 #[async_trait::async_trait]
 impl Ec2 for FakeEc2 {
     async fn describe_enis(&self, filter: EniFilter) -> Result<Vec<EniInfo>, CloudError> {
+        let latency = self.describe_latency.lock().map(|d| *d).unwrap_or_default();
+        tokio::time::sleep(latency).await;
         let mut st = self.lock();
         st.call("DescribeNetworkInterfaces")?;
         Ok(st

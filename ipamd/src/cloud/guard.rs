@@ -333,6 +333,43 @@ mod tests {
         assert_eq!(b.rate(), 10.0, "back to the configured rate, never above");
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn describes_that_queue_behind_one_in_flight_share_the_next() {
+        use crate::cloud::fake::FakeEc2;
+        let fake = FakeEc2::new("i-1", 1);
+        *fake.describe_latency.lock().unwrap() = Duration::from_millis(100);
+        let g = std::sync::Arc::new(Guarded::new(
+            fake,
+            Bucket::new(100, 100.0),
+            RetryPolicy::default(),
+        ));
+        let first = {
+            let g = g.clone();
+            tokio::spawn(async move { g.describe_enis(EniFilter::AttachedTo("i-1".into())).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Four more while the first is in flight: they asked after it started, so they wait for
+        // one fresh describe and all take its answer.
+        let rest: Vec<_> = (0..4)
+            .map(|_| {
+                let g = g.clone();
+                tokio::spawn(
+                    async move { g.describe_enis(EniFilter::AttachedTo("i-1".into())).await },
+                )
+            })
+            .collect();
+        assert_eq!(first.await.unwrap().unwrap().len(), 1);
+        for r in rest {
+            assert_eq!(r.await.unwrap().unwrap().len(), 1);
+        }
+        assert_eq!(g.inner.calls("DescribeNetworkInterfaces"), 2);
+        // Another filter is never answered from the last one.
+        g.describe_enis(EniFilter::Ids(vec!["eni-primary".into()]))
+            .await
+            .unwrap();
+        assert_eq!(g.inner.calls("DescribeNetworkInterfaces"), 3);
+    }
+
     #[test]
     fn backoff_grows_is_capped_and_jittered() {
         let base = Duration::from_millis(100);

@@ -1201,4 +1201,27 @@ mod tests {
         assert!(r.mgr.shared.pool_note.lock().unwrap().is_none());
         assert!(r.mgr.shared.ds.lock().await.stats().total >= 4);
     }
+
+    #[tokio::test]
+    async fn throttled_growth_pauses_instead_of_retrying_every_pool_check() {
+        let mut r = Rig::growing().await;
+        r.ec2.fail("CreateNetworkInterface", "RequestLimitExceeded");
+        r.mgr.converge().await;
+        let note = r.mgr.shared.pool_note.lock().unwrap().clone().unwrap();
+        assert_eq!(note.0, FailureReason::Throttled);
+        assert!(note.1.contains("growth paused"), "{}", note.1);
+        assert_eq!(r.mgr.no_progress, 1);
+        r.mgr.converge().await;
+        r.mgr.converge().await;
+        assert_eq!(
+            r.ec2.calls("CreateNetworkInterface"),
+            1,
+            "paused: no call per pool check"
+        );
+        // The pause over, the next try goes through and clears it all.
+        r.mgr.growth_paused_until = None;
+        r.mgr.converge().await;
+        assert_eq!(r.mgr.no_progress, 0);
+        assert_eq!(r.pool_enis().await.len(), 2);
+    }
 }
