@@ -83,6 +83,8 @@ pub struct Config {
     /// per-attachment records name each pod's host veth, and DELs that found ipamd down leave
     /// their release records there.
     pub cni_state_dir: PathBuf,
+    /// Custom networking, subnet discovery, the pod IP annotation and the API client.
+    pub kube: crate::k8s::Settings,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -279,6 +281,40 @@ fn eni_tags(env: &dyn Fn(&str) -> Option<String>) -> Result<BTreeMap<String, Str
     Ok(tags)
 }
 
+fn kube_settings(
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<crate::k8s::Settings, ConfigError> {
+    let key = |var: &str| {
+        env(var)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| crate::k8s::eniconfig::DEFAULT_KEY.to_string())
+    };
+    let s = crate::k8s::Settings {
+        custom_networking: bool_var(env, "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", false)?,
+        keys: crate::k8s::eniconfig::Keys {
+            label: key("ENI_CONFIG_LABEL_DEF"),
+            annotation: key("ENI_CONFIG_ANNOTATION_DEF"),
+        },
+        subnet_discovery: bool_var(env, "ENABLE_SUBNET_DISCOVERY", true)?,
+        annotate_pod_ip: bool_var(env, "ANNOTATE_POD_IP", false)?,
+        node_name: env("MY_NODE_NAME")
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty()),
+        cluster_endpoint: env("CLUSTER_ENDPOINT")
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty()),
+    };
+    if s.custom_networking && s.node_name.is_none() {
+        return Err(ConfigError {
+            var: "MY_NODE_NAME",
+            value: String::new(),
+            why: "custom networking reads the node's ENIConfig label: set MY_NODE_NAME from the downward API (spec.nodeName)".into(),
+        });
+    }
+    Ok(s)
+}
+
 impl Config {
     pub fn from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let cooldown = match int_var(env, "IP_COOLDOWN_PERIOD")? {
@@ -447,6 +483,7 @@ impl Config {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from(cni_common::state::DEFAULT_STATE_DIR)),
             cluster_name: env("CLUSTER_NAME").unwrap_or_default(),
+            kube: kube_settings(env)?,
         })
     }
 }
@@ -483,6 +520,31 @@ mod tests {
         assert!(!c.disable_leaked_eni_cleanup);
         assert_eq!(c.timing, Timing::default());
         assert_eq!(c.net, NetConfig::default());
+        assert!(!c.kube.custom_networking);
+        assert!(c.kube.subnet_discovery, "upstream's default");
+        assert!(!c.kube.annotate_pod_ip);
+        assert_eq!(c.kube.keys, crate::k8s::eniconfig::Keys::default());
+    }
+
+    #[test]
+    fn kubernetes_settings() {
+        let c = Config::from_env(&with(&[
+            ("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", "true"),
+            ("ENI_CONFIG_LABEL_DEF", "topology.kubernetes.io/zone"),
+            ("ENABLE_SUBNET_DISCOVERY", "false"),
+            ("ANNOTATE_POD_IP", "true"),
+            ("MY_NODE_NAME", "ip-10-0-1-10"),
+            ("CLUSTER_ENDPOINT", "https://127.0.0.1:6443"),
+        ]))
+        .unwrap();
+        assert!(c.kube.custom_networking && c.kube.annotate_pod_ip);
+        assert!(!c.kube.subnet_discovery);
+        assert_eq!(c.kube.keys.label, "topology.kubernetes.io/zone");
+        assert_eq!(c.kube.keys.annotation, "k8s.amazonaws.com/eniConfig");
+        assert_eq!(c.kube.node_name.as_deref(), Some("ip-10-0-1-10"));
+        let e =
+            Config::from_env(&with(&[("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", "true")])).unwrap_err();
+        assert_eq!(e.var, "MY_NODE_NAME");
     }
 
     #[test]

@@ -25,6 +25,7 @@ use crate::pool::checkpoint::{self, Committer};
 use crate::pool::datastore::Datastore;
 use crate::pool::datastore::Eni;
 use crate::pool::manager::{CloudNode, Limits, Manager};
+use crate::pool::placement::{Mode, Placement, Target};
 use crate::pool::sweep;
 use crate::pool::Pool;
 use crate::supervise::Supervisor;
@@ -276,6 +277,7 @@ pub struct CloudSetup {
     pub ec2: Arc<Guarded<SdkEc2>>,
     pub imds: Arc<Imds>,
     pub node: CloudNode,
+    pub az: String,
 }
 
 /// How long start-up keeps retrying an EC2 call that is throttled or fails transiently. A fleet
@@ -361,8 +363,8 @@ async fn cloud_node(cfg: &Config) -> anyhow::Result<(NodeInfo, InstanceLimits, C
             continue;
         };
         let is_primary = att.device_index == 0 && att.network_card == 0;
-        if !is_primary && (att.network_card != 0 || info.no_manage()) {
-            info!(eni = %info.id, device = att.device_index, "ENI not managed by ipamd (no_manage tag or another network card)");
+        if let Some(why) = info.not_ours().filter(|_| !is_primary) {
+            info!(eni = %info.id, device = att.device_index, "ENI left alone: {why}");
             cloud.unmanaged.insert(att.device_index, info.id.clone());
             continue;
         }
@@ -376,9 +378,24 @@ async fn cloud_node(cfg: &Config) -> anyhow::Result<(NodeInfo, InstanceLimits, C
             }
             _ => {}
         }
-        let subnet_cidr = from_imds
-            .map(|i| i.subnet_cidr)
-            .unwrap_or(primary.subnet_cidr);
+        let subnet_cidr = match from_imds {
+            Some(i) => i.subnet_cidr,
+            None if info.subnet_id == primary.subnet_id => primary.subnet_cidr,
+            // Custom networking or discovery put it in another subnet, and IMDS has not
+            // caught up: EC2 knows the subnet's CIDR.
+            None => {
+                let id = info.subnet_id.clone();
+                let listed = patiently("DescribeSubnets", || {
+                    ec2.describe_subnets(crate::cloud::SubnetFilter::Ids(vec![id.clone()]))
+                })
+                .await
+                .with_context(|| format!("DescribeSubnets for ENI {}'s subnet {id}", info.id))?;
+                listed
+                    .iter()
+                    .find_map(|s| s.cidr.filter(|_| s.id == id))
+                    .with_context(|| format!("EC2 does not list subnet {id} of ENI {}", info.id))?
+            }
+        };
         if let Some(e) = crate::pool::lifecycle::from_ec2(info, att.device_index, subnet_cidr) {
             cloud.attachments.insert(info.id.clone(), att.id.clone());
             enis.push(e);
@@ -405,6 +422,7 @@ async fn cloud_node(cfg: &Config) -> anyhow::Result<(NodeInfo, InstanceLimits, C
             ec2,
             imds: Arc::new(imds),
             node: cloud,
+            az: meta.availability_zone.clone(),
         },
     ))
 }
@@ -431,7 +449,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if cfg.prefix_delegation && !prefix_delegation {
         warn!(r#type = %node.instance_type, "prefix delegation needs a Nitro instance; using secondary IPs");
     }
-    let max_pods = maxpods::node_max_pods(limits, cfg.max_eni, prefix_delegation) as usize;
+    let custom = cfg.kube.custom_networking;
+    let max_pods = maxpods::node_max_pods(limits, cfg.max_eni, prefix_delegation, custom) as usize;
+    // Every ENI the node may have: under custom networking the primary is one of them even
+    // though it hosts no pods.
     let enis_allowed = maxpods::pod_enis(limits, cfg.max_eni, false);
     let capacity = format!(
         "{}: {} ENIs x {} IPv4 addresses ({} for pods), max pods {}",
@@ -493,6 +514,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             * if prefix_delegation { 16 } else { 1 },
     );
     let mut tasks = Supervisor::default();
+    let kube = start_kube(&cfg, &mut tasks).await?;
+    if let Some(k) = &kube {
+        let _ = shared.kube.set(k.clone());
+    }
     if let Some(a) = cfg.metrics {
         tasks.spawn(
             "metrics server",
@@ -561,6 +586,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let mut targets = cfg.targets.clone();
         targets.prefix_delegation = prefix_delegation;
         let unmanaged = c.node.unmanaged.len();
+        let node_subnet = (
+            c.node.subnet_id.clone(),
+            c.node.subnet_cidr,
+            c.node.security_groups.clone(),
+        );
+        let node_vpc = c.node.vpc_id.clone();
         let mgr = Manager::new(
             c.ec2.clone(),
             shared.clone(),
@@ -569,6 +600,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             Limits {
                 max_enis: (enis_allowed as usize).max(unmanaged + 1),
                 slots_per_eni: limits.ipv4_per_eni.saturating_sub(1) as usize,
+                primary_hosts_pods: !custom,
             },
             targets,
             cfg.timing.clone(),
@@ -579,6 +611,29 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let mut mgr = mgr;
         let net: Arc<dyn crate::pool::lifecycle::NodeNetworking> = net;
         mgr.net = Some(net);
+        let node_target = Target {
+            subnet_id: node_subnet.0,
+            subnet_cidr: node_subnet.1,
+            security_groups: node_subnet.2,
+            why: "the node's subnet".into(),
+        };
+        let mode = match &kube {
+            Some(k) if cfg.kube.custom_networking => Mode::Custom {
+                keys: cfg.kube.keys.clone(),
+                node_name: cfg.kube.node_name.clone().unwrap_or_default(),
+                view: k.view.clone(),
+            },
+            _ if cfg.kube.subnet_discovery => Mode::Discovery {
+                cluster: cfg.cluster_name.clone(),
+            },
+            _ => Mode::NodeSubnet,
+        };
+        let placement = Arc::new(Placement::new(mode, node_target, node_vpc, c.az.clone()));
+        let _ = shared.placement.set(placement.clone());
+        mgr.placement = placement;
+        if let Some(k) = &kube {
+            mgr.events = k.events.clone();
+        }
         tasks.spawn("pool manager", mgr.run());
     }
 
@@ -609,6 +664,39 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The Kubernetes client and its background work, when a feature needs it or the API is
+/// configured (Events are then posted too). A feature that needs the API without any way to
+/// reach it configured stops the start, naming both; an API server that does not answer does
+/// not (the watches retry).
+async fn start_kube(
+    cfg: &Config,
+    tasks: &mut Supervisor,
+) -> anyhow::Result<Option<crate::k8s::Kube>> {
+    if cfg.node_file.is_some() {
+        return Ok(None);
+    }
+    let client_cfg = match crate::k8s::client_config(&cfg.kube).await {
+        Ok(c) => c,
+        Err(e) if cfg.kube.needed() => {
+            let what = if cfg.kube.custom_networking {
+                "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG=true"
+            } else {
+                "ANNOTATE_POD_IP=true"
+            };
+            return Err(e.context(format!("{what} needs the Kubernetes API")));
+        }
+        Err(e) => {
+            info!(error = %format!("{e:#}"), "no Kubernetes API configured; running without it (no Events)");
+            return Ok(None);
+        }
+    };
+    let url = client_cfg.cluster_url.to_string();
+    let client = kube::Client::try_from(client_cfg).context("build the Kubernetes client")?;
+    let k = crate::k8s::start(client, &cfg.kube, tasks);
+    info!(%url, custom_networking = cfg.kube.custom_networking, annotate_pod_ip = cfg.kube.annotate_pod_ip, "Kubernetes API client started");
+    Ok(Some(k))
 }
 
 /// How long in-flight requests get after SIGTERM.

@@ -6,6 +6,7 @@
 //! - `hostnet`: the node's networking (ENI links, route tables, rules, SNAT);
 //! - `api`: the gRPC server the plugin talks to and the HTTP metrics/introspection ports;
 //! - `instance`: instance-type limits, max pods and the standalone node file;
+//! - `k8s`: the Kubernetes API (node and ENIConfig watches, Events, the pod IP annotation);
 //! - `daemon` wires them together; `config`, `logging`, `metrics`, `supervise`, `rlimit` and
 //!   `entrypoint` (the aws-vpc-cni binary's work) serve it.
 
@@ -17,6 +18,7 @@ pub mod daemon;
 pub mod entrypoint;
 pub mod hostnet;
 pub mod instance;
+pub mod k8s;
 pub mod logging;
 pub mod metrics;
 pub mod pool;

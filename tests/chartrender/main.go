@@ -1,6 +1,6 @@
 // chartrender renders a Helm chart's templates with Go's text/template, the engine Helm uses,
 // and the handful of Helm/sprig functions the chart needs (include, toYaml, indent, nindent,
-// quote, default). Helm itself cannot be installed on these machines; this keeps the chart
+// quote, default, required). Helm itself cannot be installed on these machines; this keeps the chart
 // honest: every template must parse and render, and scripts/check-manifests.py parses the
 // output as YAML.
 //
@@ -120,6 +120,13 @@ func main() {
 				return d
 			}
 			return v
+		},
+		// Helm's required: fail the render with msg when the value is missing or an empty string.
+		"required": func(msg string, v interface{}) (interface{}, error) {
+			if s, ok := v.(string); v == nil || (ok && s == "") {
+				return nil, fmt.Errorf("%s", msg)
+			}
+			return v, nil
 		},
 		"include": func(name string, data interface{}) (string, error) {
 			var buf bytes.Buffer

@@ -41,6 +41,10 @@ EC2_NS = "http://ec2.amazonaws.com/doc/2016-11-15/"
 UNATTACHED_ENI_MAX_ADDRESSES = 50  # real EC2 has no per-type limit before attach; keep it bounded
 PREFIX_LEN = 28
 PREFIX_SIZE = 16
+# CreateNetworkInterface's InterfaceType values (the API lists efa, efa-only, branch and trunk;
+# "interface" is the default, and RunInstances' spec documents passing it explicitly).
+INTERFACE_TYPES = ("interface", "efa", "efa-only", "trunk", "branch")
+EFA_TYPES = ("efa", "efa-only")
 CREDENTIAL_SCOPE = re.compile(r"Credential=[^/]+/\d{8}/([a-z0-9-]+)/([a-z0-9-]+)/aws4_request")
 
 log = logging.getLogger("ec2-shim")
@@ -216,7 +220,8 @@ class Shim:
             self.account_limits: dict | None = None
             self.buckets: dict[str, list[float]] = {}
         self.prefixes: dict[str, list[str]] = {}  # ENI id -> /28s, in assignment order
-        self.pending_prefixes: list[str] | None = None
+        # What CreateNetworkInterface decided for the ENI moto is about to create.
+        self.pending_eni: dict | None = None
         self.mac_counter = 0
         self.regions = {self.default_region}
 
@@ -247,11 +252,20 @@ class Shim:
             shim.mac_counter += 1
             n = shim.mac_counter
             eni.mac_address = f"02:00:00:{(n >> 16) & 255:02x}:{(n >> 8) & 255:02x}:{n & 255:02x}"
-            if shim.pending_prefixes:
-                shim.prefixes[eni.id] = shim.pending_prefixes
-                shim.pending_prefixes = None
+            pending, shim.pending_eni = shim.pending_eni, None
+            if pending:
+                if pending["prefixes"]:
+                    shim.prefixes[eni.id] = pending["prefixes"]
+                eni.interface_type = pending["interface_type"]  # moto ignores InterfaceType
+                if eni.interface_type == "efa-only":
+                    # moto gives every ENI an address; an EFA-only interface has none.
+                    eni.private_ip_address, eni.private_ip_addresses = None, []
             return eni
         NetworkInterfaceBackend.create_network_interface = create_network_interface
+
+        # moto adds the instance's groups to an attached ENI's; real EC2 keeps each
+        # ENI's own (custom networking gives secondary ENIs other groups).
+        NetworkInterface.group_set = property(lambda eni: eni._group_set)
 
         # moto's own allocator spins forever on a full subnet and ignores ENI
         # secondaries; RunInstances gets the lowest free address instead.
@@ -414,6 +428,18 @@ class Shim:
         subnet = backend.get_subnet(params["SubnetId"]) if params.get("SubnetId") in self._subnet_ids(backend) else None
         if subnet is None:
             return self.call_moto(environ, params)
+        interface_type = params.get("InterfaceType") or "interface"
+        if interface_type not in INTERFACE_TYPES:
+            raise ShimError("InvalidParameterValue",
+                            f"Value ({interface_type}) for parameter interfaceType is invalid.")
+        # moto invents a group for an unknown id and takes one from any VPC.
+        for group_id in indexed(params, "SecurityGroupId"):
+            group = backend.get_security_group_from_id(group_id)
+            if group is None:
+                raise ShimError("InvalidGroup.NotFound", f"The security group '{group_id}' does not exist")
+            if group.vpc_id != subnet.vpc_id:
+                raise ShimError("InvalidParameter",
+                                f"Security group {group_id} and subnet {subnet.id} belong to different networks.")
         listed = indexed(params, "PrivateIpAddresses", "PrivateIpAddress")
         flags = indexed(params, "PrivateIpAddresses", "Primary")
         primary = params.get("PrivateIpAddress") or None
@@ -429,6 +455,8 @@ class Shim:
         if wanted_prefixes and prefix_count:
             raise ShimError("InvalidParameterCombination",
                             "You cannot specify both Ipv4Prefixes and Ipv4PrefixCount.")
+        if interface_type == "efa-only" and (primary or secondaries or count or wanted_prefixes or prefix_count):
+            raise ShimError("InvalidParameterCombination", "EFA-only network interfaces do not support IP addresses.")
         slots = 1 + len(secondaries) + count + len(wanted_prefixes) + prefix_count
         if slots > UNATTACHED_ENI_MAX_ADDRESSES:
             raise ShimError("PrivateIpAddressLimitExceeded",
@@ -437,7 +465,7 @@ class Shim:
         for ip in ([primary] if primary else []) + secondaries:
             plan.take_ip(ip)
         prefixes = [plan.take_prefix(c) for c in wanted_prefixes]
-        if primary is None:
+        if primary is None and interface_type != "efa-only":
             primary = plan.take_ips(1)[0]
         secondaries += plan.take_ips(count)
         prefixes += plan.take_prefixes(prefix_count)
@@ -446,14 +474,14 @@ class Shim:
         rewritten = {k: v for k, v in params.items()
                      if not re.match(r"(PrivateIpAddress$|PrivateIpAddresses\.|SecondaryPrivateIpAddressCount$"
                                      r"|Ipv4Prefix\.|Ipv4PrefixCount$)", k)}
-        for i, ip in enumerate([primary] + secondaries, start=1):
+        for i, ip in enumerate(([primary] if primary else []) + secondaries, start=1):
             rewritten[f"PrivateIpAddresses.{i}.PrivateIpAddress"] = ip
             rewritten[f"PrivateIpAddresses.{i}.Primary"] = "true" if i == 1 else "false"
-        self.pending_prefixes = prefixes or None
+        self.pending_eni = {"prefixes": prefixes, "interface_type": interface_type}
         try:
             return self.call_moto(environ, rewritten)
         finally:
-            self.pending_prefixes = None
+            self.pending_eni = None
 
     def _ec2_AssignPrivateIpAddresses(self, environ, backend, params):
         eni = self._eni(backend, params.get("NetworkInterfaceId"))
@@ -461,6 +489,8 @@ class Shim:
             return self.call_moto(environ, params)
         if is_true(params.get("DryRun")):
             raise ShimError("DryRunOperation", "Request would have succeeded, but DryRun flag is set.", 412)
+        if eni.interface_type == "efa-only":
+            raise ShimError("InvalidParameterCombination", "EFA-only network interfaces do not support IP addresses.")
         wanted_ips = indexed(params, "PrivateIpAddress")
         count = int_param(params, "SecondaryPrivateIpAddressCount")
         wanted_prefixes = indexed(params, "Ipv4Prefix")
@@ -559,10 +589,18 @@ class Shim:
             raise ShimError("InvalidParameterCombination",
                             "You may not attach a network interface to an instance if they are "
                             "not in the same availability zone")
+        # An ENI of another VPC in the same AZ is fine: EC2 has allowed multi-VPC attachments since 2023.
         info = type_network_info(instance.instance_type)
         if info and len(instance.nics) >= info["MaximumNetworkInterfaces"]:
             raise ShimError("AttachmentLimitExceeded",
                             f"Interface count {len(instance.nics) + 1} exceeds the limit for {instance.instance_type}")
+        if info and eni.interface_type in EFA_TYPES:
+            efa_limit = (info.get("EfaInfo") or {}).get("MaximumEfaInterfaces", 0) if info.get("EfaSupported") else 0
+            efas = sum(1 for n in instance.nics.values() if n.interface_type in EFA_TYPES)
+            if efas >= efa_limit:
+                raise ShimError("InvalidParameterCombination",
+                                f"EFA interface count {efas + 1} exceeds the limit of {efa_limit} "
+                                f"for {instance.instance_type}.")
         if device_index in instance.nics:
             raise ShimError("InvalidParameterValue",
                             f"Instance '{instance.id}' already has an interface attached at device index '{device_index}'.")
@@ -711,6 +749,10 @@ class Shim:
                 return json_response(self.enis_view())
             if route == ("POST", "/_shim/vpc-cidr"):
                 return json_response(self.admin_vpc_cidr(body))
+            if route == ("POST", "/_shim/subnet"):
+                return json_response(self.admin_subnet(body))
+            if route == ("POST", "/_shim/security-group"):
+                return json_response(self.admin_security_group(body))
         except (ShimError, EC2ClientError) as e:
             return json_response({"error": str(e), "code": getattr(e, "code", None)}, 400)
         except (KeyError, ValueError, TypeError) as e:
@@ -780,16 +822,13 @@ class Shim:
             else:
                 vpc = backend.create_vpc(cidr_block=body.get("vpc_cidr", "10.0.0.0/16"))
             for cidr in body.get("extra_vpc_cidrs") or []:
-                if cidr not in self._vpc_cidrs(vpc):
-                    backend.associate_vpc_cidr_block(vpc.id, cidr, False)
+                self._associate_cidr(backend, vpc, cidr)
             if body.get("subnet_id"):
                 subnet = backend.get_subnet(body["subnet_id"])
                 az = subnet.availability_zone
             else:
                 subnet = backend.create_subnet(vpc.id, body.get("subnet_cidr", "10.0.1.0/24"), availability_zone=az)
-            group = next((g for g in backend.groups[vpc.id].values() if g.name == "shim-node"), None)
-            if group is None:
-                group = backend.create_security_group("shim-node", "ec2-shim test node", vpc_id=vpc.id)
+            group = self._security_group(backend, vpc.id, "shim-node", "ec2-shim test node")
             images = backend.describe_images(owners=["amazon"]) or list(backend.amis.values())
             text = self._moto_query(region, {
                 "Action": "RunInstances", "ImageId": images[0].id, "MinCount": "1", "MaxCount": "1",
@@ -801,16 +840,48 @@ class Shim:
                     "subnet_id": subnet.id, "security_group_ids": [group.id], "primary_eni": eni.id,
                     "primary_ip": eni.private_ip_address, "mac": eni.mac_address, "az": az, "region": region}
 
+    def _find_vpc(self, vpc_id):
+        for region in sorted(self.regions):
+            backend = self.backend(region)
+            if vpc_id in backend.vpcs:
+                return region, backend, backend.vpcs[vpc_id]
+        raise ShimError("InvalidVpcID.NotFound", f"The vpc ID '{vpc_id}' does not exist")
+
+    def _associate_cidr(self, backend, vpc, cidr):
+        if cidr not in self._vpc_cidrs(vpc):
+            backend.associate_vpc_cidr_block(vpc.id, cidr, False)
+
+    @staticmethod
+    def _security_group(backend, vpc_id, name, description):
+        group = next((g for g in backend.groups[vpc_id].values() if g.name == name), None)
+        return group or backend.create_security_group(name, description, vpc_id=vpc_id)
+
     def admin_vpc_cidr(self, body):
         with self.ec2_lock:
-            for region in sorted(self.regions):
-                backend = self.backend(region)
-                if body["vpc_id"] in backend.vpcs:
-                    vpc = backend.vpcs[body["vpc_id"]]
-                    if body["cidr"] not in self._vpc_cidrs(vpc):
-                        backend.associate_vpc_cidr_block(vpc.id, body["cidr"], False)
-                    return {"vpc_id": vpc.id, "vpc_cidrs": self._vpc_cidrs(vpc)}
-        raise ShimError("InvalidVpcID.NotFound", f"The vpc ID '{body['vpc_id']}' does not exist")
+            _, backend, vpc = self._find_vpc(body["vpc_id"])
+            self._associate_cidr(backend, vpc, body["cidr"])
+            return {"vpc_id": vpc.id, "vpc_cidrs": self._vpc_cidrs(vpc)}
+
+    def admin_subnet(self, body):
+        with self.ec2_lock:
+            region, backend, vpc = self._find_vpc(body["vpc_id"])
+            if body.get("vpc_cidr"):  # a custom-networking subnet usually needs a secondary VPC CIDR
+                self._associate_cidr(backend, vpc, body["vpc_cidr"])
+            az = body.get("az") or f"{region}a"
+            zones = [z.name for z in backend.describe_availability_zones()]
+            if az not in zones:  # moto would take any name
+                raise ShimError("InvalidParameterValue", f"Value ({az}) for parameter availabilityZone is invalid. "
+                                f"Subnets can currently only be created in: {', '.join(zones)}.")
+            subnet = backend.create_subnet(vpc.id, body["cidr"], availability_zone=az)
+            subnet.add_tags({str(k): str(v) for k, v in (body.get("tags") or {}).items()})
+            return {"subnet_id": subnet.id, "cidr": subnet.cidr_block, "az": subnet.availability_zone,
+                    "vpc_id": vpc.id, "vpc_cidrs": self._vpc_cidrs(vpc)}
+
+    def admin_security_group(self, body):
+        with self.ec2_lock:
+            _, backend, vpc = self._find_vpc(body["vpc_id"])
+            group = self._security_group(backend, vpc.id, body["name"], body.get("description") or "ec2-shim")
+            return {"group_id": group.id, "name": group.name, "vpc_id": vpc.id}
 
     # ---- state views ------------------------------------------------------
 
@@ -823,6 +894,13 @@ class Shim:
         secondaries = [i["PrivateIpAddress"] for i in eni.private_ip_addresses
                        if i["PrivateIpAddress"] != eni.private_ip_address]
         return eni.private_ip_address, secondaries, list(self.prefixes.get(eni.id, []))
+
+    @staticmethod
+    def _eni_network(eni, backend) -> dict:
+        """What an ENI shows of its own network (custom networking makes it differ from the instance's)."""
+        return {"subnet_id": eni.subnet.id, "subnet_cidr": eni.subnet.cidr_block, "vpc_id": eni.vpc_id,
+                "vpc_cidrs": Shim._vpc_cidrs(backend.get_vpc(eni.vpc_id)),
+                "security_group_ids": [g.id for g in eni._group_set], "interface_type": eni.interface_type}
 
     def imds_view(self, instance_id):
         with self.ec2_lock:
@@ -837,12 +915,9 @@ class Shim:
             for device, eni in sorted(instance.nics.items()):
                 primary, secondaries, prefixes = self._eni_addresses(eni)
                 interfaces.append({
-                    "mac": eni.mac_address, "device_number": device, "network_card": 0,
-                    "interface_id": eni.id, "subnet_id": eni.subnet.id, "subnet_cidr": eni.subnet.cidr_block,
-                    "vpc_id": eni.vpc_id, "vpc_cidrs": self._vpc_cidrs(backend.get_vpc(eni.vpc_id)),
-                    "local_ipv4s": [primary] + secondaries, "ipv4_prefixes": prefixes,
-                    # the ENI's own groups: moto's group_set mixes in the instance's
-                    "security_group_ids": [g.id for g in eni._group_set],
+                    "mac": eni.mac_address, "device_number": device, "network_card": 0, "interface_id": eni.id,
+                    **self._eni_network(eni, backend),
+                    "local_ipv4s": ([primary] if primary else []) + secondaries, "ipv4_prefixes": prefixes,
                 })
             primary_eni = instance.nics.get(0)
             return {"instance_id": instance.id, "instance_type": instance.instance_type,
@@ -855,11 +930,12 @@ class Shim:
         with self.ec2_lock:
             out = []
             for region in sorted(self.regions):
-                for eni in list(self.backend(region).enis.values()):
+                backend = self.backend(region)
+                for eni in list(backend.enis.values()):
                     primary, secondaries, prefixes = self._eni_addresses(eni)
                     out.append({
                         "id": eni.id, "status": eni.status, "mac": eni.mac_address, "region": region,
-                        "subnet_id": eni.subnet.id, "subnet_cidr": eni.subnet.cidr_block, "vpc_id": eni.vpc_id,
+                        **self._eni_network(eni, backend),
                         "instance_id": eni.instance.id if eni.instance else None,
                         "device_index": eni.device_index if eni.instance else None,
                         "primary_ip": primary, "secondary_ips": secondaries, "prefixes": prefixes,

@@ -442,7 +442,7 @@ class Views(ShimTest):
             "interface_id": eni["NetworkInterfaceId"], "subnet_id": w["subnet_id"], "subnet_cidr": "10.0.1.0/24",
             "vpc_id": w["vpc_id"], "vpc_cidrs": ["10.0.0.0/16", "100.64.0.0/16"],
             "local_ipv4s": ["10.0.1.5", "10.0.1.6", "10.0.1.7"], "ipv4_prefixes": [],
-            "security_group_ids": w["security_group_ids"]})
+            "security_group_ids": w["security_group_ids"], "interface_type": "interface"})
         admin("POST", "/_shim/vpc-cidr", {"vpc_id": w["vpc_id"], "cidr": "100.65.0.0/16"})
         self.assertEqual(admin("GET", f"/_shim/imds/{w['instance_id']}")["interfaces"][0]["vpc_cidrs"][-1],
                          "100.65.0.0/16")
@@ -468,6 +468,161 @@ class Views(ShimTest):
         w = self.world()
         self.assertEqual(w["primary_ip"], "10.0.1.4")
         self.assertEqual(self.create_eni(w, Ipv4PrefixCount=1)["Ipv4Prefixes"], eni["Ipv4Prefixes"])
+
+
+CNI_TAG = "kubernetes.io/role/cni"
+
+
+class CustomNetworking(ShimTest):
+    """What ipamd asks of EC2 for ENIConfig subnets and subnet discovery."""
+
+    def subnet(self, w, cidr, **kw):
+        return admin("POST", "/_shim/subnet", {"vpc_id": w["vpc_id"], "cidr": cidr, **kw})
+
+    def admin_error(self, path, body):
+        with self.assertRaises(urllib.error.HTTPError) as ctx:
+            admin("POST", path, body)
+        self.assertEqual(ctx.exception.code, 400)
+        return json.load(ctx.exception)
+
+    def subnet_ids(self, **kw):
+        return {s["SubnetId"] for s in self.ec2.describe_subnets(**kw)["Subnets"]}
+
+    def test_describe_subnets_filters_counts_and_faults(self):
+        w = self.world()
+        a = self.subnet(w, "100.64.0.0/24", vpc_cidr="100.64.0.0/16", tags={CNI_TAG: "1"})
+        self.assertEqual((a["cidr"], a["az"], a["vpc_cidrs"]), ("100.64.0.0/24", "us-west-2a",
+                                                               ["10.0.0.0/16", "100.64.0.0/16"]))
+        b = self.subnet(w, "100.64.1.0/24", az="us-west-2b", tags={CNI_TAG: ""})
+        admin("POST", "/_shim/calls/reset")
+        vpc = {"Name": "vpc-id", "Values": [w["vpc_id"]]}
+        self.assertEqual(self.subnet_ids(Filters=[vpc]), {w["subnet_id"], a["subnet_id"], b["subnet_id"]})
+        self.assertEqual(self.subnet_ids(Filters=[vpc, {"Name": "availability-zone", "Values": ["us-west-2a"]}]),
+                         {w["subnet_id"], a["subnet_id"]})
+        self.assertEqual(self.subnet_ids(Filters=[vpc, {"Name": f"tag:{CNI_TAG}", "Values": ["1"]}]), {a["subnet_id"]})
+        self.assertEqual(self.subnet_ids(Filters=[{"Name": f"tag:{CNI_TAG}", "Values": [""]}]), {b["subnet_id"]})
+        self.assertEqual(self.subnet_ids(Filters=[{"Name": "tag-key", "Values": [CNI_TAG]}]),
+                         {a["subnet_id"], b["subnet_id"]})
+        got = self.ec2.describe_subnets(SubnetIds=[a["subnet_id"]])["Subnets"]
+        self.assertEqual([(s["SubnetId"], s["CidrBlock"], s["AvailabilityZone"], s["VpcId"], s["Tags"],
+                           s["AvailableIpAddressCount"], s.get("Ipv6CidrBlockAssociationSet", [])) for s in got],
+                         [(a["subnet_id"], "100.64.0.0/24", "us-west-2a", w["vpc_id"], [{"Key": CNI_TAG, "Value": "1"}],
+                           251, [])])
+        # ENI addresses and every address of a /28 are taken
+        self.ec2.create_network_interface(SubnetId=a["subnet_id"], SecondaryPrivateIpAddressCount=2, Ipv4PrefixCount=1)
+        got = self.ec2.describe_subnets(SubnetIds=[a["subnet_id"]])["Subnets"][0]
+        self.assertEqual(got["AvailableIpAddressCount"], 251 - 3 - 16)
+        admin("POST", "/_shim/faults", {"action": "DescribeSubnets", "kind": "error", "code": "UnauthorizedOperation"})
+        err = self.assertEc2Error("UnauthorizedOperation", self.ec2.describe_subnets, Filters=[vpc])
+        self.assertEqual(err.response["ResponseMetadata"]["HTTPStatusCode"], 403)
+        self.assertEqual(admin("GET", "/_shim/calls")["by_action"],
+                         {"DescribeSubnets": 8, "CreateNetworkInterface": 1})
+
+    def test_admin_subnet_and_security_group_refusals(self):
+        w = self.world()
+        self.assertEqual(self.admin_error("/_shim/subnet", {"vpc_id": w["vpc_id"], "cidr": "100.64.0.0/24"})["code"],
+                         "InvalidSubnet.Range")  # outside the VPC: give vpc_cidr or call /_shim/vpc-cidr first
+        admin("POST", "/_shim/vpc-cidr", {"vpc_id": w["vpc_id"], "cidr": "100.64.0.0/16"})
+        self.subnet(w, "100.64.0.0/24")
+        self.assertEqual(self.admin_error("/_shim/subnet", {"vpc_id": w["vpc_id"], "cidr": "100.64.0.0/25"})["code"],
+                         "InvalidSubnet.Conflict")
+        self.assertEqual(self.admin_error("/_shim/subnet", {"vpc_id": w["vpc_id"], "cidr": "100.64.1.0/24",
+                                                            "az": "us-east-1a"})["code"], "InvalidParameterValue")
+        self.assertEqual(self.admin_error("/_shim/subnet", {"vpc_id": "vpc-0000", "cidr": "10.0.2.0/24"})["code"],
+                         "InvalidVpcID.NotFound")
+        sg = admin("POST", "/_shim/security-group", {"vpc_id": w["vpc_id"], "name": "pods"})
+        self.assertEqual(admin("POST", "/_shim/security-group", {"vpc_id": w["vpc_id"], "name": "pods"}), sg)
+        node = admin("POST", "/_shim/security-group", {"vpc_id": w["vpc_id"], "name": "shim-node"})
+        self.assertEqual([node["group_id"]], w["security_group_ids"])
+        self.assertEqual(admin("GET", "/_shim/calls")["total"], 0)
+
+    def test_eni_in_a_custom_subnet_has_its_own_subnet_and_groups(self):
+        w = self.world(extra_vpc_cidrs=["100.64.0.0/16"])
+        a = self.subnet(w, "100.64.0.0/24")
+        pods = admin("POST", "/_shim/security-group", {"vpc_id": w["vpc_id"], "name": "pods"})["group_id"]
+        eni = self.ec2.create_network_interface(SubnetId=a["subnet_id"], Groups=[pods],
+                                                SecondaryPrivateIpAddressCount=1)["NetworkInterface"]
+        self.attach(w, eni, 1)
+        eni_id = eni["NetworkInterfaceId"]
+        # moto would add the instance's group once attached
+        self.assertEqual([g["GroupId"] for g in self.describe(eni_id)["Groups"]], [pods])
+        self.assertEqual(self.ec2.describe_network_interfaces(
+            Filters=[{"Name": "group-id", "Values": [pods]}])["NetworkInterfaces"][0]["NetworkInterfaceId"], eni_id)
+        view = admin("GET", f"/_shim/imds/{w['instance_id']}")["interfaces"]
+        self.assertEqual([(i["subnet_id"], i["subnet_cidr"], i["security_group_ids"], i["local_ipv4s"]) for i in view],
+                         [(w["subnet_id"], "10.0.1.0/24", w["security_group_ids"], ["10.0.1.4"]),
+                          (a["subnet_id"], "100.64.0.0/24", [pods], ["100.64.0.4", "100.64.0.5"])])
+        self.assertEqual(view[1]["vpc_cidrs"], ["10.0.0.0/16", "100.64.0.0/16"])
+        by_id = {e["id"]: e for e in admin("GET", "/_shim/enis")}
+        mine = by_id[eni_id]
+        self.assertEqual((mine["subnet_id"], mine["subnet_cidr"], mine["security_group_ids"], mine["interface_type"]),
+                         (a["subnet_id"], "100.64.0.0/24", [pods], "interface"))
+        # moto invents unknown groups and takes another VPC's
+        self.assertEc2Error("InvalidGroup.NotFound", self.ec2.create_network_interface,
+                            SubnetId=a["subnet_id"], Groups=["sg-0123456789abcdef0"])
+        other_vpc = self.ec2.create_vpc(CidrBlock="10.1.0.0/16")["Vpc"]["VpcId"]
+        other_sg = admin("POST", "/_shim/security-group", {"vpc_id": other_vpc, "name": "x"})["group_id"]
+        err = self.assertEc2Error("InvalidParameter", self.ec2.create_network_interface,
+                                  SubnetId=a["subnet_id"], Groups=[other_sg])
+        self.assertIn("belong to different networks", str(err))
+        # another AZ is refused; another VPC in the same AZ is a multi-VPC attachment, which EC2 allows
+        b = self.subnet(w, "100.64.1.0/24", az="us-west-2b")
+        far = self.ec2.create_network_interface(SubnetId=b["subnet_id"])["NetworkInterface"]
+        err = self.assertEc2Error("InvalidParameterCombination", self.attach, w, far, 2)
+        self.assertIn("same availability zone", str(err))
+        c = admin("POST", "/_shim/subnet", {"vpc_id": other_vpc, "cidr": "10.1.0.0/24"})
+        self.attach(w, self.ec2.create_network_interface(SubnetId=c["subnet_id"])["NetworkInterface"], 2)
+        third = admin("GET", f"/_shim/imds/{w['instance_id']}")["interfaces"][2]
+        self.assertEqual((third["vpc_id"], third["vpc_cidrs"], third["subnet_cidr"]),
+                         (other_vpc, ["10.1.0.0/16"], "10.1.0.0/24"))
+
+    def test_interface_types(self):
+        w = self.world(instance_type="c5n.18xlarge")  # one EFA
+        trunk = self.create_eni(w, InterfaceType="trunk")
+        efa = self.create_eni(w, InterfaceType="efa")
+        self.assertEqual((trunk["InterfaceType"], efa["InterfaceType"]), ("trunk", "efa"))
+        self.attach(w, trunk, 1)
+        self.attach(w, efa, 2)
+        got = self.ec2.describe_network_interfaces(
+            Filters=[{"Name": "attachment.instance-id", "Values": [w["instance_id"]]}])["NetworkInterfaces"]
+        self.assertEqual(sorted((e["Attachment"]["DeviceIndex"], e["InterfaceType"]) for e in got),
+                         [(0, "interface"), (1, "trunk"), (2, "efa")])
+        self.assertEqual([i["interface_type"] for i in admin("GET", f"/_shim/imds/{w['instance_id']}")["interfaces"]],
+                         ["interface", "trunk", "efa"])
+        # EFA-only interfaces carry no IP address at all
+        efa_only = self.create_eni(w, InterfaceType="efa-only")
+        self.assertEqual((efa_only.get("PrivateIpAddress"), efa_only["PrivateIpAddresses"]), (None, []))
+        self.assertEc2Error("InvalidParameterCombination", self.ec2.assign_private_ip_addresses,
+                            NetworkInterfaceId=efa_only["NetworkInterfaceId"], SecondaryPrivateIpAddressCount=1)
+        self.assertEc2Error("InvalidParameterCombination", self.create_eni, w, InterfaceType="efa-only",
+                            SecondaryPrivateIpAddressCount=1)
+        err = self.assertEc2Error("InvalidParameterCombination", self.attach, w, efa_only, 3)
+        self.assertIn("limit of 1", str(err))
+        types = {e["id"]: e["interface_type"] for e in admin("GET", "/_shim/enis")}
+        self.assertEqual(types[efa_only["NetworkInterfaceId"]], "efa-only")
+        self.assertEc2Error("InvalidParameterValue", self.create_eni, w, InterfaceType="bogus")
+
+    def test_small_subnet_fills_up(self):
+        w = self.world()
+        small = self.subnet(w, "10.0.2.0/28")  # 16 addresses, 5 reserved: 11 usable
+        eni = self.ec2.create_network_interface(SubnetId=small["subnet_id"],
+                                                SecondaryPrivateIpAddressCount=9)["NetworkInterface"]
+        self.assertEqual(eni["PrivateIpAddress"], "10.0.2.4")
+
+        def available():
+            return self.ec2.describe_subnets(SubnetIds=[small["subnet_id"]])["Subnets"][0]["AvailableIpAddressCount"]
+        self.assertEqual(available(), 1)
+        last = self.ec2.create_network_interface(SubnetId=small["subnet_id"])["NetworkInterface"]
+        self.assertEqual(last["PrivateIpAddress"], "10.0.2.14")
+        self.assertEqual(available(), 0)
+        self.assertEc2Error("InsufficientFreeAddressesInSubnet", self.ec2.create_network_interface,
+                            SubnetId=small["subnet_id"])
+        self.assertEc2Error("InsufficientFreeAddressesInSubnet", self.ec2.assign_private_ip_addresses,
+                            NetworkInterfaceId=eni["NetworkInterfaceId"], SecondaryPrivateIpAddressCount=1)
+        self.assertEc2Error("InsufficientCidrBlocks", self.ec2.assign_private_ip_addresses,
+                            NetworkInterfaceId=eni["NetworkInterfaceId"], Ipv4PrefixCount=1)
+        self.ec2.delete_network_interface(NetworkInterfaceId=last["NetworkInterfaceId"])
+        self.assertEqual(available(), 1)
 
 
 class Process(unittest.TestCase):

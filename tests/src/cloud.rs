@@ -21,7 +21,7 @@ pub fn python() -> PathBuf {
 }
 
 /// Note a helper process in `dir/pids`, so a teardown after a crash can stop it.
-fn record_pid(dir: &Path, pid: u32) {
+pub fn record_pid(dir: &Path, pid: u32) {
     use std::io::Write;
     if let Ok(mut f) = std::fs::OpenOptions::new()
         .create(true)
@@ -205,6 +205,50 @@ impl Shim {
         Instance::from_reply(v)
     }
 
+    /// An instance in `vpc_id`, in a new subnet `subnet_cidr` of zone us-west-2a.
+    pub fn instance_in(&self, instance_type: &str, vpc_id: &str, subnet_cidr: &str) -> Instance {
+        let v = self.post(
+            "/_shim/instance",
+            json!({"instance_type": instance_type, "vpc_id": vpc_id,
+                   "subnet_cidr": subnet_cidr, "az": "us-west-2a"}),
+        );
+        Instance::from_reply(v)
+    }
+
+    /// A subnet of `vpc_id` in us-west-2a (associating `vpc_cidr` with the VPC first when
+    /// given); its id.
+    pub fn subnet(&self, vpc_id: &str, cidr: &str, vpc_cidr: Option<&str>, tags: Value) -> String {
+        let mut body = json!({"vpc_id": vpc_id, "cidr": cidr, "az": "us-west-2a", "tags": tags});
+        if let Some(c) = vpc_cidr {
+            body["vpc_cidr"] = json!(c);
+        }
+        self.post("/_shim/subnet", body)["subnet_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// A security group of `vpc_id` (the existing one of that name, if any); its id.
+    pub fn security_group(&self, vpc_id: &str, name: &str) -> String {
+        self.post(
+            "/_shim/security-group",
+            json!({"vpc_id": vpc_id, "name": name}),
+        )["group_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// DescribeSubnets' free-address count of a subnet, through boto3.
+    pub fn subnet_free(&self, subnet_id: &str) -> u64 {
+        self.boto3(&format!(
+            "print(c.describe_subnets(SubnetIds=['{subnet_id}'])['Subnets'][0]['AvailableIpAddressCount'])"
+        ))
+        .trim()
+        .parse()
+        .unwrap_or(0)
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
@@ -288,6 +332,19 @@ impl FakeImds {
         lag_ms: u64,
         netns: Option<&str>,
     ) -> FakeImds {
+        Self::start_relaying(dir, shim, instance, lag_ms, netns, &[])
+    }
+
+    /// As `start_in`, also relaying each of `relays` (ports on the host's loopback) from the
+    /// same port inside the namespace.
+    pub fn start_relaying(
+        dir: &Path,
+        shim: &Shim,
+        instance: &str,
+        lag_ms: u64,
+        netns: Option<&str>,
+        relays: &[u16],
+    ) -> FakeImds {
         let ready = dir.join(format!("imds-{instance}.ready"));
         let log = dir.join(format!("imds-{instance}.log"));
         let mut cmd = Command::new(crate::bin("fake-imds"));
@@ -298,6 +355,9 @@ impl FakeImds {
             .arg(&ready);
         if let Some(ns) = netns {
             cmd.args(["--netns", ns]);
+        }
+        for p in relays {
+            cmd.args(["--relay", &p.to_string()]);
         }
         let mut child = crate::die_with_parent(&mut cmd)
             .stdin(Stdio::null())

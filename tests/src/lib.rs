@@ -6,6 +6,7 @@ pub mod cloud;
 pub mod cni;
 pub mod fake_ipamd;
 pub mod ipamd_proc;
+pub mod kube;
 pub mod netns;
 pub mod sim;
 pub mod vpc;

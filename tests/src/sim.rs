@@ -12,6 +12,7 @@ use crate::ipamd_proc::{block, health};
 use crate::netns::Netns;
 use crate::try_sh;
 use crate::vpc::{strs, Vpc, VpcNode, INTERNET_IP};
+use serde_json::json;
 
 /// A port the internet namespace answers on with the address it sees the caller as.
 pub const WHOAMI_PORT: u16 = 8081;
@@ -33,9 +34,56 @@ impl NodeSpec {
     }
 }
 
+/// How the cluster places ENIs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Every ENI in the nodes' subnet.
+    #[default]
+    Default,
+    /// Secondary ENIs in the subnets of ENIConfigs (100.64.0.0/16, added to the VPC), chosen by
+    /// the nodes' zone label, with their own security group; the Kubernetes API emulator runs.
+    CustomNetworking,
+    /// Each node in a /28 subnet of its own; a subnet tagged `kubernetes.io/role/cni=1` (and a
+    /// larger untagged one that must not be used) take the ENIs the nodes' subnets cannot.
+    SubnetDiscovery,
+}
+
+/// What a mode made besides the nodes, for the report and the checks.
+#[derive(Debug, Clone, Default)]
+pub struct Layout {
+    /// (name, subnet id, CIDR) of the subnets made for pods.
+    pub subnets: Vec<(String, String, String)>,
+    /// The pods' security group (custom networking).
+    pub pod_group: Option<String>,
+    /// The nodes' subnets.
+    pub node_subnets: Vec<String>,
+}
+
+impl Layout {
+    pub fn subnet(&self, name: &str) -> Option<&(String, String, String)> {
+        self.subnets.iter().find(|s| s.0 == name)
+    }
+
+    /// A subnet id in words: its name and CIDR when the mode made it.
+    pub fn name_of(&self, subnet_id: &str) -> String {
+        match self.subnets.iter().find(|s| s.1 == subnet_id) {
+            Some((n, id, c)) => format!("{id} ({n} {c})"),
+            None if self.node_subnets.iter().any(|s| s == subnet_id) => {
+                format!("{subnet_id} (node subnet)")
+            }
+            None => subnet_id.to_string(),
+        }
+    }
+}
+
+/// The zone label custom networking selects ENIConfigs by, as many clusters do.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
 /// An ENI as EC2 shows it.
 pub struct SimEni {
     pub device: u64,
+    pub subnet_id: String,
+    pub security_groups: Vec<String>,
     pub id: String,
     pub primary_ip: String,
     pub secondary: Vec<String>,
@@ -72,6 +120,7 @@ pub struct Sim {
     pub nodes: Vec<SimNode>,
     pub vpc: Vpc,
     pub dir: PathBuf,
+    pub layout: Layout,
     whoami: Option<std::process::Child>,
 }
 
@@ -79,24 +128,86 @@ impl Sim {
     /// The VPC (namespaces named `<prefix>...`), an internet, one node per spec (all in one
     /// subnet), each ipamd serving (an address allocatable) before this returns.
     pub fn up(dir: &Path, prefix: &str, specs: &[NodeSpec]) -> Sim {
+        Self::up_in(dir, prefix, specs, Mode::Default)
+    }
+
+    /// As `up`, with ENIs placed as `mode` says.
+    pub fn up_in(dir: &Path, prefix: &str, specs: &[NodeSpec], mode: Mode) -> Sim {
         let mut vpc = Vpc::start_named(dir, 0, prefix);
         vpc.add_internet();
-        let mut first: Option<Instance> = None;
-        let mut nodes = Vec::new();
+        let mut insts: Vec<Instance> = Vec::new();
         for (i, spec) in specs.iter().enumerate() {
-            let inst = match &first {
-                None => vpc.shim.instance(&spec.instance_type, "10.0.0.0/20"),
-                Some(f) => vpc.shim.instance_beside(&spec.instance_type, f),
+            let inst = match (mode, insts.first()) {
+                (Mode::SubnetDiscovery, None) => {
+                    vpc.shim.instance(&spec.instance_type, "10.0.0.0/28")
+                }
+                (Mode::SubnetDiscovery, Some(f)) => vpc.shim.instance_in(
+                    &spec.instance_type,
+                    &f.vpc_id,
+                    &format!("10.0.0.{}/28", 16 * i),
+                ),
+                (_, None) => vpc.shim.instance(&spec.instance_type, "10.0.0.0/20"),
+                (_, Some(f)) => vpc.shim.instance_beside(&spec.instance_type, f),
             };
-            first.get_or_insert_with(|| inst.clone());
+            insts.push(inst);
+        }
+        let mut layout = Layout {
+            node_subnets: insts.iter().map(|i| i.subnet_id.clone()).collect(),
+            ..Default::default()
+        };
+        let vpc_id = insts.first().map(|i| i.vpc_id.clone()).unwrap_or_default();
+        let mut mode_env: Vec<(String, String)> = Vec::new();
+        match mode {
+            Mode::Default => {}
+            Mode::CustomNetworking => {
+                vpc.start_kube(dir);
+                let group = vpc.shim.security_group(&vpc_id, "pods");
+                for (name, cidr) in [("us-west-2a", "100.64.0.0/24"), ("alt", "100.64.1.0/24")] {
+                    let id = vpc
+                        .shim
+                        .subnet(&vpc_id, cidr, Some("100.64.0.0/16"), json!({}));
+                    layout.subnets.push((name.into(), id, cidr.into()));
+                }
+                let kube = vpc.kube.as_ref().expect("kube started");
+                for (name, id, _) in &layout.subnets {
+                    kube.eniconfig(name, id, &[&group]);
+                }
+                for inst in &insts {
+                    kube.node(&inst.id, &[(ZONE_LABEL, "us-west-2a")]);
+                }
+                layout.pod_group = Some(group);
+                mode_env.push(("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG".into(), "true".into()));
+                mode_env.push(("ENI_CONFIG_LABEL_DEF".into(), ZONE_LABEL.into()));
+            }
+            Mode::SubnetDiscovery => {
+                let tagged = vpc.shim.subnet(
+                    &vpc_id,
+                    "10.0.32.0/24",
+                    None,
+                    json!({"kubernetes.io/role/cni": "1"}),
+                );
+                layout
+                    .subnets
+                    .push(("tagged".into(), tagged, "10.0.32.0/24".into()));
+                let untagged = vpc.shim.subnet(&vpc_id, "10.0.64.0/20", None, json!({}));
+                layout
+                    .subnets
+                    .push(("untagged".into(), untagged, "10.0.64.0/20".into()));
+                mode_env.push(("ENABLE_SUBNET_DISCOVERY".into(), "true".into()));
+            }
+        }
+        let mut nodes = Vec::new();
+        for (i, (spec, inst)) in specs.iter().zip(&insts).enumerate() {
             let ndir = dir.join(format!("node{}", i + 1));
             std::fs::create_dir_all(&ndir).expect("node dir");
-            let mut node = vpc.add_node(&ndir, &inst, 0);
-            let env: Vec<(&str, &str)> = spec
-                .env
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect();
+            let mut node = vpc.add_node(&ndir, inst, 0);
+            let mut all = mode_env.clone();
+            if let Some(k) = &vpc.kube {
+                all.extend(k.env(&inst.id));
+            }
+            all.extend(spec.env.iter().cloned());
+            let env: Vec<(&str, &str)> =
+                all.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
             node.start_ipamd(&ndir, &env);
             let cni = CniClient::new(&node.ns.name, &ndir, &node.ipamd().socket);
             nodes.push(SimNode {
@@ -104,13 +215,14 @@ impl Sim {
                 cni,
                 node,
                 dir: ndir,
-                env: spec.env.clone(),
+                env: all,
             });
         }
         let sim = Sim {
             nodes,
             vpc,
             dir: dir.to_path_buf(),
+            layout,
             whoami: None,
         };
         for n in &sim.nodes {
@@ -235,6 +347,8 @@ impl Sim {
             .iter()
             .map(|e| SimEni {
                 device: e["device_index"].as_u64().unwrap_or(0),
+                subnet_id: e["subnet_id"].as_str().unwrap_or("").to_string(),
+                security_groups: strs(&e["security_group_ids"]),
                 id: e["id"].as_str().unwrap_or("").to_string(),
                 primary_ip: e["primary_ip"].as_str().unwrap_or("").to_string(),
                 secondary: strs(&e["secondary_ips"]),

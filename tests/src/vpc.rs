@@ -231,6 +231,8 @@ pub struct Vpc {
     pub router: Netns,
     pub internet: Option<Netns>,
     pub shim: Shim,
+    /// The Kubernetes API emulator, relayed into every node added after it started.
+    pub kube: Option<crate::kube::KubeApi>,
 }
 
 impl Vpc {
@@ -290,6 +292,7 @@ impl Vpc {
             router,
             internet: None,
             shim,
+            kube: None,
         }
     }
 
@@ -349,6 +352,13 @@ impl Vpc {
         self.internet.as_ref().expect("just set")
     }
 
+    /// Start the Kubernetes API emulator (files under `dir/kube`); nodes added from now on
+    /// reach it at the same address as the host does.
+    pub fn start_kube(&mut self, dir: &Path) -> &crate::kube::KubeApi {
+        self.kube = Some(crate::kube::KubeApi::start(dir));
+        self.kube.as_ref().expect("just set")
+    }
+
     pub fn fabric_error(&self) -> Option<String> {
         self.fabric.error.lock().ok().and_then(|g| g.clone())
     }
@@ -366,7 +376,15 @@ impl Vpc {
         eventually(20, "the node's eth0 from the fabric", || {
             ns.links().contains(&"eth0".to_string()).then_some(())
         });
-        let imds = FakeImds::start_in(dir, &self.shim, &inst.id, imds_lag_ms, Some(&ns.name));
+        let relays: Vec<u16> = self.kube.iter().map(|k| k.port).collect();
+        let imds = FakeImds::start_relaying(
+            dir,
+            &self.shim,
+            &inst.id,
+            imds_lag_ms,
+            Some(&ns.name),
+            &relays,
+        );
         VpcNode {
             ipamd: None,
             imds,

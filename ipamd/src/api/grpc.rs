@@ -125,6 +125,9 @@ impl CniBackend for Backend {
                 }
             };
             info!(ip = %alloc.ip, eni = %alloc.eni_id, "assigned");
+            if let Some(a) = s.annotator() {
+                a.assigned(&r.k8s_pod_namespace, &r.k8s_pod_name, alloc.ip.into());
+            }
             Ok(Response::new(AddNetworkReply {
                 success: true,
                 ip_address: vec![ip_msg(&alloc)],
@@ -183,6 +186,9 @@ impl CniBackend for Backend {
                 }));
             };
             info!(ip = %a.ip, "released into cooldown");
+            if let Some(an) = s.annotator() {
+                an.released(&a.pod.namespace, &a.pod.name, a.ip.into());
+            }
             Ok(Response::new(DelNetworkReply {
                 success: true,
                 ip_address: vec![ip_msg(&a)],

@@ -265,14 +265,47 @@ async fn route(
         "/v1/networkutils-env-settings" => {
             reply(StatusCode::OK, JSON, env_json(NETWORK_ENV).to_string())
         }
-        // Custom networking (ENIConfig) is not implemented: there is never one to show.
-        "/v1/eni-configs" => reply(StatusCode::NOT_FOUND, "text/plain", "Not Found\n".into()),
+        "/v1/eni-configs" => match eni_configs_json(&s) {
+            Some(v) => reply(StatusCode::OK, JSON, v.to_string()),
+            None => reply(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "custom networking is off (AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG=false)\n".into(),
+            ),
+        },
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
             "404 page not found\n".into(),
         ),
     })
+}
+
+/// The node's ENIConfig as custom networking sees it: upstream's ENIConfigInfo keys (every
+/// ENIConfig, the node's, the annotation and label keys), and ours: whether the node's exists,
+/// why not, and the Kubernetes API's condition.
+fn eni_configs_json(s: &Pool) -> Option<Value> {
+    use crate::k8s::eniconfig::{name_for, Selection};
+    let (sel, keys, view) = s.placement.get()?.eniconfig()?;
+    let my = view
+        .node
+        .as_ref()
+        .map(|n| name_for(n, &keys).0)
+        .unwrap_or_default();
+    let (status, reason) = match &sel {
+        Selection::Found { .. } => ("found", Value::Null),
+        Selection::Missing { why, .. } => ("missing", Value::String(why.clone())),
+        Selection::Unknown(why) => ("unknown", Value::String(why.clone())),
+    };
+    Some(json!({
+        "ENI": view.eniconfigs,
+        "MyENI": my,
+        "EniConfigAnnotationDef": keys.annotation,
+        "EniConfigLabelDef": keys.label,
+        "status": status,
+        "reason": reason,
+        "kubernetes": s.kube.get().map(|k| k.condition()).unwrap_or_default(),
+    }))
 }
 
 /// Connections served at once per port. Prometheus needs one; more wait in the kernel's

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use std::sync::Mutex;
 
-use super::{Attachment, CloudError, Ec2, EniFilter, EniInfo, NewEni};
+use super::{Attachment, CloudError, Ec2, EniFilter, EniInfo, NewEni, SubnetFilter, SubnetInfo};
 use crate::pool::datastore::Prefix;
 
 #[derive(Default)]
@@ -16,6 +16,11 @@ pub struct State {
     pub calls: Vec<&'static str>,
     /// Actions that succeed and do nothing (EC2 accepting a call it does not carry out).
     pub noop: std::collections::HashSet<&'static str>,
+    /// Subnets DescribeSubnets lists; a create in one of them takes one of its addresses
+    /// per address asked for and fails with InsufficientFreeAddressesInSubnet at 0.
+    pub subnets: Vec<SubnetInfo>,
+    /// Every create request, in order (subnet, security groups).
+    pub created: Vec<NewEni>,
     next_id: u32,
     next_ip: u32,
 }
@@ -87,6 +92,8 @@ impl FakeEc2 {
         let info = EniInfo {
             id: id.clone(),
             mac: format!("02:00:00:00:00:{device_index:02x}"),
+            // The node's subnet in the manager's tests.
+            subnet_id: "subnet-1".into(),
             primary_ip: Some(primary),
             secondary_ips: secondary,
             attachment: Some(Attachment {
@@ -158,6 +165,19 @@ impl Ec2 for FakeEc2 {
     async fn create_eni(&self, req: NewEni) -> Result<EniInfo, CloudError> {
         let mut st = self.lock();
         st.call("CreateNetworkInterface")?;
+        let need = 1 + u64::from(req.secondary_ips) + 16 * u64::from(req.prefixes);
+        if let Some(sn) = st.subnets.iter_mut().find(|s| s.id == req.subnet_id) {
+            if sn.available < need {
+                return Err(CloudError::new(
+                    "CreateNetworkInterface",
+                    "InsufficientFreeAddressesInSubnet",
+                    format!("subnet {} is full", req.subnet_id),
+                    400,
+                ));
+            }
+            sn.available -= need;
+        }
+        st.created.push(req.clone());
         let id = st.eni_id();
         let primary = st.ip();
         let secondary = (0..req.secondary_ips).map(|_| st.ip()).collect();
@@ -264,6 +284,20 @@ impl Ec2 for FakeEc2 {
 
     async fn unassign_prefixes(&self, _: &str, _: &[Prefix]) -> Result<(), CloudError> {
         self.lock().call("UnassignPrivateIpAddresses")
+    }
+
+    async fn describe_subnets(&self, f: SubnetFilter) -> Result<Vec<SubnetInfo>, CloudError> {
+        let mut st = self.lock();
+        st.call("DescribeSubnets")?;
+        Ok(st
+            .subnets
+            .iter()
+            .filter(|s| match &f {
+                SubnetFilter::Ids(ids) => ids.contains(&s.id),
+                SubnetFilter::VpcAz { vpc_id, az } => s.vpc_id == *vpc_id && s.az == *az,
+            })
+            .cloned()
+            .collect())
     }
 
     async fn describe_instance_type(

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use tracing::{debug, error, warn};
 
-use super::{CloudError, Ec2, EniFilter, EniInfo, ErrorKind, NewEni};
+use super::{CloudError, Ec2, EniFilter, EniInfo, ErrorKind, NewEni, SubnetFilter, SubnetInfo};
 use crate::instance::types::InstanceLimits;
 use crate::pool::datastore::Prefix;
 
@@ -282,6 +282,10 @@ impl<E: Ec2> Ec2 for Guarded<E> {
             self.inner.unassign_prefixes(eni, p)
         })
         .await
+    }
+    async fn describe_subnets(&self, f: SubnetFilter) -> Result<Vec<SubnetInfo>, CloudError> {
+        self.call("DescribeSubnets", || self.inner.describe_subnets(f.clone()))
+            .await
     }
     async fn describe_instance_type(&self, t: &str) -> Result<Option<InstanceLimits>, CloudError> {
         self.call("DescribeInstanceTypes", || {

@@ -38,6 +38,9 @@ pub struct EniInfo {
     pub prefixes: Vec<Prefix>,
     pub tags: BTreeMap<String, String>,
     pub attachment: Option<Attachment>,
+    /// EC2's InterfaceType: "interface" (or empty) for an ordinary ENI; "trunk", "efa",
+    /// "efa-only", "branch" belong to other controllers or need other handling.
+    pub interface_type: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -55,6 +58,56 @@ impl EniInfo {
             .get(TAG_NO_MANAGE)
             .is_some_and(|v| v.eq_ignore_ascii_case("true"))
     }
+
+    /// Why ipamd must leave this ENI alone (never adopt, assign to or delete it), if it must.
+    pub fn not_ours(&self) -> Option<&'static str> {
+        match self.interface_type.as_str() {
+            "trunk" => return Some("a trunk ENI (pods' branch ENIs hang off it)"),
+            "efa" => return Some("an EFA ENI"),
+            "efa-only" => return Some("an EFA-only ENI"),
+            "branch" => return Some("a branch ENI"),
+            _ => {}
+        }
+        if self.no_manage() {
+            return Some("tagged node.k8s.amazonaws.com/no_manage=true");
+        }
+        if self
+            .attachment
+            .as_ref()
+            .is_some_and(|a| a.network_card != 0)
+        {
+            return Some("on another network card");
+        }
+        None
+    }
+}
+
+/// The tag that offers a subnet to subnet discovery (upstream's key).
+pub const TAG_CNI_ROLE: &str = "kubernetes.io/role/cni";
+/// With CLUSTER_NAME set, a discovered subnet carrying tags with this prefix must carry
+/// `<prefix><CLUSTER_NAME>` among them.
+pub const TAG_CLUSTER_PREFIX: &str = "cni.networking.k8s.aws/cluster/";
+
+/// One subnet as DescribeSubnets lists it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubnetInfo {
+    pub id: String,
+    pub vpc_id: String,
+    pub az: String,
+    pub cidr: Option<ipnet::Ipv4Net>,
+    pub available: u64,
+    pub tags: BTreeMap<String, String>,
+}
+
+/// Which subnets to describe.
+#[derive(Debug, Clone)]
+pub enum SubnetFilter {
+    Ids(Vec<String>),
+    /// Every subnet of a VPC in one availability zone.
+    VpcAz {
+        vpc_id: String,
+        az: String,
+    },
 }
 
 /// What to create an ENI with.
@@ -178,6 +231,7 @@ pub trait Ec2: Send + Sync + 'static {
     async fn assign_prefixes(&self, eni_id: &str, count: u32) -> Result<Vec<Prefix>, CloudError>;
     async fn unassign_ips(&self, eni_id: &str, ips: &[Ipv4Addr]) -> Result<(), CloudError>;
     async fn unassign_prefixes(&self, eni_id: &str, prefixes: &[Prefix]) -> Result<(), CloudError>;
+    async fn describe_subnets(&self, filter: SubnetFilter) -> Result<Vec<SubnetInfo>, CloudError>;
     /// (max ENIs on card 0, IPv4 addresses per ENI, Nitro?) for a type missing from the table.
     async fn describe_instance_type(
         &self,

@@ -13,7 +13,7 @@ use aws_sdk_ec2::types::{
     TagSpecification,
 };
 
-use super::{Attachment, CloudError, Ec2, EniFilter, EniInfo, NewEni};
+use super::{Attachment, CloudError, Ec2, EniFilter, EniInfo, NewEni, SubnetFilter, SubnetInfo};
 use crate::instance::types::{Hypervisor, InstanceLimits};
 use crate::pool::datastore::Prefix;
 
@@ -115,6 +115,10 @@ fn eni_info(n: &NetworkInterface) -> EniInfo {
             .iter()
             .filter_map(|t| Some((t.key()?.to_string(), t.value().unwrap_or("").to_string())))
             .collect(),
+        interface_type: n
+            .interface_type()
+            .map(|t| t.as_str().to_string())
+            .unwrap_or_default(),
         attachment: n.attachment().and_then(|a| {
             Some(Attachment {
                 id: a.attachment_id()?.to_string(),
@@ -320,6 +324,50 @@ impl Ec2 for SdkEc2 {
             .await
             .map_err(|e| cloud_err("UnassignPrivateIpAddresses", e))?;
         Ok(())
+    }
+
+    async fn describe_subnets(&self, f: SubnetFilter) -> Result<Vec<SubnetInfo>, CloudError> {
+        const OP: &str = "DescribeSubnets";
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let req = match &f {
+                SubnetFilter::Ids(ids) => self
+                    .client
+                    .describe_subnets()
+                    .set_subnet_ids(Some(ids.clone())),
+                SubnetFilter::VpcAz { vpc_id, az } => self
+                    .client
+                    .describe_subnets()
+                    .filters(filter("vpc-id", vpc_id))
+                    .filters(filter("availability-zone", az)),
+            };
+            let resp = req
+                .set_next_token(token.take())
+                .send()
+                .await
+                .map_err(|e| cloud_err(OP, e))?;
+            out.extend(resp.subnets().iter().map(|s| {
+                SubnetInfo {
+                    id: s.subnet_id().unwrap_or_default().to_string(),
+                    vpc_id: s.vpc_id().unwrap_or_default().to_string(),
+                    az: s.availability_zone().unwrap_or_default().to_string(),
+                    cidr: s.cidr_block().and_then(|c| c.parse().ok()),
+                    available: s.available_ip_address_count().unwrap_or(0).max(0) as u64,
+                    tags: s
+                        .tags()
+                        .iter()
+                        .filter_map(|t| {
+                            Some((t.key()?.to_string(), t.value().unwrap_or("").to_string()))
+                        })
+                        .collect(),
+                }
+            }));
+            match resp.next_token() {
+                Some(t) if !t.is_empty() => token = Some(t.to_string()),
+                _ => return Ok(out),
+            }
+        }
     }
 
     async fn describe_instance_type(

@@ -120,12 +120,14 @@ pub fn node_max_pods(
     limits: &InstanceLimits,
     max_eni: Option<u32>,
     prefix_delegation: bool,
+    custom_networking: bool,
 ) -> u32 {
     max_pods_uncapped(
         limits,
         &MaxPodsParams {
             prefix_delegation,
             max_eni,
+            custom_networking,
             ..MaxPodsParams::default()
         },
     )
@@ -236,9 +238,12 @@ mod tests {
     #[test]
     fn node_limit_is_uncapped_formula() {
         let m5 = lookup("m5.24xlarge").unwrap();
-        assert_eq!(node_max_pods(m5, None, false), 737);
-        assert_eq!(node_max_pods(m5, Some(2), false), 100);
-        assert_eq!(node_max_pods(lookup("m5.large").unwrap(), None, true), 434);
+        assert_eq!(node_max_pods(m5, None, false, false), 737);
+        assert_eq!(node_max_pods(m5, Some(2), false, false), 100);
+        assert_eq!(
+            node_max_pods(lookup("m5.large").unwrap(), None, true, false),
+            434
+        );
     }
 
     #[test]

@@ -85,6 +85,8 @@ pub enum StepError {
     },
     #[error("EC2 created ENI {0} without a primary address; deleted it")]
     NoAddress(String),
+    #[error(transparent)]
+    Placement(crate::pool::placement::Blocked),
 }
 
 #[cfg(test)]

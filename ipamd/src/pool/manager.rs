@@ -18,8 +18,10 @@ use crate::cloud::imds::Imds;
 use crate::cloud::{self, CloudError, Ec2, EniFilter, EniInfo, ErrorKind, NewEni};
 use crate::config::Timing;
 use crate::hostnet::LINK_WAIT;
+use crate::k8s::events::Recorder;
 use crate::pool::datastore::{Datastore, Eni, Prefix};
 use crate::pool::lifecycle::{self as lifecycle, NodeNetworking, StepError};
+use crate::pool::placement::{Blocked, Mode, Placement, Target};
 use crate::pool::warm::{self, Ceiling, EniView, PoolView, Step, Targets};
 use crate::pool::Pool;
 
@@ -48,6 +50,8 @@ pub struct Limits {
     pub max_enis: usize,
     /// Ipv4AddressesPerInterface - 1.
     pub slots_per_eni: usize,
+    /// May pods get addresses of the primary ENI? Not under custom networking.
+    pub primary_hosts_pods: bool,
 }
 
 pub struct Manager<E: Ec2> {
@@ -63,6 +67,11 @@ pub struct Manager<E: Ec2> {
     pub leak_cleanup: bool,
     /// Secondary ENIs' links, tables and rules; None in standalone tests of the pool alone.
     pub net: Option<Arc<dyn NodeNetworking>>,
+    /// Where new ENIs go (the node's subnet unless custom networking or subnet discovery).
+    pub placement: Arc<Placement>,
+    pub events: Recorder,
+    /// The subnets the last ENI creation tried, for the subnet-full message.
+    last_subnets: String,
     last_release: Option<Instant>,
     growth_paused_until: Option<Instant>,
     /// Growth calls in a row that EC2 accepted without the pool growing.
@@ -95,6 +104,7 @@ pub fn pool_view(ds: &Datastore, limits: &Limits, unmanaged: usize, min_age: Dur
                     cooldown: st.cooldown,
                     available: st.available,
                     age: now.duration_since(e.attached_at).unwrap_or_default(),
+                    hosts_pods: !e.primary || limits.primary_hosts_pods,
                 }
             })
             .collect(),
@@ -120,10 +130,24 @@ impl<E: Ec2> Manager<E> {
         extra_tags: BTreeMap<String, String>,
         leak_cleanup: bool,
     ) -> Self {
+        let placement = Arc::new(Placement::new(
+            Mode::NodeSubnet,
+            Target {
+                subnet_id: node.subnet_id.clone(),
+                subnet_cidr: node.subnet_cidr,
+                security_groups: node.security_groups.clone(),
+                why: "the node's subnet".into(),
+            },
+            node.vpc_id.clone(),
+            String::new(),
+        ));
         Manager {
             ec2,
             shared,
             imds,
+            placement,
+            events: Recorder::none(),
+            last_subnets: node.subnet_id.clone(),
             node,
             limits,
             targets,
@@ -314,6 +338,10 @@ impl<E: Ec2> Manager<E> {
         }
     }
 
+    fn growth_note(&self) -> Option<String> {
+        self.shared.growth_note()
+    }
+
     fn clear_note(&self) {
         if let Ok(mut g) = self.shared.pool_note.lock() {
             *g = None;
@@ -336,6 +364,20 @@ impl<E: Ec2> Manager<E> {
             .inc();
         let e = match e {
             StepError::Cloud(c) => c,
+            StepError::Placement(b) => {
+                let msg = format!("no ENI can be added: {b}");
+                if self.growth_note().as_deref() != Some(msg.as_str()) {
+                    warn!("{msg}");
+                    let reason = match b {
+                        Blocked::NoEniConfig(_) => "MissingENIConfig",
+                        Blocked::Unknown(_) => "ENIConfigUnknown",
+                        Blocked::Cloud(_) => "ENIConfigSubnet",
+                    };
+                    self.events.warn(reason, msg.clone());
+                }
+                self.note(FailureReason::PoolEmpty, msg);
+                return;
+            }
             other => {
                 error!(error = %other, ?step, "pool step failed");
                 return;
@@ -350,11 +392,12 @@ impl<E: Ec2> Manager<E> {
                 };
                 let msg = format!(
                     "subnet {} {what} ({}); growth paused for {}s",
-                    self.node.subnet_id,
+                    self.last_subnets,
                     e.code,
                     self.timing.subnet_full_backoff.as_secs()
                 );
                 error!(error = %e, "{msg}");
+                self.events.warn("SubnetFull", msg.clone());
                 self.growth_paused_until = Some(Instant::now() + self.timing.subnet_full_backoff);
                 self.note(FailureReason::SubnetFull, msg);
             }
@@ -375,10 +418,10 @@ impl<E: Ec2> Manager<E> {
                 warn!(error = %e, ?step, "EC2 keeps throttling; will retry");
             }
             ErrorKind::Unauthorized => {
-                self.note(
-                    FailureReason::PoolEmpty,
-                    format!("the node's IAM role may not call ec2:{} ({})", e.op, e.code),
-                );
+                let msg = format!("the node's IAM role may not call ec2:{} ({})", e.op, e.code);
+                warn!(error = %e, "{msg}");
+                self.events.warn("MissingIAMPermissions", msg.clone());
+                self.note(FailureReason::PoolEmpty, msg);
             }
             _ => {
                 warn!(error = %e, ?step, "pool step failed");
@@ -512,19 +555,49 @@ impl<E: Ec2> Manager<E> {
     /// create reply, so there is no wait for IMDS. Then node networking, then the pool; a step
     /// that fails undoes the ones before it.
     async fn new_eni(&mut self, ips: u32, prefixes: u32) -> Result<(), StepError> {
-        let created = self
-            .ec2
-            .create_eni(NewEni {
-                subnet_id: self.node.subnet_id.clone(),
-                security_groups: self.node.security_groups.clone(),
+        let targets = self
+            .placement
+            .targets(&*self.ec2)
+            .await
+            .map_err(StepError::Placement)?;
+        self.last_subnets = targets
+            .iter()
+            .map(|t| t.subnet_id.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        // Discovery lists the subnets best first: a full one sends the ENI to the next.
+        let mut last_err = None;
+        let mut made = None;
+        for t in &targets {
+            let req = NewEni {
+                subnet_id: t.subnet_id.clone(),
+                security_groups: t.security_groups.clone(),
                 description: format!("{}{}", cloud::ENI_DESCRIPTION_PREFIX, self.node.instance_id),
                 tags: self.eni_tags(),
                 secondary_ips: ips,
                 prefixes,
-            })
-            .await?;
+            };
+            match self.ec2.create_eni(req).await {
+                Ok(c) => {
+                    made = Some((c, t.clone()));
+                    break;
+                }
+                Err(e) if matches!(e.kind, ErrorKind::SubnetFull | ErrorKind::NoCidrBlocks) => {
+                    info!(subnet = %t.subnet_id, code = %e.code, "subnet full; trying the next one");
+                    self.placement.subnet_full(&t.subnet_id);
+                    last_err = Some(e);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let Some((created, target)) = made else {
+            return Err(match last_err {
+                Some(e) => e.into(),
+                None => StepError::Placement(Blocked::NoEniConfig("no subnet to use".into())),
+            });
+        };
         let device = self.next_device_index(&*self.shared.ds.lock().await);
-        let Some(eni) = lifecycle::from_ec2(&created, device, self.node.subnet_cidr) else {
+        let Some(eni) = lifecycle::from_ec2(&created, device, target.subnet_cidr) else {
             self.delete_eni_retrying(&created.id).await;
             return Err(StepError::NoAddress(created.id));
         };
@@ -552,7 +625,7 @@ impl<E: Ec2> Manager<E> {
             return Err(e);
         }
         self.node.attachments.insert(created.id.clone(), attachment);
-        info!(eni = %created.id, device, ips = created.secondary_ips.len(), prefixes = created.prefixes.len(), "ENI attached");
+        info!(eni = %created.id, device, subnet = %target.subnet_id, why = %target.why, security_groups = ?target.security_groups, ips = created.secondary_ips.len(), prefixes = created.prefixes.len(), "ENI attached");
         Ok(())
     }
 
@@ -747,10 +820,15 @@ impl<E: Ec2> Manager<E> {
                 let Some(att) = &info.attachment else {
                     continue;
                 };
-                if att.network_card != 0 || info.no_manage() {
-                    self.node
+                if let Some(why) = info.not_ours() {
+                    if self
+                        .node
                         .unmanaged
-                        .insert(att.device_index, info.id.clone());
+                        .insert(att.device_index, info.id.clone())
+                        .is_none()
+                    {
+                        info!(eni = %info.id, device = att.device_index, "ENI left alone: {why}");
+                    }
                     continue;
                 }
                 seen.insert(info.id.clone());
@@ -759,10 +837,8 @@ impl<E: Ec2> Manager<E> {
                     .insert(info.id.clone(), att.id.clone());
                 if ds.eni(&info.id).is_some() {
                     apply_eni_addresses(&mut ds, info);
-                } else if let Some(e) =
-                    lifecycle::from_ec2(info, att.device_index, self.node.subnet_cidr)
-                {
-                    adopt.push(e);
+                } else {
+                    adopt.push((info.clone(), att.device_index));
                 }
             }
             let ids: Vec<String> = ds
@@ -787,7 +863,25 @@ impl<E: Ec2> Manager<E> {
             self.node.attachments.remove(&e.id);
             info!(eni = %e.id, "ENI no longer attached in EC2; removed from the pool and the node");
         }
-        for e in adopt {
+        for (info, device) in adopt {
+            let cidr = match self
+                .placement
+                .subnet_cidr(&*self.ec2, &info.subnet_id)
+                .await
+            {
+                Ok(Some(c)) => c,
+                Ok(None) => {
+                    warn!(eni = %info.id, subnet = %info.subnet_id, "ENI found in EC2 not adopted: EC2 does not list its subnet");
+                    continue;
+                }
+                Err(err) => {
+                    warn!(eni = %info.id, error = %err, "ENI found in EC2 not adopted: its subnet could not be described; next reconcile tries again");
+                    continue;
+                }
+            };
+            let Some(e) = lifecycle::from_ec2(&info, device, cidr) else {
+                continue;
+            };
             let id = e.id.clone();
             match self.bring_onto_node(e).await {
                 Ok(()) => {
@@ -835,6 +929,7 @@ impl<E: Ec2> Manager<E> {
 pub fn is_leaked(e: &EniInfo, now: SystemTime) -> bool {
     if e.attachment.is_some()
         || e.no_manage()
+        || !matches!(e.interface_type.as_str(), "" | "interface")
         || !e.description.starts_with(cloud::ENI_DESCRIPTION_PREFIX)
         || (!e.status.is_empty() && e.status != "available")
     {
@@ -936,6 +1031,7 @@ mod tests {
                 None,
                 node,
                 Limits {
+                    primary_hosts_pods: true,
                     max_enis: 3,
                     slots_per_eni: 5,
                 },
@@ -1223,5 +1319,143 @@ mod tests {
         r.mgr.converge().await;
         assert_eq!(r.mgr.no_progress, 0);
         assert_eq!(r.pool_enis().await.len(), 2);
+    }
+
+    fn subnet(id: &str, cidr: &str, free: u64, role: Option<&str>) -> crate::cloud::SubnetInfo {
+        crate::cloud::SubnetInfo {
+            id: id.into(),
+            vpc_id: "vpc-1".into(),
+            az: "us-west-2a".into(),
+            cidr: cidr.parse().ok(),
+            available: free,
+            tags: role
+                .map(|r| [(cloud::TAG_CNI_ROLE.to_string(), r.to_string())].into())
+                .unwrap_or_default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn discovery_sends_the_eni_to_the_freest_subnet_and_moves_on_when_full() {
+        let mut r = Rig::growing().await;
+        r.ec2.lock().subnets = vec![
+            subnet("subnet-1", "10.0.0.0/16", 2, None),
+            subnet("subnet-a", "100.64.0.0/24", 6, Some("1")),
+            subnet("subnet-b", "100.64.1.0/24", 5, Some("1")),
+        ];
+        r.mgr.node.security_groups = vec!["sg-node".into()];
+        r.mgr.placement = Arc::new(Placement::new(
+            Mode::Discovery {
+                cluster: String::new(),
+            },
+            Target {
+                subnet_id: "subnet-1".into(),
+                subnet_cidr: "10.0.0.0/16".parse().unwrap(),
+                security_groups: vec!["sg-node".into()],
+                why: "node".into(),
+            },
+            "vpc-1".into(),
+            "us-west-2a".into(),
+        ));
+        r.mgr.converge().await;
+        let created = r.ec2.lock().created.clone();
+        assert_eq!(created[0].subnet_id, "subnet-a", "most free first");
+        assert_eq!(created[0].security_groups, ["sg-node"]);
+        let eni = r
+            .mgr
+            .shared
+            .ds
+            .lock()
+            .await
+            .enis()
+            .find(|e| !e.primary)
+            .cloned()
+            .unwrap();
+        assert_eq!(eni.subnet_cidr, "100.64.0.0/24".parse().unwrap());
+        // EC2 finds subnet-a full although the cached list still ranks it first: the next ENI
+        // goes to subnet-b.
+        {
+            let mut st = r.ec2.lock();
+            st.created.clear();
+            st.subnets[1].available = 0;
+            st.subnets[2].available = 50;
+        }
+        r.mgr.targets.warm_ip = Some(14);
+        r.mgr.limits.max_enis = 4;
+        r.mgr.converge().await;
+        let subnets: Vec<String> = r
+            .ec2
+            .lock()
+            .created
+            .iter()
+            .map(|c| c.subnet_id.clone())
+            .collect();
+        assert_eq!(subnets, ["subnet-b"], "{subnets:?}");
+    }
+
+    #[tokio::test]
+    async fn custom_networking_without_an_eniconfig_adds_no_eni_and_says_why() {
+        let mut r = Rig::growing().await;
+        let (tx, rx) = tokio::sync::watch::channel(crate::k8s::eniconfig::View {
+            node_synced: true,
+            eniconfigs_synced: true,
+            node: Some(Default::default()),
+            ..Default::default()
+        });
+        r.mgr.limits.primary_hosts_pods = false;
+        r.mgr.placement = Arc::new(Placement::new(
+            Mode::Custom {
+                keys: Default::default(),
+                node_name: "n1".into(),
+                view: rx,
+            },
+            Target {
+                subnet_id: "subnet-1".into(),
+                subnet_cidr: "10.0.0.0/16".parse().unwrap(),
+                security_groups: vec!["sg-node".into()],
+                why: "node".into(),
+            },
+            "vpc-1".into(),
+            "us-west-2a".into(),
+        ));
+        r.mgr.converge().await;
+        assert_eq!(r.ec2.calls("CreateNetworkInterface"), 0);
+        assert_eq!(
+            r.ec2.calls("AssignPrivateIpAddresses"),
+            0,
+            "the primary is not grown"
+        );
+        let note = r.mgr.shared.growth_note().unwrap();
+        assert!(note.contains("no ENIConfig named \"default\""), "{note}");
+        // The ENIConfig appears: the next ENI goes to its subnet with its groups.
+        r.ec2.lock().subnets = vec![subnet("subnet-cn", "100.64.2.0/24", 100, None)];
+        tx.send_modify(|v| {
+            v.eniconfigs.insert(
+                "default".into(),
+                crate::k8s::eniconfig::EniConfigSpec {
+                    subnet: "subnet-cn".into(),
+                    security_groups: vec!["sg-pods".into()],
+                },
+            );
+        });
+        r.mgr.converge().await;
+        let created = r.ec2.lock().created.clone();
+        assert_eq!(created.len(), 1);
+        assert_eq!(created[0].subnet_id, "subnet-cn");
+        assert_eq!(created[0].security_groups, ["sg-pods"]);
+    }
+
+    #[tokio::test]
+    async fn trunk_and_efa_enis_are_never_adopted() {
+        let mut r = Rig::growing().await;
+        let trunk = r.ec2.attach_foreign(1, 0);
+        let efa = r.ec2.attach_foreign(2, 3);
+        for (id, t) in [(&trunk, "trunk"), (&efa, "efa")] {
+            r.ec2.lock().enis.get_mut(id).unwrap().interface_type = t.into();
+        }
+        r.sync().await;
+        let pool = r.pool_enis().await;
+        assert!(!pool.contains(&trunk) && !pool.contains(&efa), "{pool:?}");
+        assert_eq!(r.mgr.node.unmanaged.len(), 2);
+        assert!(r.net.set_up.lock().unwrap().is_empty());
     }
 }

@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod datastore;
 pub mod lifecycle;
 pub mod manager;
+pub mod placement;
 pub mod sweep;
 pub mod warm;
 
@@ -48,6 +49,10 @@ pub struct Pool {
     pub pool_note: std::sync::Mutex<Option<(FailureReason, String)>>,
     /// The pool is at its ceiling (max pods or every ENI full), in words.
     pub ceiling: std::sync::Mutex<Option<String>>,
+    /// The Kubernetes side, once started (watches, Events, the pod IP annotation).
+    pub kube: std::sync::OnceLock<crate::k8s::Kube>,
+    /// Where new ENIs go, for introspection (`/v1/eni-configs`).
+    pub placement: std::sync::OnceLock<Arc<placement::Placement>>,
 }
 
 impl Pool {
@@ -74,6 +79,8 @@ impl Pool {
             growing: AtomicBool::new(false),
             pool_note: Default::default(),
             ceiling: Default::default(),
+            kube: Default::default(),
+            placement: Default::default(),
         }
     }
 
@@ -293,6 +300,11 @@ impl Pool {
             .lock()
             .ok()
             .and_then(|g| g.as_ref().map(|(_, m)| m.clone()))
+    }
+
+    /// The pod IP annotation's writer, when `ANNOTATE_POD_IP` is on.
+    pub fn annotator(&self) -> Option<&crate::k8s::annotate::Annotator> {
+        self.kube.get().and_then(|k| k.annotator.as_ref())
     }
 
     pub fn vpc_cidrs(&self) -> Vec<ipnet::Ipv4Net> {

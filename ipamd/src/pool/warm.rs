@@ -59,6 +59,8 @@ pub struct EniView {
     pub cooldown: usize,
     pub available: usize,
     pub age: Duration,
+    /// May the pool grow on this ENI? Not the primary under custom networking.
+    pub hosts_pods: bool,
 }
 
 impl EniView {
@@ -234,7 +236,11 @@ pub fn ceiling(v: &PoolView, t: &Targets) -> Option<Ceiling> {
     if v.assigned() >= v.max_pods {
         return Some(Ceiling::MaxPods(v.max_pods));
     }
-    let full = v.enis.iter().all(|e| e.slots_used() >= v.slots_per_eni);
+    let full = v
+        .enis
+        .iter()
+        .filter(|e| e.hosts_pods)
+        .all(|e| e.slots_used() >= v.slots_per_eni);
     (full && !v.can_add_eni()).then_some(Ceiling::Enis {
         enis: v.enis.len() + v.unmanaged_enis,
         slots: v.slots_per_eni * if t.prefix_delegation { PREFIX_SIZE } else { 1 },
@@ -250,7 +256,7 @@ pub fn plan(v: &PoolView, t: &Targets, may_release: bool) -> Step {
         let target = v
             .enis
             .iter()
-            .filter(|e| e.slots_used() < v.slots_per_eni)
+            .filter(|e| e.hosts_pods && e.slots_used() < v.slots_per_eni)
             .min_by_key(|e| e.device_number);
         if let Some(e) = target {
             let count = n.min(v.slots_per_eni - e.slots_used()) as u32;
@@ -408,6 +414,7 @@ mod tests {
                             cooldown: 0,
                             available: e.len() * unit - assigned,
                             age: Duration::from_secs(3600),
+                            hosts_pods: true,
                         }
                     })
                     .collect(),
@@ -615,6 +622,29 @@ mod tests {
     }
 
     #[test]
+    fn a_primary_that_hosts_no_pods_is_never_grown() {
+        // Custom networking: the primary holds no pod addresses; the first step is an ENI.
+        let n = Node::new(3, 3, 11, eni_t(1));
+        let mut v = n.view();
+        v.enis.truncate(1);
+        v.enis[0].ips = 0;
+        v.enis[0].available = 0;
+        v.enis[0].assigned = 0;
+        v.enis[0].hosts_pods = false;
+        assert_eq!(
+            plan(&v, &eni_t(1), true),
+            Step::NewEni {
+                ips: 3,
+                prefixes: 0
+            }
+        );
+        v.max_enis = 1;
+        assert_eq!(plan(&v, &eni_t(1), true), Step::Nothing);
+        v.enis[0].hosts_pods = true;
+        assert!(matches!(plan(&v, &eni_t(1), true), Step::AssignIps { .. }));
+    }
+
+    #[test]
     fn young_busy_or_cooling_enis_stay() {
         let mut v = Node::new(3, 3, 11, eni_t(0)).view();
         v.enis.push(EniView {
@@ -628,6 +658,7 @@ mod tests {
             cooldown: 0,
             available: 3,
             age: Duration::from_secs(10),
+            hosts_pods: true,
         });
         assert_eq!(plan(&v, &eni_t(0), true), Step::Nothing);
         v.enis[1].age = Duration::from_secs(120);

@@ -1,12 +1,14 @@
 //! fake-imds: IMDSv2 for one instance, rendered from the EC2 shim's state.
 //!
 //! `fake-imds --shim URL --instance i-... [--listen 127.0.0.1:0] [--ready-file F] [--lag-ms N]
-//!            [--netns NAME] [--ec2-listen 127.0.0.1:0]`
+//!            [--netns NAME] [--ec2-listen 127.0.0.1:0] [--relay PORT]...`
 //!
 //! With `--netns`, the listeners are opened inside that network namespace (a node of the
 //! simulated VPC) while the shim is still reached on the host's loopback: a socket stays in the
 //! namespace it was opened in. `--ec2-listen` adds a plain TCP relay to the shim there, the
-//! node's "EC2 endpoint", since the node cannot reach the host's loopback itself.
+//! node's "EC2 endpoint", since the node cannot reach the host's loopback itself. `--relay PORT`
+//! relays 127.0.0.1:PORT inside the namespace to the same port on the host (the Kubernetes API
+//! emulator: its kubeconfig and certificate then work unchanged from inside the node).
 //!
 //! Real IMDS shows attach and assign some time after EC2 reports them; `--lag-ms` (or
 //! `PUT /fake-imds/lag` with the milliseconds as body) makes this one serve the shim's state
@@ -324,6 +326,7 @@ struct Args {
     lag: Duration,
     netns: Option<String>,
     ec2_listen: Option<SocketAddr>,
+    relays: Vec<u16>,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -335,6 +338,7 @@ fn args() -> anyhow::Result<Args> {
         lag: Duration::ZERO,
         netns: None,
         ec2_listen: None,
+        relays: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -347,6 +351,7 @@ fn args() -> anyhow::Result<Args> {
             "--lag-ms" => a.lag = Duration::from_millis(v()?.parse().context("--lag-ms")?),
             "--netns" => a.netns = Some(v()?),
             "--ec2-listen" => a.ec2_listen = Some(v()?.parse().context("--ec2-listen")?),
+            "--relay" => a.relays.push(v()?.parse().context("--relay")?),
             _ => bail!("unknown argument {k}"),
         }
     }
@@ -380,6 +385,20 @@ async fn main() -> anyhow::Result<()> {
     });
     let mut addrs = vec![a.listen];
     addrs.extend(a.ec2_listen);
+    let relay_addrs: Vec<SocketAddr> = a
+        .relays
+        .iter()
+        .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+        .collect();
+    for (l, addr) in bind_in(a.netns.as_deref(), &relay_addrs)?
+        .into_iter()
+        .zip(&relay_addrs)
+    {
+        tokio::spawn(relay_to(
+            tokio::net::TcpListener::from_std(l)?,
+            addr.to_string(),
+        ));
+    }
     let mut bound = bind_in(a.netns.as_deref(), &addrs)?.into_iter();
     let listener = tokio::net::TcpListener::from_std(bound.next().context("listener")?)?;
     let addr = listener.local_addr()?;

@@ -1,16 +1,20 @@
 //! sim: the simulated cluster on this machine.
 //!
-//! `sim run [--keep]`: a VPC of network namespaces (router, internet), the EC2 shim (moto), two
+//! `sim run [--keep] [--custom-networking | --subnet-discovery]`: a VPC of network namespaces (router, internet), the EC2 shim (moto), two
 //! t3.medium nodes each with its fake IMDS and the real ipamd, pods created by libcni through
 //! `aws-cni` + `portmap`; then a report: the ENIs and addresses each node holds, pod addresses,
 //! cross-node pings, the source address the internet sees (SNAT), and a port mapping reached
 //! from the other node. Everything is torn down at the end unless `--keep`.
+//! `--custom-networking`: pods take addresses of ENIConfig subnets in 100.64.0.0/16 (the
+//! Kubernetes API emulator serves the ENIConfigs and the nodes' zone labels); node 2 is then
+//! relabelled to another ENIConfig, and only its new ENIs follow. `--subnet-discovery`: each
+//! node sits in a /28 of its own, and ENIs go to the subnet tagged `kubernetes.io/role/cni`.
 //! `sim down`: remove whatever a run (even a crashed one) left: processes, namespaces, files.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use integration::sim::{serve_text, tcp_text, teardown, NodeSpec, Sim};
+use integration::sim::{serve_text, tcp_text, teardown, Mode, NodeSpec, Sim, ZONE_LABEL};
 
 const PREFIX: &str = "acs";
 
@@ -31,10 +35,22 @@ fn main() -> ExitCode {
         }
         Some("run") => {
             let keep = args.iter().any(|a| a == "--keep");
+            let mut mode = Mode::Default;
+            for a in &args[1..] {
+                match a.as_str() {
+                    "--keep" => {}
+                    "--custom-networking" if mode == Mode::Default => mode = Mode::CustomNetworking,
+                    "--subnet-discovery" if mode == Mode::Default => mode = Mode::SubnetDiscovery,
+                    other => {
+                        eprintln!("sim: unknown or conflicting argument {other:?}");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
             if keep {
                 integration::keep_helpers();
             }
-            match std::panic::catch_unwind(|| run(keep)) {
+            match std::panic::catch_unwind(|| run(keep, mode)) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
                 Err(_) => {
@@ -45,7 +61,9 @@ fn main() -> ExitCode {
             }
         }
         _ => {
-            eprintln!("usage: sim run [--keep] | sim down");
+            eprintln!(
+                "usage: sim run [--keep] [--custom-networking | --subnet-discovery] | sim down"
+            );
             ExitCode::from(2)
         }
     }
@@ -59,23 +77,50 @@ fn mark(ok: bool) -> &'static str {
     }
 }
 
-fn run(keep: bool) -> bool {
+fn in_cidr(ip: &str, cidr: &str) -> bool {
+    let (Ok(ip), Ok(net)) = (
+        ip.parse::<std::net::Ipv4Addr>(),
+        cidr.parse::<ipnet::Ipv4Net>(),
+    ) else {
+        return false;
+    };
+    net.contains(&ip)
+}
+
+fn run(keep: bool, mode: Mode) -> bool {
     let dir = state_dir();
     let left = teardown(&dir, PREFIX);
     if !left.is_empty() {
         println!("sim: cleared {} leftovers of an earlier run", left.len());
     }
     std::fs::create_dir_all(&dir).expect("state dir");
-    println!("sim: starting the EC2 shim, the VPC router and two t3.medium nodes ...");
+    let what = match mode {
+        Mode::Default => "",
+        Mode::CustomNetworking => {
+            " (custom networking: ENIConfigs in 100.64.0.0/16, Kubernetes API emulator)"
+        }
+        Mode::SubnetDiscovery => " (subnet discovery: nodes in /28 subnets, one tagged subnet)",
+    };
+    println!("sim: starting the EC2 shim, the VPC router and two t3.medium nodes{what} ...");
     let t0 = std::time::Instant::now();
     let spec = || NodeSpec::new("t3.medium", &[]);
-    let mut sim = Sim::up(&dir, PREFIX, &[spec(), spec()]);
+    let mut sim = Sim::up_in(&dir, PREFIX, &[spec(), spec()], mode);
     println!(
         "sim: both ipamds serving after {:.1}s",
         t0.elapsed().as_secs_f64()
     );
 
     let mut all_ok = true;
+    if mode == Mode::CustomNetworking {
+        // Node 2 now names another ENIConfig: ENIs it already has stay where they are.
+        let node2 = sim.nodes[1].inst().id.clone();
+        if let Some(k) = &sim.vpc.kube {
+            k.label_node(&node2, &format!("{ZONE_LABEL}=alt"));
+        }
+        println!("sim: node2 relabelled {ZONE_LABEL}=alt");
+        // The watch delivers the label before the pods below make node 2 grow.
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
     // Node 1: a web pod with a host port, then enough pods that one lands on a secondary ENI.
     let ports = r#"[{"hostPort":8080,"containerPort":80,"protocol":"tcp"}]"#;
     let mut made = Vec::new();
@@ -109,9 +154,18 @@ fn run(keep: bool) -> bool {
             n.inst().primary_ip
         );
         for e in sim.enis(i) {
+            let where_ = if mode == Mode::Default {
+                String::new()
+            } else {
+                format!(
+                    " [subnet {}, groups {}]",
+                    sim.layout.name_of(&e.subnet_id),
+                    e.security_groups.join(",")
+                )
+            };
             let (dev, id, ip, sec, pfx) = (e.device, e.id, e.primary_ip, e.secondary, e.prefixes);
             println!(
-                "  eth{dev} {id} {ip}: {} secondary IPs {}{}",
+                "  eth{dev} {id} {ip}: {} secondary IPs {}{}{where_}",
                 sec.len(),
                 sec.join(" "),
                 if pfx.is_empty() {
@@ -130,6 +184,12 @@ fn run(keep: bool) -> bool {
                     .map_or("?".into(), |d| d.to_string())
             );
         }
+    }
+
+    match mode {
+        Mode::Default => {}
+        Mode::CustomNetworking => all_ok &= custom_networking_checks(&mut sim),
+        Mode::SubnetDiscovery => all_ok &= subnet_discovery_checks(&sim),
     }
 
     println!();
@@ -216,4 +276,152 @@ fn run(keep: bool) -> bool {
         }
     );
     all_ok
+}
+
+/// Pods in the ENIConfigs' subnets with their security group; node 2's first ENI kept in the
+/// old ENIConfig's subnet after the relabel, its next one in the new one's.
+fn custom_networking_checks(sim: &mut Sim) -> bool {
+    let mut ok_all = true;
+    let (a, b) = match (sim.layout.subnet("us-west-2a"), sim.layout.subnet("alt")) {
+        (Some(a), Some(b)) => (a.clone(), b.clone()),
+        _ => return false,
+    };
+    let group = sim.layout.pod_group.clone().unwrap_or_default();
+    println!();
+    println!("== custom networking (EC2's view) ==");
+    for i in 0..sim.nodes.len() {
+        for e in sim.enis(i).iter().filter(|e| e.device > 0) {
+            let ok =
+                (e.subnet_id == a.1 || e.subnet_id == b.1) && e.security_groups == [group.clone()];
+            ok_all &= ok;
+            println!(
+                "{} node{} eth{} in {} with group {}",
+                mark(ok),
+                i + 1,
+                e.device,
+                sim.layout.name_of(&e.subnet_id),
+                e.security_groups.join(",")
+            );
+        }
+        for p in &sim.nodes[i].pods {
+            let ok = in_cidr(&p.ip, "100.64.0.0/16");
+            ok_all &= ok;
+            println!(
+                "{} node{}/{} {} in the secondary CIDR 100.64.0.0/16",
+                mark(ok),
+                i + 1,
+                p.name,
+                p.ip
+            );
+        }
+    }
+    // Node 2 grows after the relabel: the new ENI goes to the alt subnet, the first stays.
+    let first_in_a = sim
+        .enis(1)
+        .iter()
+        .any(|e| e.device == 1 && e.subnet_id == a.1);
+    ok_all &= first_in_a;
+    println!(
+        "{} node2 eth1 (made before the relabel) still in {}",
+        mark(first_in_a),
+        a.0
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut in_b = sim.enis(1).iter().any(|e| e.subnet_id == b.1);
+    while !in_b && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        in_b = sim.enis(1).iter().any(|e| e.subnet_id == b.1);
+    }
+    ok_all &= in_b;
+    println!(
+        "{} node2's next ENI in {} ({}) after the relabel",
+        mark(in_b),
+        b.0,
+        b.2
+    );
+    let mut landed = None;
+    for n in 0..6 {
+        let name = format!("z{n}");
+        match sim.add_pod(1, &name, "") {
+            Ok(ip) if in_cidr(&ip, &b.2) => {
+                landed = Some((name, ip));
+                break;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                println!("FAIL ADD {name} on node2: {e}");
+                break;
+            }
+        }
+    }
+    match landed {
+        Some((name, ip)) => {
+            let x = sim.pod(0, "a").ip.clone();
+            let r = sim.ping(sim.pod(1, &name), &x);
+            ok_all &= r.is_some();
+            println!(
+                "{} node2/{name} ({ip}, {} subnet) -> node1/a ({x})",
+                mark(r.is_some()),
+                b.0
+            );
+        }
+        None => {
+            ok_all = false;
+            println!("FAIL no pod of node2 landed in {}", b.2);
+        }
+    }
+    ok_all
+}
+
+/// The nodes' /28 subnets filled by their primary ENIs; node 1's next ENI in the tagged
+/// subnet, none in the larger untagged one.
+fn subnet_discovery_checks(sim: &Sim) -> bool {
+    let mut ok_all = true;
+    let (tagged, untagged) = match (sim.layout.subnet("tagged"), sim.layout.subnet("untagged")) {
+        (Some(t), Some(u)) => (t.clone(), u.clone()),
+        _ => return false,
+    };
+    println!();
+    println!("== subnet discovery (EC2's view) ==");
+    for (i, s) in sim.layout.node_subnets.iter().enumerate() {
+        println!(
+            "     node{} subnet {s}: {} addresses free",
+            i + 1,
+            sim.vpc.shim.subnet_free(s)
+        );
+    }
+    println!(
+        "     tagged {} {}: {} free; untagged {} {}: {} free",
+        tagged.1,
+        tagged.2,
+        sim.vpc.shim.subnet_free(&tagged.1),
+        untagged.1,
+        untagged.2,
+        sim.vpc.shim.subnet_free(&untagged.1)
+    );
+    let secondary: Vec<_> = sim.enis(0).into_iter().filter(|e| e.device > 0).collect();
+    let ok = !secondary.is_empty() && secondary.iter().all(|e| e.subnet_id == tagged.1);
+    ok_all &= ok;
+    println!(
+        "{} node1's secondary ENIs ({}) in the tagged subnet {}",
+        mark(ok),
+        secondary.len(),
+        tagged.2
+    );
+    let none_untagged =
+        (0..sim.nodes.len()).all(|i| sim.enis(i).iter().all(|e| e.subnet_id != untagged.1));
+    ok_all &= none_untagged;
+    println!(
+        "{} no ENI in the untagged subnet {}",
+        mark(none_untagged),
+        untagged.2
+    );
+    let e_ip = sim.pod(0, "e").ip.clone();
+    let ok = in_cidr(&e_ip, &tagged.2);
+    ok_all &= ok;
+    println!(
+        "{} node1/e ({e_ip}) holds an address of the tagged subnet",
+        mark(ok)
+    );
+    ok_all
 }
