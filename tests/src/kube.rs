@@ -152,8 +152,12 @@ impl KubeApi {
         }));
     }
 
+    /// A pod's annotation; None also while the server does not answer.
     pub fn annotation(&self, namespace: &str, pod: &str, key: &str) -> Option<String> {
-        let p = self.get(&["pod", "-n", namespace, pod]);
+        let out = self
+            .kubectl(&["get", "pod", "-n", namespace, pod, "-o", "json"], None)
+            .ok()?;
+        let p: Value = serde_json::from_str(&out).ok()?;
         p["metadata"]["annotations"][key]
             .as_str()
             .map(str::to_string)

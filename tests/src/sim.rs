@@ -76,6 +76,25 @@ impl Layout {
     }
 }
 
+/// How `Sim::up_with` brings the cluster up.
+#[derive(Debug, Clone, Copy)]
+pub struct Opts {
+    /// Wait until every ipamd can hand out an address.
+    pub wait_serving: bool,
+    /// Run the Kubernetes API emulator (custom networking always does), with a Node object
+    /// per node named by its instance id.
+    pub kube: bool,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            wait_serving: true,
+            kube: false,
+        }
+    }
+}
+
 /// The zone label custom networking selects ENIConfigs by, as many clusters do.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
@@ -133,6 +152,11 @@ impl Sim {
 
     /// As `up`, with ENIs placed as `mode` says.
     pub fn up_in(dir: &Path, prefix: &str, specs: &[NodeSpec], mode: Mode) -> Sim {
+        Self::up_with(dir, prefix, specs, mode, Opts::default())
+    }
+
+    /// As `up_in`, with `opts`.
+    pub fn up_with(dir: &Path, prefix: &str, specs: &[NodeSpec], mode: Mode, opts: Opts) -> Sim {
         let mut vpc = Vpc::start_named(dir, 0, prefix);
         vpc.add_internet();
         let mut insts: Vec<Instance> = Vec::new();
@@ -157,6 +181,12 @@ impl Sim {
         };
         let vpc_id = insts.first().map(|i| i.vpc_id.clone()).unwrap_or_default();
         let mut mode_env: Vec<(String, String)> = Vec::new();
+        if opts.kube && mode != Mode::CustomNetworking {
+            let kube = vpc.start_kube(dir);
+            for inst in &insts {
+                kube.node(&inst.id, &[(ZONE_LABEL, "us-west-2a")]);
+            }
+        }
         match mode {
             Mode::Default => {}
             Mode::CustomNetworking => {
@@ -225,7 +255,7 @@ impl Sim {
             layout,
             whoami: None,
         };
-        for n in &sim.nodes {
+        for n in sim.nodes.iter().filter(|_| opts.wait_serving) {
             let sock = n.node.ipamd().socket.clone();
             eventually(30, "ipamd SERVING", || {
                 (block(health(&sock)) == "SERVING").then_some(())
