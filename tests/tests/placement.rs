@@ -58,7 +58,7 @@ fn custom_networking_places_enis_by_eniconfig_and_survives_an_api_outage() {
                 assert!(e.secondary.is_empty(), "primary grown: {:?}", e.secondary);
             } else {
                 assert_eq!(e.subnet_id, a.1);
-                assert_eq!(e.security_groups, [group.clone()]);
+                assert_eq!(e.security_groups, std::slice::from_ref(&group));
             }
         }
     }
