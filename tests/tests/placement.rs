@@ -66,6 +66,11 @@ fn custom_networking_places_enis_by_eniconfig_and_survives_an_api_outage() {
     assert!(s.ping(s.pod(0, "a"), &x).is_some(), "cross-node ping");
     let primary = s.nodes[0].inst().primary_ip.clone();
     assert_eq!(s.seen_from_internet((0, "a")).unwrap(), primary, "SNAT");
+    // Max pods without the primary ENI: (3 - 1) x (6 - 1) + 2.
+    let (_, pool) = http_get(s.nodes[0].ns(), "http://127.0.0.1:61679/v1/pool");
+    let pool: Value = serde_json::from_str(&pool).unwrap();
+    assert_eq!(pool["maxPods"], 12, "{pool}");
+    assert_eq!(pool["kubernetes"], "watching", "{pool}");
     let v = eni_configs(&s, 0);
     assert_eq!(v["status"], "found", "{v}");
     assert_eq!(v["MyENI"], "us-west-2a");
@@ -144,8 +149,12 @@ fn a_node_without_its_eniconfig_or_permission_says_why() {
                 .is_some_and(|r| r.contains("permission denied")))
         .then_some(())
     });
-    let err = s.add_pod(0, "early", "").unwrap_err();
-    assert!(err.contains("permission denied"), "{err}");
+    let mut n = 0;
+    eventually(10, "the ADD refusal names the denied permission", || {
+        n += 1;
+        let err = s.add_pod(0, &format!("early-{n}"), "").unwrap_err();
+        err.contains("permission denied").then_some(())
+    });
     eventually(20, "an Event names the missing permission", || {
         has_event(&s, "KubernetesAPIForbidden", "eniconfigs").then_some(())
     });
@@ -160,8 +169,13 @@ fn a_node_without_its_eniconfig_or_permission_says_why() {
         let v = eni_configs(&s, 0);
         (v["status"] == "missing").then_some(())
     });
-    let err = s.add_pod(0, "p1", "").unwrap_err();
-    assert!(err.contains("no ENIConfig named \"nowhere\""), "{err}");
+    // The ADD's refusal names it too (the pool manager follows the watch at once).
+    let mut n = 0;
+    eventually(10, "the ADD refusal names the missing ENIConfig", || {
+        n += 1;
+        let err = s.add_pod(0, &format!("p1-{n}"), "").unwrap_err();
+        err.contains("no ENIConfig named \"nowhere\"").then_some(())
+    });
     assert!(s.nodes[0]
         .node
         .ipamd()
@@ -362,5 +376,80 @@ fn trunk_and_efa_enis_are_never_adopted_or_touched() {
         );
         assert_eq!(e["instance_id"], inst.id.as_str(), "{id} was detached");
     }
+    s.down();
+}
+
+#[test]
+fn in_cluster_config_finds_the_api_through_the_service_account() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Sim::up_with(
+        dir.path(),
+        "ki",
+        &[t3(&[])],
+        Mode::Default,
+        Opts {
+            wait_serving: true,
+            kube: true,
+        },
+    );
+    let (port, kdir) = {
+        let k = s.vpc.kube.as_ref().unwrap();
+        (k.port.to_string(), k.dir.clone())
+    };
+    let node = s.nodes[0].inst().id.clone();
+    s.stop_ipamd(0);
+    // What a pod sees: no kubeconfig, the service's address in the environment and the
+    // account's token, CA and namespace at the fixed path (a private mount namespace lends
+    // the emulator's files there; /run/netns is carried over for `ip netns exec`).
+    let keep = dir.path().join("netns-keep");
+    std::fs::create_dir_all(&keep).unwrap();
+    let script = format!(
+        "set -e; mount --rbind /run/netns {keep}; mount -t tmpfs none /run; \
+         mkdir -p /run/netns /run/secrets/kubernetes.io/serviceaccount; \
+         mount --rbind {keep} /run/netns; \
+         mount --bind {kdir} /run/secrets/kubernetes.io/serviceaccount; exec \"$@\"",
+        keep = keep.display(),
+        kdir = kdir.display()
+    );
+    let wrapper = [
+        "unshare",
+        "-m",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &script,
+        "sh",
+    ];
+    let env = s.nodes[0].node.env(&[
+        ("ANNOTATE_POD_IP", "true"),
+        ("MY_NODE_NAME", &node),
+        ("KUBERNETES_SERVICE_HOST", "127.0.0.1"),
+        ("KUBERNETES_SERVICE_PORT", &port),
+    ]);
+    let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let ndir = s.nodes[0].dir.clone();
+    let ns = s.nodes[0].ns().to_string();
+    s.nodes[0].node.ipamd = Some(integration::ipamd_proc::Ipamd::start_wrapped(
+        &ndir,
+        Some(&ns),
+        &refs,
+        &wrapper,
+    ));
+    s.vpc.kube.as_ref().unwrap().pod("default", "web", &node);
+    let ip = s.add_pod(0, "web", "").unwrap();
+    eventually(
+        15,
+        "the annotation written through the in-cluster config",
+        || {
+            (s.vpc
+                .kube
+                .as_ref()
+                .unwrap()
+                .annotation("default", "web", "vpc.amazonaws.com/pod-ips")
+                == Some(ip.clone()))
+            .then_some(())
+        },
+    );
     s.down();
 }

@@ -259,6 +259,13 @@ async fn route(
                 })
                 .await;
             v["growthNote"] = note.map(Value::String).unwrap_or(Value::Null);
+            // The Kubernetes API's condition: readiness stays tied to addresses (an API outage
+            // must not take nodes out of service), so it is said here.
+            v["kubernetes"] = s
+                .kube
+                .get()
+                .map(|k| Value::String(k.condition()))
+                .unwrap_or(Value::Null);
             reply(StatusCode::OK, JSON, v.to_string())
         }
         "/v1/ipamd-env-settings" => reply(StatusCode::OK, JSON, env_json(IPAMD_ENV).to_string()),

@@ -274,6 +274,27 @@ mod tests {
     }
 
     #[test]
+    fn enis_of_other_owners_are_named() {
+        let mut e = EniInfo::default();
+        assert_eq!(e.not_ours(), None);
+        e.interface_type = "interface".into();
+        assert_eq!(e.not_ours(), None);
+        for t in ["trunk", "efa", "efa-only", "branch"] {
+            e.interface_type = t.into();
+            assert!(e.not_ours().is_some(), "{t}");
+        }
+        e.interface_type.clear();
+        e.tags.insert(TAG_NO_MANAGE.into(), "True".into());
+        assert!(e.not_ours().unwrap().contains("no_manage"));
+        e.tags.clear();
+        e.attachment = Some(Attachment {
+            network_card: 1,
+            ..Default::default()
+        });
+        assert!(e.not_ours().unwrap().contains("network card"));
+    }
+
+    #[test]
     fn parses_prefixes() {
         assert_eq!(
             parse_prefix("10.0.1.16/28"),

@@ -67,8 +67,8 @@ pub struct View {
     pub node_synced: bool,
     pub eniconfigs: BTreeMap<String, EniConfigSpec>,
     pub eniconfigs_synced: bool,
-    /// The last failure of either watch, cleared when it delivers again.
-    pub error: Option<String>,
+    /// The last failure of each watch (by name), cleared when that watch delivers again.
+    pub errors: BTreeMap<&'static str, String>,
 }
 
 /// The ENIConfig this node's next ENI follows, or why there is none.
@@ -95,8 +95,9 @@ pub fn select(view: &View, keys: &Keys, node_name: &str) -> Selection {
             _ => "the ENIConfigs",
         };
         let mut why = format!("{what} not read from the Kubernetes API yet");
-        if let Some(e) = &view.error {
-            why.push_str(&format!(" ({e})"));
+        if !view.errors.is_empty() {
+            let errs: Vec<&str> = view.errors.values().map(String::as_str).collect();
+            why.push_str(&format!(" ({})", errs.join("; ")));
         }
         return Selection::Unknown(why);
     }
@@ -183,7 +184,6 @@ mod tests {
         assert!(matches!(select(&v, &k, "n"), Selection::Unknown(_)));
         v.node_synced = true;
         v.eniconfigs_synced = true;
-        v.error = None;
         match select(&v, &k, "n1") {
             Selection::Unknown(w) => assert!(w.contains("n1"), "{w}"),
             other => panic!("{other:?}"),

@@ -69,13 +69,24 @@ struct Shared {
 }
 
 impl Shared {
-    fn failed(&self, what: &str, e: &watcher::Error) {
+    /// The condition in one line: "watching", or every watch's failure.
+    fn set_condition(&self, v: &View) {
+        if let Ok(mut c) = self.condition.lock() {
+            *c = if v.errors.is_empty() {
+                "watching".into()
+            } else {
+                v.errors.values().cloned().collect::<Vec<_>>().join("; ")
+            };
+        }
+    }
+
+    fn failed(&self, what: &'static str, e: &watcher::Error) {
         let (msg, forbidden) = describe(what, e);
         warn!("{msg}; the pool keeps serving, the watch retries with backoff");
-        if let Ok(mut c) = self.condition.lock() {
-            *c = msg.clone();
-        }
-        self.tx.send_modify(|v| v.error = Some(msg.clone()));
+        self.tx.send_modify(|v| {
+            v.errors.insert(what, msg.clone());
+            self.set_condition(v);
+        });
         let reason = if forbidden {
             "KubernetesAPIForbidden"
         } else {
@@ -84,19 +95,22 @@ impl Shared {
         self.events.warn(reason, msg);
     }
 
-    fn delivered(&self) {
-        let mut c = match self.condition.lock() {
-            Ok(c) => c,
-            Err(_) => return,
-        };
-        if *c != "watching" {
-            if *c != "connecting" {
-                info!("Kubernetes API watches delivering again");
+    fn delivered(&self, what: &'static str) {
+        let first = self
+            .condition
+            .lock()
+            .map(|c| *c == "connecting")
+            .unwrap_or(false);
+        self.tx.send_if_modified(|v| {
+            let had = v.errors.remove(what).is_some();
+            if had {
+                info!(watch = what, "Kubernetes API watch delivering again");
             }
-            *c = "watching".into();
-            drop(c);
-            self.tx.send_modify(|v| v.error = None);
-        }
+            if had || first {
+                self.set_condition(v);
+            }
+            had
+        });
     }
 }
 
@@ -132,7 +146,7 @@ pub fn start(
         while let Some(ev) = stream.next().await {
             match ev {
                 Ok(ev) => {
-                    s.delivered();
+                    s.delivered("node");
                     match ev {
                         Event::Init => buffered = None,
                         Event::InitApply(n) => buffered = Some(meta_of(&n)),
@@ -174,7 +188,7 @@ pub fn start(
         while let Some(ev) = stream.next().await {
             match ev {
                 Ok(ev) => {
-                    s.delivered();
+                    s.delivered("ENIConfigs");
                     match ev {
                         Event::Init => buffered.clear(),
                         Event::InitApply(o) => {

@@ -171,9 +171,11 @@ impl<E: Ec2> Manager<E> {
         let mut last_reconcile = Instant::now();
         let mut last_leak = Instant::now();
         loop {
+            let placement = self.placement.clone();
             tokio::select! {
                 _ = self.shared.pool_changed.notified() => {}
                 _ = tick.tick() => {}
+                _ = placement.changed() => {}
             }
             self.converge().instrument(info_span!("pool")).await;
             if last_reconcile.elapsed() >= self.timing.reconcile {

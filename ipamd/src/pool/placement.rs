@@ -277,6 +277,21 @@ impl Placement {
         self.cache().by_id.get(subnet_id).and_then(|s| s.cidr)
     }
 
+    /// Resolves when what the watches know changes (custom networking only), so that an
+    /// ENIConfig appearing or a node relabelled takes effect at once.
+    pub async fn changed(&self) {
+        match &self.mode {
+            Mode::Custom { view, .. } => {
+                let mut rx = view.clone();
+                rx.borrow_and_update();
+                if rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            _ => std::future::pending().await,
+        }
+    }
+
     /// The selection custom networking would make now, for introspection and events.
     pub fn eniconfig(&self) -> Option<(Selection, Keys, View)> {
         match &self.mode {

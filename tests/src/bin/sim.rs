@@ -191,6 +191,15 @@ fn run(keep: bool, mode: Mode) -> bool {
         Mode::CustomNetworking => all_ok &= custom_networking_checks(&mut sim),
         Mode::SubnetDiscovery => all_ok &= subnet_discovery_checks(&sim),
     }
+    if mode != Mode::Default {
+        let calls = sim.vpc.shim.calls();
+        let n = |a: &str| calls["by_action"][a].as_u64().unwrap_or(0);
+        println!(
+            "     EC2 calls of both nodes so far: {} CreateNetworkInterface, {} DescribeSubnets",
+            n("CreateNetworkInterface"),
+            n("DescribeSubnets")
+        );
+    }
 
     println!();
     println!("== pod to pod across nodes ==");
