@@ -191,7 +191,9 @@ async fn add(env: &CniEnv, conf: &NetConf, store: &StateStore) -> Result<Value> 
             warn!(error = %e, "wiring failed; undoing");
             if let Ok(host) = host_netlink() {
                 let owner = pod::owner(&st.container_id, &st.ifname);
-                if let Err(te) = pod::teardown(&host, Some(&st.host_veth), Some(ip), &owner).await {
+                if let Err(te) =
+                    pod::teardown(&host, Some(&st.host_veth), Some(ip), &owner, false).await
+                {
                     warn!(error = %te, "undo after failed ADD was incomplete");
                 }
             }
@@ -291,9 +293,14 @@ async fn del(env: &CniEnv, conf: &NetConf, store: &StateStore) -> Result<()> {
     // must not block DEL, or kubelet retries forever while the host keeps stale routes; the
     // release is then recorded for ipamd to apply when it is back.
     let mut refused = None;
+    // Our ipamd deletes retired host veths in the background; otherwise DEL deletes its own.
+    let mut reaped = false;
     let ipamd_ip = match IpamClient::connect(&conf.ipamd_socket).await {
         Ok(mut c) => match c.del(del_request(env, conf, "PodDeleted")).await {
-            Ok(r) => r.ip_address.iter().find_map(|a| parse_v4(&a.i_pv4_addr)),
+            Ok(r) => {
+                reaped = r.retired_veths_reaped;
+                r.ip_address.iter().find_map(|a| parse_v4(&a.i_pv4_addr))
+            }
             Err(e) => {
                 warn!(error = %e, "ipamd did not release the address");
                 refused = Some(e);
@@ -347,7 +354,13 @@ async fn del(env: &CniEnv, conf: &NetConf, store: &StateStore) -> Result<()> {
     if ip.is_some() || veth.is_some() {
         let host = host_netlink()?;
         let owner = pod::owner(&env.container_id, &env.ifname);
-        pod::teardown(&host, veth.as_deref(), ip, &owner).await?;
+        if reaped {
+            // The pair outlives this DEL until ipamd deletes it (or the runtime the
+            // namespace): the pod's end gives up its name so that a new ADD into the same
+            // namespace finds the name free.
+            retire_pod_end(env).await;
+        }
+        pod::teardown(&host, veth.as_deref(), ip, &owner, reaped).await?;
         info!(ip = ?ip, veth = veth.as_deref().unwrap_or(""), "host side removed");
     }
     if let Some(e) = refused {
@@ -358,6 +371,31 @@ async fn del(env: &CniEnv, conf: &NetConf, store: &StateStore) -> Result<()> {
         .remove(&env.container_id, &env.ifname)
         .map_err(|e| CniError::new(Code::Io, format!("remove sandbox state: {e}")))?;
     Ok(())
+}
+
+/// Down and renamed, the pod's end of the pair, if the namespace is still there. Failures are
+/// only logged: the host end is what DEL must take care of.
+async fn retire_pod_end(env: &CniEnv) {
+    if env.netns.is_empty() {
+        return;
+    }
+    let Ok(ns) = File::open(&env.netns) else {
+        return;
+    };
+    let Ok(podnl) = Netlink::in_netns(&ns) else {
+        return;
+    };
+    match podnl.link_by_name(&env.ifname).await {
+        Ok(Some(l)) => {
+            let idx = l.header.index;
+            let name = cni_common::naming::retired_name(idx);
+            if let Err(e) = podnl.retire(idx, "", &name).await {
+                info!(error = %e, "pod end of the veth not retired");
+            }
+        }
+        Ok(None) => {}
+        Err(e) => info!(error = %e, "pod end of the veth not looked up"),
+    }
 }
 
 async fn check(env: &CniEnv, conf: &NetConf, store: &StateStore) -> Result<()> {
@@ -450,7 +488,8 @@ async fn gc(conf: &NetConf) -> Result<()> {
             }
         };
         let owner = pod::owner(&st.container_id, &st.ifname);
-        if let Err(e) = pod::teardown(&host, Some(&st.host_veth), Some(st.ip), &owner).await {
+        if let Err(e) = pod::teardown(&host, Some(&st.host_veth), Some(st.ip), &owner, false).await
+        {
             failed.push(format!("{}/{}: {}", st.container_id, st.ifname, e.msg));
             continue;
         }
@@ -485,7 +524,7 @@ async fn gc(conf: &NetConf) -> Result<()> {
             continue;
         };
         if !cleaned.contains(&ip) {
-            if let Err(e) = pod::teardown(&host, None, Some(ip), "").await {
+            if let Err(e) = pod::teardown(&host, None, Some(ip), "", false).await {
                 failed.push(format!("rules of {ip}: {}", e.msg));
             }
         }

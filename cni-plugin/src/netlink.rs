@@ -114,6 +114,30 @@ impl Netlink {
             .await
     }
 
+    /// Down and labelled (one request), then renamed: a down link can be renamed, an up one
+    /// cannot. Going down also takes the link's routes away.
+    pub async fn retire(&self, index: u32, alias: &str, name: &str) -> NlResult<()> {
+        self.handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .down()
+                    .alias(alias.to_string())
+                    .build(),
+            )
+            .execute()
+            .await?;
+        self.handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .name(name.to_string())
+                    .build(),
+            )
+            .execute()
+            .await
+    }
+
     pub async fn set_up(&self, index: u32) -> NlResult<()> {
         self.handle
             .link()

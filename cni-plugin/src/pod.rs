@@ -161,11 +161,16 @@ pub fn owner(container_id: &str, ifname: &str) -> String {
 /// for its address. A veth of the same name made for another attachment (a newer sandbox of
 /// the same pod) is left alone, and so are the rules when the address is already routed to
 /// another pod. A veth without a label (made by upstream's plugin) counts as ours.
+///
+/// `retire`: ipamd deletes retired veths in the background, so the veth is only brought down
+/// and renamed (see `cni_common::naming::RETIRED_ALIAS_PREFIX`); when that fails it is deleted
+/// here after all.
 pub async fn teardown(
     host: &Netlink,
     host_veth: Option<&str>,
     ip: Option<Ipv4Addr>,
     owner: &str,
+    retire: bool,
 ) -> Result<()> {
     // Best effort that carries on: a failed step does not stop the others, and every failure
     // is reported together, so one stuck rule never leaves the veth or the other rule behind.
@@ -201,8 +206,25 @@ pub async fn teardown(
         None => false,
     };
     if let Some(idx) = ours {
-        if let Err(e) = host.del_link(idx).await {
-            failed.push(netlink("delete host veth", e).msg);
+        let retired = retire && {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let alias = cni_common::naming::retired_alias(now, owner);
+            let name = cni_common::naming::retired_name(idx);
+            match host.retire(idx, &alias, &name).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::info!(error = %e, "host veth not retired; deleting it now");
+                    false
+                }
+            }
+        };
+        if !retired {
+            if let Err(e) = host.del_link(idx).await {
+                failed.push(netlink("delete host veth", e).msg);
+            }
         }
     }
     if let Some(ip) = ip {

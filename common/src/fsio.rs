@@ -28,6 +28,12 @@ impl WriteOptions {
         mode: PRIVATE,
         sync: true,
     };
+    /// Atomic for readers and for a crash of the writing process, not for a crash of the
+    /// machine: for records that a reboot makes moot anyway.
+    pub const PRIVATE_ATOMIC: WriteOptions = WriteOptions {
+        mode: PRIVATE,
+        sync: false,
+    };
 }
 
 fn random_suffix() -> String {

@@ -15,6 +15,32 @@ pub fn host_veth_name(prefix: &str, pod_namespace: &str, pod_name: &str) -> Stri
     format!("{prefix}{}", &hex[..11])
 }
 
+/// A host veth whose pod had its DEL and whose deletion is left to ipamd (the kernel's veth
+/// unregister waits out an RCU grace period, 15-20 ms, which DEL need not pay): it is brought
+/// down, labelled with this prefix, the time and its attachment, and renamed so that the pod's
+/// own name is free for a new sandbox at once.
+pub const RETIRED_ALIAS_PREFIX: &str = "aws-cni retired ";
+
+/// The retired link's name, at most 12 characters: it can never be a pod veth's (prefix + 11
+/// hex digits: only a 1-character prefix gives 12, and "nir" is not hex).
+pub fn retired_name(index: u32) -> String {
+    format!("cnir{index:x}")
+}
+
+pub fn retired_alias(unix_secs: u64, owner: &str) -> String {
+    format!("{RETIRED_ALIAS_PREFIX}{unix_secs} {owner}")
+}
+
+/// When a retired link was retired (seconds since the epoch); None for any other alias.
+pub fn retired_at(alias: &str) -> Option<u64> {
+    alias
+        .strip_prefix(RETIRED_ALIAS_PREFIX)?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Upstream's rule for `vethPrefix` / `AWS_VPC_K8S_CNI_VETHPREFIX`: at most 4 characters so
 /// prefix + 11 hex characters fits an interface name (15), and not a prefix other interfaces
 /// use. Both the plugin and ipamd check it, with the same words.
@@ -53,6 +79,14 @@ pub fn validate_veth_prefix(p: &str) -> Result<(), Invalid> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retired_links_are_named_apart_and_dated() {
+        assert_eq!(retired_name(u32::MAX), "cnirffffffff");
+        let a = retired_alias(1_700_000_000, "cid/eth0");
+        assert_eq!(retired_at(&a), Some(1_700_000_000));
+        assert_eq!(retired_at("cid/eth0"), None);
+    }
 
     #[test]
     fn matches_upstream_scheme() {

@@ -548,6 +548,28 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     });
 
+    // Host veths the plugin retired at DEL (instead of waiting for their deletion) go here
+    // when the runtime's namespace teardown did not take them already.
+    let reaper = Links::new().context("open a netlink socket for the veth reaper")?;
+    tasks.spawn("veth reaper", async move {
+        let mut t = tokio::time::interval(VETH_REAP_PERIOD);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            t.tick().await;
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            match reaper.reap_retired(now, VETH_REAP_GRACE.as_secs()).await {
+                Ok(gone) if !gone.is_empty() => {
+                    tracing::debug!(count = gone.len(), links = ?gone, "retired host veths deleted")
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "retired host veths not deleted; next pass retries"),
+            }
+        }
+    });
+
     // Cooldowns expire on their own; health must follow them without a request.
     let ticker = shared.clone();
     tasks.spawn("readiness ticker", async move {
@@ -698,6 +720,11 @@ async fn start_kube(
     info!(%url, custom_networking = cfg.kube.custom_networking, annotate_pod_ip = cfg.kube.annotate_pod_ip, "Kubernetes API client started");
     Ok(Some(k))
 }
+
+/// How often retired host veths are looked for, and how old one must be (the runtime's own
+/// namespace teardown usually deletes the pair first): none outlives its DEL by 10 s.
+const VETH_REAP_PERIOD: Duration = Duration::from_secs(5);
+const VETH_REAP_GRACE: Duration = Duration::from_secs(4);
 
 /// How long in-flight requests get after SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);

@@ -50,7 +50,26 @@ impl Netns {
     }
 
     /// Links in this namespace other than loopback.
+    /// The links besides `lo`, once host veths the plugin retired at DEL are gone: ipamd
+    /// deletes those within seconds, and one left after 15 s fails the test.
     pub fn links(&self) -> Vec<String> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            let now = self.links_now();
+            let retired: Vec<&String> = now.iter().filter(|n| n.starts_with("cnir")).collect();
+            if retired.is_empty() {
+                return now;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "retired host veths not deleted within 15 s: {retired:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+
+    /// The links besides `lo`, as they are now.
+    pub fn links_now(&self) -> Vec<String> {
         crate::ip_json(&self.name, &["link", "show"])
             .as_array()
             .map(|a| {

@@ -121,3 +121,40 @@ fn pool_exhaustion_reaches_the_runtime_with_its_cause_and_leaves_nothing() {
     c.ok("del", "cid-1", &first, "first", "");
     assert!(node.links().is_empty() && node.rules().is_empty());
 }
+
+#[test]
+fn del_leaves_the_veth_to_ipamd_and_the_same_pod_can_come_back_at_once() {
+    let node = Netns::node("lrn");
+    let dir = tempfile::tempdir().unwrap();
+    let d = Ipamd::standalone(dir.path(), Some(&node.name), "t3.medium", &enis(1, 5), &[]);
+    let c = CniClient::new(&node.name, dir.path(), &d.socket);
+    let pod = Netns::new("lrp");
+    let first = result_ip(&serde_json::from_str(&c.ok("add", "cid-1", &pod, "web", "")).unwrap());
+    c.ok("del", "cid-1", &pod, "web", "");
+    // DEL did not wait for the kernel's veth teardown: the pair is down and renamed on both
+    // sides, its routes and rules gone.
+    let host_now = node.links_now();
+    assert!(
+        host_now.len() == 1 && host_now[0].starts_with("cnir"),
+        "host side after DEL: {host_now:?}"
+    );
+    assert!(node.rules().is_empty(), "rules left: {:?}", node.rules());
+    let routes =
+        String::from_utf8_lossy(&node.exec(&["ip", "route", "show", &first]).stdout).into_owned();
+    assert!(routes.trim().is_empty(), "route to {first} left: {routes}");
+    let pod_now = pod.links_now();
+    assert!(
+        !pod_now.iter().any(|l| l == "eth0"),
+        "pod side kept its name: {pod_now:?}"
+    );
+    // The same pod into the same namespace, at once, then CHECK.
+    let t = std::time::Instant::now();
+    c.ok("add", "cid-2", &pod, "web", "");
+    c.ok("check", "cid-2", &pod, "web", "");
+    assert!(ping_eventually(&pod.name, NODE_IP));
+    c.ok("del", "cid-2", &pod, "web", "");
+    // ipamd deletes both retired pairs; `links()` fails the test if one is left after 15 s.
+    assert!(node.links().is_empty(), "links left: {:?}", node.links());
+    assert!(pod.links().is_empty(), "pod links left: {:?}", pod.links());
+    assert!(t.elapsed() < std::time::Duration::from_secs(30));
+}

@@ -182,6 +182,7 @@ impl CniBackend for Backend {
                 info!("no allocation for this attachment; nothing to release");
                 return Ok(Response::new(DelNetworkReply {
                     success: true,
+                    retired_veths_reaped: true,
                     ..Default::default()
                 }));
             };
@@ -192,6 +193,7 @@ impl CniBackend for Backend {
             Ok(Response::new(DelNetworkReply {
                 success: true,
                 ip_address: vec![ip_msg(&a)],
+                retired_veths_reaped: true,
                 ..Default::default()
             }))
         }

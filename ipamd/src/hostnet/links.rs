@@ -174,6 +174,35 @@ impl Links {
         Ok(view)
     }
 
+    /// Delete host veths the plugin retired at least `grace_secs` ago (the runtime's
+    /// namespace teardown usually takes them first). Returns the names deleted; a link that
+    /// vanished meanwhile is not an error.
+    pub async fn reap_retired(
+        &self,
+        now_secs: u64,
+        grace_secs: u64,
+    ) -> Result<Vec<String>, LinkError> {
+        let mut gone = Vec::new();
+        for l in self.all_links().await? {
+            let alias = l.attributes.iter().find_map(|a| match a {
+                LinkAttribute::IfAlias(s) => Some(s.as_str()),
+                _ => None,
+            });
+            let Some(at) = alias.and_then(cni_common::naming::retired_at) else {
+                continue;
+            };
+            if now_secs.saturating_sub(at) < grace_secs {
+                continue;
+            }
+            match self.handle.link().del(l.header.index).execute().await {
+                Ok(()) => gone.push(link_name(&l)),
+                Err(e) if errno(&e) == Some(libc::ENODEV) => {}
+                Err(e) => return Err(nl("delete a retired host veth")(e)),
+            }
+        }
+        Ok(gone)
+    }
+
     /// MTU and up, only if they differ.
     pub async fn set_mtu_up(&self, index: u32, mtu: u32) -> Result<(), LinkError> {
         let l = self.link(index).await?;

@@ -341,6 +341,30 @@ fn calls(vpc: &Vpc) -> (u64, Value) {
     (c["total"].as_u64().unwrap_or(0), c["by_action"].clone())
 }
 
+/// A tmpfs over a directory, unmounted (lazily: processes may still hold files) when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path) -> Tmpfs {
+        integration::sh(&[
+            "mount",
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=1g,mode=0700",
+            "tmpfs",
+            &dir.display().to_string(),
+        ]);
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = integration::try_sh(&["umount", "-l", &self.0.display().to_string()]);
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let smoke = args.iter().any(|a| a == "--smoke");
@@ -353,6 +377,9 @@ fn main() {
     let n = |full: usize, quick: usize| if smoke { quick } else { full };
     let mut r = Report::default();
     let top = tempfile::tempdir().expect("tempdir");
+    // Everything both CNIs write (our state, checkpoint and logs; host-local's leases; libcni's
+    // cache) on tmpfs, as /var/run is on a node: this machine's /tmp and /run are disk.
+    let _tmpfs = Tmpfs::mount(top.path());
 
     // ---- plugin process cost ------------------------------------------------------------
     let aws_cni = integration::bin("aws-cni");
