@@ -145,6 +145,14 @@ async fn add(env: &CniEnv, conf: &NetConf, store: &StateStore) -> Result<Value> 
         }
     }
 
+    // The pod's netlink socket needs a thread that enters the namespace: open it while ipamd
+    // works on the address.
+    let pod_nl = {
+        let ns = ns
+            .try_clone()
+            .map_err(|e| CniError::new(Code::Io, format!("{}: {e}", env.netns)))?;
+        tokio::task::spawn_blocking(move || Netlink::in_netns(&ns))
+    };
     let mut client = IpamClient::connect(&conf.ipamd_socket).await?;
     let reply = client
         .add(cni_proto::AddNetworkRequest {
@@ -185,7 +193,22 @@ async fn add(env: &CniEnv, conf: &NetConf, store: &StateStore) -> Result<Value> 
     };
     info!(%ip, device = addr.device_number, table = st.route_table, "ipamd assigned address");
 
-    match wire(&ns, env, conf, store, &st).await {
+    let podnl = match pod_nl.await {
+        Ok(Ok(n)) => Ok(n),
+        Ok(Err(e)) => Err(CniError::new(
+            Code::Io,
+            format!(
+                "open netlink socket in network namespace {}: {e}",
+                env.netns
+            ),
+        )),
+        Err(e) => Err(CniError::new(Code::Io, format!("netns thread: {e}"))),
+    };
+    let wired = match podnl {
+        Ok(podnl) => wire(&ns, &podnl, conf, store, &st).await,
+        Err(e) => Err(e),
+    };
+    match wired {
         Ok(v) => Ok(v),
         Err(e) => {
             warn!(error = %e, "wiring failed; undoing");
@@ -209,7 +232,7 @@ async fn add(env: &CniEnv, conf: &NetConf, store: &StateStore) -> Result<Value> 
 /// Everything after the allocation; any error here is undone by the caller.
 async fn wire(
     ns: &File,
-    env: &CniEnv,
+    podnl: &Netlink,
     conf: &NetConf,
     store: &StateStore,
     st: &SandboxState,
@@ -219,8 +242,7 @@ async fn wire(
         .save(st)
         .map_err(|e| CniError::new(Code::Io, format!("write sandbox state: {e}")))?;
     let host = host_netlink()?;
-    let podnl = pod_netlink(ns, &env.netns)?;
-    let w = pod::setup(&host, &podnl, ns, &pod_net(st, conf.mtu)).await?;
+    let w = pod::setup(&host, podnl, ns, &pod_net(st, conf.mtu)).await?;
     Ok(AddResult {
         host_veth: st.host_veth.clone(),
         host_mac: w.host_mac,

@@ -70,16 +70,15 @@ pub async fn setup(host: &Netlink, pod: &Netlink, ns: &File, p: &PodNet) -> Resu
     };
     created.map_err(|e| netlink(&format!("create veth {} <-> {}", p.host_veth, p.ifname), e))?;
 
-    let hlink = host
-        .link_by_name(&p.host_veth)
-        .await
+    // From here the host side and the pod side are independent until the end: each goes
+    // through its own socket, concurrently (the kernel serves both namespaces at once).
+    let (hlink, plink) = tokio::join!(host.link_by_name(&p.host_veth), pod.link_by_name(&p.ifname));
+    let hlink = hlink
         .map_err(|e| netlink("look up new host veth", e))?
         .ok_or_else(|| {
             CniError::new(Code::Netlink, format!("host veth {} vanished", p.host_veth))
         })?;
-    let plink = pod
-        .link_by_name(&p.ifname)
-        .await
+    let plink = plink
         .map_err(|e| netlink("look up new pod interface", e))?
         .ok_or_else(|| {
             CniError::new(
@@ -90,38 +89,45 @@ pub async fn setup(host: &Netlink, pod: &Netlink, ns: &File, p: &PodNet) -> Resu
     let (hidx, pidx) = (hlink.header.index, plink.header.index);
     let host_mac = link_mac(&hlink);
 
-    // A veth end cannot be created up (ENOTCONN), so bring both up afterwards.
-    host.set_up_with_alias(hidx, &p.owner)
-        .await
-        .map_err(|e| netlink("set host veth up", e))?;
-    pod.set_up(pidx)
-        .await
-        .map_err(|e| netlink("set pod interface up", e))?;
-
-    pod.add_addr(pidx, p.ip, 32)
-        .await
-        .map_err(|e| netlink(&format!("add {}/32 to pod", p.ip), e))?;
-    pod.replace_route(host_route(GATEWAY, pidx, MAIN_TABLE))
-        .await
-        .map_err(|e| netlink("add pod route to 169.254.1.1", e))?;
-    pod.replace_route(gateway_route(GATEWAY, pidx))
-        .await
-        .map_err(|e| netlink("add pod default route", e))?;
-    pod.replace_neighbour(pidx, GATEWAY, &host_mac)
-        .await
-        .map_err(|e| netlink("add pod neighbour for 169.254.1.1", e))?;
-
-    host.replace_route(host_route(p.ip, hidx, MAIN_TABLE))
-        .await
-        .map_err(|e| netlink(&format!("add host route to {}", p.ip), e))?;
-    host.add_rule(&p.rule_to_pod())
-        .await
-        .map_err(|e| netlink(&format!("add rule to {} lookup main", p.ip), e))?;
-    if let Some(r) = p.rule_from_pod() {
-        host.add_rule(&r)
+    // A veth end cannot be created up (ENOTCONN), so both come up afterwards.
+    let host_side = async {
+        host.set_up_with_alias(hidx, &p.owner)
             .await
-            .map_err(|e| netlink(&format!("add rule from {} lookup {}", p.ip, r.table), e))?;
-    }
+            .map_err(|e| netlink("set host veth up", e))?;
+        host.replace_route(host_route(p.ip, hidx, MAIN_TABLE))
+            .await
+            .map_err(|e| netlink(&format!("add host route to {}", p.ip), e))?;
+        host.add_rule(&p.rule_to_pod())
+            .await
+            .map_err(|e| netlink(&format!("add rule to {} lookup main", p.ip), e))?;
+        if let Some(r) = p.rule_from_pod() {
+            host.add_rule(&r)
+                .await
+                .map_err(|e| netlink(&format!("add rule from {} lookup {}", p.ip, r.table), e))?;
+        }
+        Ok::<(), CniError>(())
+    };
+    let pod_side = async {
+        pod.set_up(pidx)
+            .await
+            .map_err(|e| netlink("set pod interface up", e))?;
+        pod.add_addr(pidx, p.ip, 32)
+            .await
+            .map_err(|e| netlink(&format!("add {}/32 to pod", p.ip), e))?;
+        pod.replace_route(host_route(GATEWAY, pidx, MAIN_TABLE))
+            .await
+            .map_err(|e| netlink("add pod route to 169.254.1.1", e))?;
+        pod.replace_route(gateway_route(GATEWAY, pidx))
+            .await
+            .map_err(|e| netlink("add pod default route", e))?;
+        pod.replace_neighbour(pidx, GATEWAY, &host_mac)
+            .await
+            .map_err(|e| netlink("add pod neighbour for 169.254.1.1", e))?;
+        Ok::<(), CniError>(())
+    };
+    let (h, q) = tokio::join!(host_side, pod_side);
+    h?;
+    q?;
 
     Ok(Wired {
         host_mac: mac_string(&host_mac),
