@@ -111,3 +111,87 @@ impl CniClient {
         Ok(crate::result_ip(&v))
     }
 }
+
+/// A long-running libcni runtime (`cniclient serve`) in the node's namespace: requests go in
+/// as JSON lines and run concurrently; each reply carries the libcni call's own time.
+pub struct CniServer {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    replies: std::sync::mpsc::Receiver<Value>,
+    next: u64,
+}
+
+impl CniServer {
+    pub fn start(c: &CniClient) -> CniServer {
+        use std::io::BufRead;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &c.node])
+            .arg(crate::cniclient())
+            .arg("serve")
+            .arg(&c.conflist)
+            .arg(&c.bindir)
+            .arg(&c.cache)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start cniclient serve");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, replies) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    if tx.send(v).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        CniServer {
+            child,
+            stdin,
+            replies,
+            next: 0,
+        }
+    }
+
+    /// Start `cmd` for each (container id, pod netns, pod name) at once; each one's
+    /// milliseconds, in the order given. Panics on a failed call.
+    pub fn run(&mut self, cmd: &str, calls: &[(String, &Netns, String)]) -> Vec<f64> {
+        use std::io::Write;
+        let first = self.next;
+        let mut batch = String::new();
+        for (cid, ns, pod) in calls {
+            batch.push_str(
+                &json!({"id": self.next, "cmd": cmd, "cid": cid, "netns": ns.path(),
+                        "ifname": "eth0", "podns": "default", "pod": pod})
+                .to_string(),
+            );
+            batch.push('\n');
+            self.next += 1;
+        }
+        self.stdin.write_all(batch.as_bytes()).expect("request");
+        self.stdin.flush().expect("flush");
+        let mut ms = vec![0.0; calls.len()];
+        for _ in 0..calls.len() {
+            let r = self
+                .replies
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .expect("reply from cniclient serve");
+            assert!(r["ok"].as_bool().unwrap_or(false), "{cmd}: {r}");
+            let i = (r["id"].as_u64().unwrap_or(0) - first) as usize;
+            ms[i] = r["ms"].as_f64().unwrap_or(0.0);
+        }
+        ms
+    }
+}
+
+impl Drop for CniServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use cni_proto::StatusRequest;
 use integration::cloud::{eventually, Instance};
-use integration::cni::CniClient;
+use integration::cni::{CniClient, CniServer};
 use integration::ipamd_proc::{add_req, client, del_req, rt};
 use integration::netns::Netns;
 use integration::vpc::{Vpc, VpcNode};
@@ -114,43 +114,29 @@ fn bridge_client(node: &str, dir: &Path) -> CniClient {
     }
 }
 
-/// ADD then DEL `n` times, one pod at a time: (add ms, del ms).
+/// ADD then DEL `n` times, one pod at a time: (add ms, del ms), as the libcni runtime timed
+/// each call.
 fn sequential(c: &CniClient, pod: &Netns, tag: &str, n: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut srv = CniServer::start(c);
     let (mut adds, mut dels) = (Vec::new(), Vec::new());
     for i in 0..n {
-        let cid = format!("{tag}-{i}");
-        let t = Instant::now();
-        c.ok("add", &cid, pod, "p", "");
-        adds.push(ms(t.elapsed()));
-        let t = Instant::now();
-        c.ok("del", &cid, pod, "p", "");
-        dels.push(ms(t.elapsed()));
+        let call = [(format!("{tag}-{i}"), pod, "p".to_string())];
+        adds.extend(srv.run("add", &call));
+        dels.extend(srv.run("del", &call));
     }
     (adds, dels)
 }
 
 /// `n` pods at once: every ADD started together, then every DEL: (add ms each, del ms each).
 fn burst(c: &CniClient, pods: &[Netns], tag: &str) -> (Vec<f64>, Vec<f64>) {
-    let run = |cmd: &'static str| -> Vec<f64> {
-        std::thread::scope(|s| {
-            let hs: Vec<_> = pods
-                .iter()
-                .enumerate()
-                .map(|(i, p)| {
-                    s.spawn(move || {
-                        let t = Instant::now();
-                        c.ok(cmd, &format!("{tag}-{i}"), p, &format!("b{i}"), "");
-                        ms(t.elapsed())
-                    })
-                })
-                .collect();
-            hs.into_iter()
-                .map(|h| h.join().expect("burst thread"))
-                .collect()
-        })
-    };
-    let adds = run("add");
-    let dels = run("del");
+    let mut srv = CniServer::start(c);
+    let calls: Vec<(String, &Netns, String)> = pods
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (format!("{tag}-{i}"), p, format!("b{i}")))
+        .collect();
+    let adds = srv.run("add", &calls);
+    let dels = srv.run("del", &calls);
     (adds, dels)
 }
 
