@@ -186,16 +186,17 @@ fn run(keep: bool, mode: Mode) -> bool {
         }
     }
 
+    // ipamd's own calls, before the checks below describe subnets themselves.
+    let calls = sim.vpc.shim.calls();
     match mode {
         Mode::Default => {}
         Mode::CustomNetworking => all_ok &= custom_networking_checks(&mut sim),
         Mode::SubnetDiscovery => all_ok &= subnet_discovery_checks(&sim),
     }
     if mode != Mode::Default {
-        let calls = sim.vpc.shim.calls();
         let n = |a: &str| calls["by_action"][a].as_u64().unwrap_or(0);
         println!(
-            "     EC2 calls of both nodes so far: {} CreateNetworkInterface, {} DescribeSubnets",
+            "     ipamd's EC2 calls (both nodes, before these checks): {} CreateNetworkInterface, {} DescribeSubnets",
             n("CreateNetworkInterface"),
             n("DescribeSubnets")
         );
