@@ -100,15 +100,15 @@ fn bool_var(
     var: &'static str,
     default: bool,
 ) -> Result<bool, ConfigError> {
-    match env(var).map(|v| v.trim().to_ascii_lowercase()) {
-        None => Ok(default),
-        Some(v) if v.is_empty() => Ok(default),
-        Some(v) if v == "true" || v == "1" => Ok(true),
-        Some(v) if v == "false" || v == "0" => Ok(false),
+    // Go's strconv.ParseBool spellings, which upstream's variables accept.
+    match env(var).map(|v| v.trim().to_string()).as_deref() {
+        None | Some("") => Ok(default),
+        Some("1" | "t" | "T" | "TRUE" | "true" | "True") => Ok(true),
+        Some("0" | "f" | "F" | "FALSE" | "false" | "False") => Ok(false),
         Some(v) => Err(ConfigError {
             var,
-            value: v,
-            why: "must be true or false".into(),
+            value: v.to_string(),
+            why: "must be true or false (or 1, t, T, TRUE, True, 0, f, F, FALSE, False)".into(),
         }),
     }
 }
@@ -328,16 +328,10 @@ impl Config {
                 })
             }
         };
+        // Upstream: below 1 means the instance type's limit.
         let max_eni = match int_var(env, "MAX_ENI")? {
             None => None,
-            Some(n) if n < 0 => None,
-            Some(0) => {
-                return Err(ConfigError {
-                    var: "MAX_ENI",
-                    value: "0".into(),
-                    why: "must be at least 1 (or -1 for the instance type's limit)".into(),
-                })
-            }
+            Some(n) if n < 1 => None,
             // Upstream reads an int: anything above what an instance can have means "no limit".
             Some(n) => Some(u32::try_from(n).unwrap_or(u32::MAX)),
         };
@@ -606,6 +600,45 @@ mod tests {
         assert_eq!(e.var, "WARM_PREFIX_TARGET");
         let e = Config::from_env(&with(&[("WARM_ENI_TARGET", "-1")])).unwrap_err();
         assert_eq!(e.var, "WARM_ENI_TARGET");
+    }
+
+    #[test]
+    fn go_boolean_spellings_and_max_eni_below_one() {
+        for (v, want) in [
+            ("t", true),
+            ("T", true),
+            ("TRUE", true),
+            ("True", true),
+            ("1", true),
+        ] {
+            let pairs = [("AWS_VPC_K8S_CNI_EXTERNALSNAT", v)];
+            assert_eq!(
+                Config::from_env(&with(&pairs)).unwrap().external_snat,
+                want,
+                "{v}"
+            );
+        }
+        for v in ["f", "F", "FALSE", "False", "0", "false"] {
+            let pairs = [("AWS_VPC_K8S_CNI_EXTERNALSNAT", v)];
+            assert!(
+                !Config::from_env(&with(&pairs)).unwrap().external_snat,
+                "{v}"
+            );
+        }
+        // Go refuses these; so do we (naming the variable).
+        for v in ["yes", "tRUE", "on"] {
+            let pairs = [("AWS_VPC_K8S_CNI_EXTERNALSNAT", v)];
+            assert_eq!(
+                Config::from_env(&with(&pairs)).unwrap_err().var,
+                "AWS_VPC_K8S_CNI_EXTERNALSNAT"
+            );
+        }
+        assert_eq!(
+            Config::from_env(&with(&[("MAX_ENI", "0")]))
+                .unwrap()
+                .max_eni,
+            None
+        );
     }
 
     #[test]
