@@ -5,7 +5,7 @@ set -euo pipefail
 
 pkgs=(iproute2 iptables nftables conntrack iputils-ping procps python3 python3-venv
       containernetworking-plugins golang-go golang-github-appc-cni-dev
-      protobuf-compiler libprotobuf-dev)
+      protobuf-compiler libprotobuf-dev kubectl openssl curl util-linux)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
