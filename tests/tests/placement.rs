@@ -332,16 +332,16 @@ fn subnet_discovery_uses_the_tagged_subnet_and_falls_back_when_denied() {
 }
 
 #[test]
-fn trunk_and_efa_enis_are_never_adopted_or_touched() {
+fn trunk_efa_and_efa_only_enis_are_never_adopted_or_touched() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = Sim::up(
         dir.path(),
         "kt",
-        &[NodeSpec::new("c5n.18xlarge", &[("WARM_IP_TARGET", "2")])],
+        &[NodeSpec::new("p4d.24xlarge", &[("WARM_IP_TARGET", "2")])],
     );
     let inst = s.nodes[0].inst().clone();
     let mut ids = Vec::new();
-    for (kind, dev) in [("trunk", 3), ("efa", 4)] {
+    for (kind, dev) in [("trunk", 3), ("efa", 4), ("efa-only", 5)] {
         let id = s.vpc.shim.boto3(&format!(
             "e=c.create_network_interface(SubnetId='{}', InterfaceType='{kind}')['NetworkInterface']['NetworkInterfaceId']\n\
              c.attach_network_interface(NetworkInterfaceId=e, InstanceId='{}', DeviceIndex={dev})\nprint(e)",
@@ -352,8 +352,10 @@ fn trunk_and_efa_enis_are_never_adopted_or_touched() {
     // Found by the reconcile (attached behind ipamd's back) and by a restart.
     eventually(20, "the reconcile names them", || {
         let log = s.nodes[0].node.ipamd().log_text();
-        (log.contains("left alone: a trunk ENI") && log.contains("left alone: an EFA ENI"))
-            .then_some(())
+        (log.contains("left alone: a trunk ENI")
+            && log.contains("left alone: an EFA ENI")
+            && log.contains("left alone: an EFA-only ENI"))
+        .then_some(())
     });
     s.stop_ipamd(0);
     s.start_ipamd(0);
