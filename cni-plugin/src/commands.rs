@@ -99,8 +99,8 @@ fn host_netlink() -> Result<Netlink> {
     Netlink::current().map_err(|e| CniError::new(Code::Io, format!("open netlink socket: {e}")))
 }
 
-fn pod_netlink(ns: &File, path: &str) -> Result<Netlink> {
-    Netlink::in_netns(ns).map_err(|e| {
+async fn pod_netlink(ns: &File, path: &str) -> Result<Netlink> {
+    Netlink::in_netns(ns).await.map_err(|e| {
         CniError::new(
             Code::Io,
             format!("open netlink socket in network namespace {path}: {e}"),
@@ -136,7 +136,7 @@ async fn add(env: &CniEnv, conf: &NetConf, store: &StateStore) -> Result<Value> 
     if let Some(st) = store.load(&env.container_id, &env.ifname) {
         if st.netns == env.netns && st.host_veth == veth {
             let host = host_netlink()?;
-            let podnl = pod_netlink(&ns, &env.netns)?;
+            let podnl = pod_netlink(&ns, &env.netns).await?;
             let p = pod_net(&st, conf.mtu);
             if pod::check(&host, &podnl, &p).await.is_ok() {
                 info!(ip = %st.ip, "attachment already wired; returning it again");
@@ -145,29 +145,26 @@ async fn add(env: &CniEnv, conf: &NetConf, store: &StateStore) -> Result<Value> 
         }
     }
 
-    // The pod's netlink socket needs a thread that enters the namespace: open it while ipamd
+    // The pod's netlink socket needs a thread that enters the namespace: it opens while ipamd
     // works on the address.
-    let pod_nl = {
-        let ns = ns
-            .try_clone()
-            .map_err(|e| CniError::new(Code::Io, format!("{}: {e}", env.netns)))?;
-        tokio::task::spawn_blocking(move || Netlink::in_netns(&ns))
+    let request = cni_proto::AddNetworkRequest {
+        client_version: cni_proto::PROTOCOL_VERSION.into(),
+        k8s_pod_name: env.args.pod_name.clone(),
+        k8s_pod_namespace: env.args.pod_namespace.clone(),
+        k8s_pod_infra_container_id: env.args.infra_container_id.clone(),
+        container_id: env.container_id.clone(),
+        if_name: env.ifname.clone(),
+        network_name: conf.name.clone(),
+        netns: env.netns.clone(),
+        k8s_pod_uid: env.args.pod_uid.clone(),
+        ..Default::default()
     };
-    let mut client = IpamClient::connect(&conf.ipamd_socket).await?;
-    let reply = client
-        .add(cni_proto::AddNetworkRequest {
-            client_version: cni_proto::PROTOCOL_VERSION.into(),
-            k8s_pod_name: env.args.pod_name.clone(),
-            k8s_pod_namespace: env.args.pod_namespace.clone(),
-            k8s_pod_infra_container_id: env.args.infra_container_id.clone(),
-            container_id: env.container_id.clone(),
-            if_name: env.ifname.clone(),
-            network_name: conf.name.clone(),
-            netns: env.netns.clone(),
-            k8s_pod_uid: env.args.pod_uid.clone(),
-            ..Default::default()
-        })
-        .await?;
+    let (podnl, assigned) = tokio::join!(pod_netlink(&ns, &env.netns), async {
+        let mut client = IpamClient::connect(&conf.ipamd_socket).await?;
+        let reply = client.add(request).await?;
+        Ok::<_, CniError>((client, reply))
+    });
+    let (mut client, reply) = assigned?;
     let addr = reply
         .ip_address
         .iter()
@@ -193,17 +190,6 @@ async fn add(env: &CniEnv, conf: &NetConf, store: &StateStore) -> Result<Value> 
     };
     info!(%ip, device = addr.device_number, table = st.route_table, "ipamd assigned address");
 
-    let podnl = match pod_nl.await {
-        Ok(Ok(n)) => Ok(n),
-        Ok(Err(e)) => Err(CniError::new(
-            Code::Io,
-            format!(
-                "open netlink socket in network namespace {}: {e}",
-                env.netns
-            ),
-        )),
-        Err(e) => Err(CniError::new(Code::Io, format!("netns thread: {e}"))),
-    };
     let wired = match podnl {
         Ok(podnl) => wire(&ns, &podnl, conf, store, &st).await,
         Err(e) => Err(e),
@@ -404,7 +390,7 @@ async fn retire_pod_end(env: &CniEnv) {
     let Ok(ns) = File::open(&env.netns) else {
         return;
     };
-    let Ok(podnl) = Netlink::in_netns(&ns) else {
+    let Ok(podnl) = Netlink::in_netns(&ns).await else {
         return;
     };
     match podnl.link_by_name(&env.ifname).await {
@@ -454,7 +440,7 @@ async fn check(env: &CniEnv, conf: &NetConf, store: &StateStore) -> Result<()> {
         ));
     }
     let host = host_netlink()?;
-    let podnl = pod_netlink(&ns, &env.netns)?;
+    let podnl = pod_netlink(&ns, &env.netns).await?;
     pod::check(&host, &podnl, &pod_net(&st, conf.mtu)).await
 }
 

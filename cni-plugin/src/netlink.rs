@@ -39,19 +39,23 @@ impl Netlink {
 
     /// A socket in the namespace `ns`. The switch happens on a throwaway thread: a socket stays
     /// bound to the namespace it was opened in, while a runtime thread must never change its own.
-    pub fn in_netns(ns: &File) -> io::Result<Netlink> {
+    /// The caller's task goes on meanwhile (ADD opens the pod's socket while ipamd assigns).
+    pub async fn in_netns(ns: &File) -> io::Result<Netlink> {
+        let ns = ns.try_clone()?;
         let rt = tokio::runtime::Handle::current();
-        let opened = std::thread::scope(|s| {
-            s.spawn(|| {
-                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(io::Error::from)?;
-                let _guard = rt.enter();
-                rtnetlink::new_connection()
-            })
-            .join()
-        })
-        .map_err(|_| io::Error::other("netns thread panicked"))??;
-        let (conn, handle, _) = opened;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let opened = nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(io::Error::from)
+                .and_then(|()| {
+                    let _guard = rt.enter();
+                    rtnetlink::new_connection()
+                });
+            let _ = tx.send(opened);
+        });
+        let (conn, handle, _) = rx
+            .await
+            .map_err(|_| io::Error::other("netns thread ended without a socket"))??;
         tokio::spawn(conn);
         Ok(Netlink { handle })
     }

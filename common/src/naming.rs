@@ -24,8 +24,10 @@ pub const RETIRED_ALIAS_PREFIX: &str = "aws-cni retired ";
 /// The retired link's name, at most 12 characters: it can never be a pod veth's (prefix + 11
 /// hex digits: only a 1-character prefix gives 12, and "nir" is not hex).
 pub fn retired_name(index: u32) -> String {
-    format!("cnir{index:x}")
+    format!("{RETIRED_NAME_PREFIX}{index:x}")
 }
+
+pub const RETIRED_NAME_PREFIX: &str = "cnir";
 
 pub fn retired_alias(unix_secs: u64, owner: &str) -> String {
     format!("{RETIRED_ALIAS_PREFIX}{unix_secs} {owner}")

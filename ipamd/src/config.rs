@@ -301,6 +301,9 @@ fn kube_settings(
         node_name: env("MY_NODE_NAME")
             .map(|v| v.trim().to_string())
             .filter(|v| !v.is_empty()),
+        pod_name: env("MY_POD_NAME")
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty()),
         cluster_endpoint: env("CLUSTER_ENDPOINT")
             .map(|v| v.trim().to_string())
             .filter(|v| !v.is_empty()),

@@ -532,6 +532,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
 
     // Addresses of pods whose DEL never arrived, or arrived while ipamd was away, go back.
+    let reaper = links.clone();
     let sweeper = shared.clone();
     let sweep_cfg = cfg.clone();
     let fault = std::env::var("IPAMD_TEST_FAULT").unwrap_or_default();
@@ -550,7 +551,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     // Host veths the plugin retired at DEL (instead of waiting for their deletion) go here
     // when the runtime's namespace teardown did not take them already.
-    let reaper = Links::new().context("open a netlink socket for the veth reaper")?;
     tasks.spawn("veth reaper", async move {
         let mut t = tokio::time::interval(VETH_REAP_PERIOD);
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -286,7 +286,9 @@ class Selector:
 # ---------------------------------------------------------------- patches
 
 def merge_patch(target, patch):
-    """RFC 7386."""
+    """RFC 7386; a map marked `$replace` (from a strategic patch) replaces the target."""
+    if isinstance(patch, dict) and "$replace" in patch:
+        return copy.deepcopy(patch["$replace"])
     if not isinstance(patch, dict):
         return copy.deepcopy(patch)
     out = copy.deepcopy(target) if isinstance(target, dict) else {}
@@ -309,20 +311,6 @@ def strategic_to_merge(patch):
     out = {k: strategic_to_merge(v) for k, v in patch.items() if not k.startswith("$")}
     if directive == "replace":
         return {"$replace": out}
-    return out
-
-
-def _merge_strategic(target, patch):
-    if isinstance(patch, dict) and "$replace" in patch:
-        return copy.deepcopy(patch["$replace"])
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    out = copy.deepcopy(target) if isinstance(target, dict) else {}
-    for k, v in patch.items():
-        if v is None:
-            out.pop(k, None)
-        else:
-            out[k] = _merge_strategic(out.get(k), v)
     return out
 
 
@@ -805,7 +793,7 @@ class Emulator:
             raise bad_request("a merge patch must be a JSON object")
         if ctype == STRATEGIC_PATCH:
             return self.write(kind, ns, name, sub,
-                              lambda old: _merge_strategic(old, strategic_to_merge(patch)))
+                              lambda old: merge_patch(old, strategic_to_merge(patch)))
         return self.write(kind, ns, name, sub, lambda old: merge_patch(old, patch))
 
     def delete(self, kind, ns, name, body: bytes) -> dict:

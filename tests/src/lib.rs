@@ -26,6 +26,17 @@ pub fn result_ip(result: &serde_json::Value) -> String {
     addr.split('/').next().unwrap_or(addr).to_string()
 }
 
+/// Is `ip` inside `cidr`? (False when either does not parse.)
+pub fn in_cidr(ip: &str, cidr: &str) -> bool {
+    match (
+        ip.parse::<std::net::Ipv4Addr>(),
+        cidr.parse::<ipnet::Ipv4Net>(),
+    ) {
+        (Ok(ip), Ok(net)) => net.contains(&ip),
+        _ => false,
+    }
+}
+
 /// A short name unique to this process and call (interface and netns names are length-capped).
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);

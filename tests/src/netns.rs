@@ -56,7 +56,10 @@ impl Netns {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
         loop {
             let now = self.links_now();
-            let retired: Vec<&String> = now.iter().filter(|n| n.starts_with("cnir")).collect();
+            let retired: Vec<&String> = now
+                .iter()
+                .filter(|n| n.starts_with(cni_common::naming::RETIRED_NAME_PREFIX))
+                .collect();
             if retired.is_empty() {
                 return now;
             }

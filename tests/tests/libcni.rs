@@ -135,7 +135,7 @@ fn del_leaves_the_veth_to_ipamd_and_the_same_pod_can_come_back_at_once() {
     // sides, its routes and rules gone.
     let host_now = node.links_now();
     assert!(
-        host_now.len() == 1 && host_now[0].starts_with("cnir"),
+        host_now.len() == 1 && host_now[0].starts_with(cni_common::naming::RETIRED_NAME_PREFIX),
         "host side after DEL: {host_now:?}"
     );
     assert!(node.rules().is_empty(), "rules left: {:?}", node.rules());

@@ -3,16 +3,12 @@
 //! pod IP annotation, Events, and ENIs ipamd must leave alone.
 
 use integration::cloud::eventually;
+use integration::in_cidr;
 use integration::sim::{http_get, Mode, NodeSpec, Opts, Sim, ZONE_LABEL};
 use serde_json::{json, Value};
 
 fn t3(env: &[(&str, &str)]) -> NodeSpec {
     NodeSpec::new("t3.medium", env)
-}
-
-fn in_cidr(ip: &str, cidr: &str) -> bool {
-    let net: ipnet::Ipv4Net = cidr.parse().unwrap();
-    net.contains(&ip.parse::<std::net::Ipv4Addr>().unwrap())
 }
 
 fn eni_configs(s: &Sim, node: usize) -> Value {
@@ -127,6 +123,7 @@ fn a_node_without_its_eniconfig_or_permission_says_why() {
         &[t3(&[
             ("ENI_CONFIG_ANNOTATION_DEF", "example.com/eni-config"),
             ("ENI_CONFIG_LABEL_DEF", "example.com/no-such-label"),
+            ("MY_POD_NAME", "aws-node-x1"),
         ])],
         Mode::CustomNetworking,
         Opts {
@@ -184,6 +181,17 @@ fn a_node_without_its_eniconfig_or_permission_says_why() {
     eventually(20, "an Event names the missing ENIConfig", || {
         has_event(&s, "MissingENIConfig", "nowhere").then_some(())
     });
+    // On the Node, naming aws-node's pod (MY_POD_NAME) as the related object.
+    let events = s.vpc.kube.as_ref().unwrap().get(&["events", "-A"]);
+    let ev = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["reason"] == "MissingENIConfig")
+        .unwrap()
+        .clone();
+    assert_eq!(ev["involvedObject"]["kind"], "Node", "{ev}");
+    assert_eq!(ev["related"]["name"], "aws-node-x1", "{ev}");
     assert_eq!(s.enis(0).len(), 1, "no secondary ENI without an ENIConfig");
     // It appears: the next ENI goes to its subnet and the pod starts.
     let (_, subnet, cidr) = s.layout.subnet("alt").unwrap().clone();

@@ -56,6 +56,8 @@ pub fn mac_string(mac: &[u8]) -> String {
         .join(":")
 }
 
+/// Clones share the one socket (rtnetlink's handle).
+#[derive(Clone)]
 pub struct Links {
     handle: Handle,
 }

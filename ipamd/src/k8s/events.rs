@@ -40,13 +40,14 @@ impl Recorder {
     pub fn start(
         client: kube::Client,
         node_name: String,
+        pod_name: Option<String>,
         tasks: &mut crate::supervise::Supervisor,
     ) -> Recorder {
         if node_name.is_empty() {
             return Recorder::none();
         }
         let (tx, rx) = mpsc::channel(64);
-        tasks.spawn("event recorder", post_loop(client, node_name, rx));
+        tasks.spawn("event recorder", post_loop(client, node_name, pod_name, rx));
         Recorder { tx: Some(tx) }
     }
 
@@ -71,7 +72,7 @@ impl Recorder {
     }
 }
 
-fn event_for(node: &str, n: &Note) -> Event {
+fn event_for(node: &str, pod: Option<&str>, n: &Note) -> Event {
     let now = jiff_now();
     Event {
         metadata: ObjectMeta {
@@ -103,6 +104,13 @@ fn event_for(node: &str, n: &Note) -> Event {
         reporting_component: Some(COMPONENT.into()),
         reporting_instance: Some(node.into()),
         action: Some(n.reason.into()),
+        related: pod.map(|p| ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            namespace: Some("kube-system".into()),
+            name: Some(p.into()),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
@@ -111,7 +119,12 @@ fn jiff_now() -> k8s_openapi::jiff::Timestamp {
     k8s_openapi::jiff::Timestamp::now()
 }
 
-async fn post_loop(client: kube::Client, node: String, mut rx: mpsc::Receiver<Note>) {
+async fn post_loop(
+    client: kube::Client,
+    node: String,
+    pod: Option<String>,
+    mut rx: mpsc::Receiver<Note>,
+) {
     let api: Api<Event> = Api::namespaced(client, "default");
     let mut last: HashMap<(&'static str, String), Instant> = HashMap::new();
     let mut pending: VecDeque<Note> = VecDeque::new();
@@ -135,7 +148,7 @@ async fn post_loop(client: kube::Client, node: String, mut rx: mpsc::Receiver<No
         }
         while let Some(n) = pending.front() {
             match api
-                .create(&PostParams::default(), &event_for(&node, n))
+                .create(&PostParams::default(), &event_for(&node, pod.as_deref(), n))
                 .await
             {
                 Ok(_) => {

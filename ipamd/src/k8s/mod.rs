@@ -27,6 +27,9 @@ pub struct Settings {
     pub annotate_pod_ip: bool,
     /// `MY_NODE_NAME` (downward API).
     pub node_name: Option<String>,
+    /// `MY_POD_NAME` (downward API): aws-node's own pod in kube-system, which upstream's
+    /// Events name; ours are on the Node and name the pod as their related object.
+    pub pod_name: Option<String>,
     /// `CLUSTER_ENDPOINT`: the API server's URL instead of the one in the config.
     pub cluster_endpoint: Option<String>,
 }
@@ -86,7 +89,8 @@ impl Kube {
 pub fn start(client: kube::Client, s: &Settings, tasks: &mut crate::supervise::Supervisor) -> Kube {
     let node_name = s.node_name.clone().unwrap_or_default();
     let condition = Arc::new(Mutex::new("connecting".to_string()));
-    let events = events::Recorder::start(client.clone(), node_name.clone(), tasks);
+    let events =
+        events::Recorder::start(client.clone(), node_name.clone(), s.pod_name.clone(), tasks);
     let view = watch::start(
         client.clone(),
         node_name,

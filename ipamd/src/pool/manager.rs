@@ -1323,6 +1323,16 @@ mod tests {
         assert_eq!(r.pool_enis().await.len(), 2);
     }
 
+    /// The rig's node subnet (the primary ENI's, see `Rig::new`) with a security group.
+    fn node_target() -> Target {
+        Target {
+            subnet_id: "subnet-1".into(),
+            subnet_cidr: "10.0.0.0/16".parse().unwrap(),
+            security_groups: vec!["sg-node".into()],
+            why: "node".into(),
+        }
+    }
+
     fn subnet(id: &str, cidr: &str, free: u64, role: Option<&str>) -> crate::cloud::SubnetInfo {
         crate::cloud::SubnetInfo {
             id: id.into(),
@@ -1349,12 +1359,7 @@ mod tests {
             Mode::Discovery {
                 cluster: String::new(),
             },
-            Target {
-                subnet_id: "subnet-1".into(),
-                subnet_cidr: "10.0.0.0/16".parse().unwrap(),
-                security_groups: vec!["sg-node".into()],
-                why: "node".into(),
-            },
+            node_target(),
             "vpc-1".into(),
             "us-west-2a".into(),
         ));
@@ -1410,12 +1415,7 @@ mod tests {
                 node_name: "n1".into(),
                 view: rx,
             },
-            Target {
-                subnet_id: "subnet-1".into(),
-                subnet_cidr: "10.0.0.0/16".parse().unwrap(),
-                security_groups: vec!["sg-node".into()],
-                why: "node".into(),
-            },
+            node_target(),
             "vpc-1".into(),
             "us-west-2a".into(),
         ));

@@ -149,8 +149,8 @@ fn floor(node: &Netns, pod: &Netns, n: usize) -> Vec<f64> {
     rt.block_on(async {
         let host_ns = std::fs::File::open(node.path()).expect("node ns");
         let pod_ns = std::fs::File::open(pod.path()).expect("pod ns");
-        let host = Netlink::in_netns(&host_ns).expect("host netlink");
-        let inner = Netlink::in_netns(&pod_ns).expect("pod netlink");
+        let host = Netlink::in_netns(&host_ns).await.expect("host netlink");
+        let inner = Netlink::in_netns(&pod_ns).await.expect("pod netlink");
         let ip = Ipv4Addr::new(10, 99, 0, 5);
         let gw = Ipv4Addr::new(169, 254, 1, 1);
         let mut out = Vec::new();

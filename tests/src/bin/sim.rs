@@ -14,6 +14,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use integration::in_cidr;
 use integration::sim::{serve_text, tcp_text, teardown, Mode, NodeSpec, Sim, ZONE_LABEL};
 
 const PREFIX: &str = "acs";
@@ -75,16 +76,6 @@ fn mark(ok: bool) -> &'static str {
     } else {
         "FAIL"
     }
-}
-
-fn in_cidr(ip: &str, cidr: &str) -> bool {
-    let (Ok(ip), Ok(net)) = (
-        ip.parse::<std::net::Ipv4Addr>(),
-        cidr.parse::<ipnet::Ipv4Net>(),
-    ) else {
-        return false;
-    };
-    net.contains(&ip)
 }
 
 fn run(keep: bool, mode: Mode) -> bool {
