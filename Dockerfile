@@ -5,7 +5,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends protobuf-compil
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p aws-cni -p ipamd --bins
+RUN cargo build --release --locked -p ipamd --bins \
+    && cp "$(scripts/build-plugin.sh)" target/release/aws-cni
 
 FROM debian:bookworm-slim AS plugins
 RUN apt-get update && apt-get install -y --no-install-recommends containernetworking-plugins \
