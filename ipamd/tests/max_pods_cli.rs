@@ -105,6 +105,30 @@ fn all_layout() {
     assert!(data.contains(&"t3.nano 4"));
 }
 
+/// Every row of upstream's eni-max-pods.txt (v1.23.1, kept as figures in tests/data) appears in
+/// `--all` with the same number: operators' bootstrap scripts switch between the two.
+#[test]
+fn all_agrees_with_upstream_table() {
+    let ours = stdout(&["--all"]);
+    let ours: std::collections::HashMap<&str, &str> = ours
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once(' '))
+        .collect();
+    let upstream = include_str!("../../tests/data/upstream-eni-max-pods.tsv");
+    let mut rows = 0;
+    let mut wrong = Vec::new();
+    for line in upstream.lines().filter(|l| !l.starts_with('#')) {
+        let (ty, n) = line.split_once('\t').expect("type<TAB>max pods");
+        rows += 1;
+        if ours.get(ty) != Some(&n) {
+            wrong.push(format!("{ty}: upstream {n}, ours {:?}", ours.get(ty)));
+        }
+    }
+    assert_eq!(rows, 1391, "upstream's table has 1391 rows");
+    assert!(wrong.is_empty(), "{} rows differ: {wrong:#?}", wrong.len());
+}
+
 #[test]
 fn all_respects_flags() {
     let text = stdout(&["--all", "--cni-prefix-delegation-enabled"]);
