@@ -110,7 +110,7 @@ async fn pod_netlink(ns: &File, path: &str) -> Result<Netlink> {
 
 /// The table for the address: ipamd's `RouteTableId` for a secondary ENI, upstream's rule
 /// when an older ipamd left it unset; the primary ENI (device 0) routes through main.
-fn route_table(ip: &cni_proto::IpAddress) -> u32 {
+fn route_table(ip: &cni_proto::IpAllocationMetadata) -> u32 {
     if ip.device_number > 0 && ip.route_table_id > 0 {
         ip.route_table_id as u32
     } else {
@@ -166,7 +166,7 @@ async fn add(env: &CniEnv, conf: &NetConf, store: &StateStore) -> Result<Value> 
     });
     let (mut client, reply) = assigned?;
     let addr = reply
-        .ip_address
+        .ip_allocation_metadata
         .iter()
         .find(|a| parse_v4(&a.i_pv4_addr).is_some())
         .cloned();
@@ -193,6 +193,24 @@ async fn add(env: &CniEnv, conf: &NetConf, store: &StateStore) -> Result<Value> 
     let wired = match podnl {
         Ok(podnl) => wire(&ns, &podnl, conf, store, &st).await,
         Err(e) => Err(e),
+    };
+    // The agent attaches its programs to the host veth, so only once the pod is wired; a pod
+    // it cannot cover is undone like one that could not be wired.
+    let mode = &reply.network_policy_mode;
+    let wired = match wired {
+        Ok(v) if !mode.is_empty() => {
+            let interfaces = reply.ip_allocation_metadata.len() as i32;
+            crate::policy::enforce(
+                &conf.np_agent_socket,
+                &env.args.pod_namespace,
+                &env.args.pod_name,
+                mode,
+                interfaces,
+            )
+            .await
+            .map(|()| v)
+        }
+        other => other,
     };
     match wired {
         Ok(v) => Ok(v),
@@ -283,6 +301,7 @@ fn del_request(env: &CniEnv, conf: &NetConf, reason: &str) -> cni_proto::DelNetw
         container_id: env.container_id.clone(),
         if_name: env.ifname.clone(),
         network_name: conf.name.clone(),
+        k8s_pod_uid: env.args.pod_uid.clone(),
     }
 }
 
@@ -303,11 +322,15 @@ async fn del(env: &CniEnv, conf: &NetConf, store: &StateStore) -> Result<()> {
     let mut refused = None;
     // Our ipamd deletes retired host veths in the background; otherwise DEL deletes its own.
     let mut reaped = false;
+    let mut policy_mode = String::new();
     let ipamd_ip = match IpamClient::connect(&conf.ipamd_socket).await {
         Ok(mut c) => match c.del(del_request(env, conf, "PodDeleted")).await {
             Ok(r) => {
                 reaped = r.retired_veths_reaped;
-                r.ip_address.iter().find_map(|a| parse_v4(&a.i_pv4_addr))
+                policy_mode = r.network_policy_mode.clone();
+                r.ip_allocation_metadata
+                    .iter()
+                    .find_map(|a| parse_v4(&a.i_pv4_addr))
             }
             Err(e) => {
                 warn!(error = %e, "ipamd did not release the address");
@@ -374,6 +397,15 @@ async fn del(env: &CniEnv, conf: &NetConf, store: &StateStore) -> Result<()> {
     if let Some(e) = refused {
         // Keep the state so the runtime's retry can finish the release.
         return Err(e);
+    }
+    if !policy_mode.is_empty() && !env.args.pod_name.is_empty() {
+        // State kept on failure too: the retry finds the host clean and asks the agent again.
+        crate::policy::delete(
+            &conf.np_agent_socket,
+            &env.args.pod_namespace,
+            &env.args.pod_name,
+        )
+        .await?;
     }
     store
         .remove(&env.container_id, &env.ifname)
@@ -528,7 +560,11 @@ async fn gc(conf: &NetConf) -> Result<()> {
         })
         .await?;
     for r in &reply.released {
-        let Some(ip) = r.ip_address.as_ref().and_then(|a| parse_v4(&a.i_pv4_addr)) else {
+        let Some(ip) = r
+            .ip_allocation_metadata
+            .as_ref()
+            .and_then(|a| parse_v4(&a.i_pv4_addr))
+        else {
             continue;
         };
         if !cleaned.contains(&ip) {
@@ -560,7 +596,7 @@ mod tests {
 
     #[test]
     fn primary_eni_routes_via_main() {
-        let a = |d, t| cni_proto::IpAddress {
+        let a = |d, t| cni_proto::IpAllocationMetadata {
             device_number: d,
             route_table_id: t,
             ..Default::default()

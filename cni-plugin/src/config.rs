@@ -30,6 +30,9 @@ pub struct NetConf {
     pub ipamd_socket: PathBuf,
     /// Where per-sandbox state for DEL is kept.
     pub state_dir: PathBuf,
+    /// The network policy agent's socket (ours: `networkPolicyAgentSocket`; upstream
+    /// hard-codes the default).
+    pub np_agent_socket: PathBuf,
     pub prev_result: Option<serde_json::Value>,
     /// CNI 1.1 GC: attachments the runtime still knows.
     pub valid_attachments: Option<Vec<Attachment>>,
@@ -63,6 +66,8 @@ struct RawConf {
     ipamd_socket: Option<String>,
     #[serde(rename = "stateDir", default)]
     state_dir: Option<String>,
+    #[serde(rename = "networkPolicyAgentSocket", default)]
+    np_agent_socket: Option<String>,
     #[serde(rename = "prevResult", default)]
     prev_result: Option<serde_json::Value>,
     #[serde(rename = "cni.dev/valid-attachments", default)]
@@ -125,6 +130,10 @@ impl NetConf {
             plugin_log_level: raw.plugin_log_level.unwrap_or_else(|| "INFO".into()),
             ipamd_socket: PathBuf::from(ipamd_socket),
             state_dir: PathBuf::from(state_dir),
+            np_agent_socket: PathBuf::from(
+                raw.np_agent_socket
+                    .unwrap_or_else(|| cni_proto::DEFAULT_NP_AGENT_SOCKET.to_string()),
+            ),
             prev_result: raw.prev_result,
             valid_attachments: raw.valid_attachments,
         })

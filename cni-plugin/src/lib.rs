@@ -13,6 +13,7 @@ pub mod logging;
 pub mod naming;
 pub mod netlink;
 pub mod pod;
+pub mod policy;
 pub mod result;
 pub mod state;
 pub mod version;

@@ -10,8 +10,13 @@ use cni_common::logfile::{RotatingFile, DEFAULT_KEEP, DEFAULT_MAX_BYTES};
 use tracing_subscriber::filter::{LevelFilter, Targets};
 
 fn level(s: &str) -> LevelFilter {
-    // tracing's parser takes upstream's level names in any case ("DEBUG", "Info", "off").
-    s.trim().parse().unwrap_or(LevelFilter::INFO)
+    // tracing's parser takes upstream's level names in any case ("DEBUG", "Info", "off");
+    // upstream's "Fatal" and "Panic" log only what fails the call, and an unknown name means
+    // Debug, as upstream's plugin.
+    match s.trim().to_ascii_lowercase().as_str() {
+        "fatal" | "panic" | "dpanic" => LevelFilter::ERROR,
+        other => other.parse().unwrap_or(LevelFilter::DEBUG),
+    }
 }
 
 /// Ours at `lvl`, everything else at WARN (or less, when ours is quieter still). `Targets`,
@@ -59,7 +64,9 @@ mod tests {
     fn levels() {
         assert_eq!(level("DEBUG"), LevelFilter::DEBUG);
         assert_eq!(level("Info"), LevelFilter::INFO);
-        assert_eq!(level("bogus"), LevelFilter::INFO);
+        // Upstream: an unknown name is Debug; Fatal is a level there.
+        assert_eq!(level("bogus"), LevelFilter::DEBUG);
+        assert_eq!(level("Fatal"), LevelFilter::ERROR);
     }
 
     #[test]

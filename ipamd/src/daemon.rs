@@ -331,7 +331,7 @@ async fn cloud_node(cfg: &Config) -> anyhow::Result<(NodeInfo, InstanceLimits, C
         })?
         .clone();
     let ec2 = Arc::new(Guarded::new(
-        SdkEc2::new(&meta.region, cfg.ec2_endpoint.as_deref()).await,
+        SdkEc2::new(&meta.region, cfg.ec2_endpoint.as_deref(), cfg.http_timeout).await,
         Bucket::new(cfg.ec2_burst, cfg.ec2_rate),
         RetryPolicy::default(),
     ));
@@ -344,11 +344,19 @@ async fn cloud_node(cfg: &Config) -> anyhow::Result<(NodeInfo, InstanceLimits, C
         .context("DescribeInstanceTypes for a type missing from the built-in table")?
         .with_context(|| format!("EC2 does not know instance type {:?}", meta.instance_type))?,
     };
-    let described = patiently("DescribeNetworkInterfaces", || {
-        ec2.describe_enis(EniFilter::AttachedTo(meta.instance_id.clone()))
-    })
-    .await
-    .context("DescribeNetworkInterfaces for this instance's ENIs")?;
+    let described = if cfg.imds_only {
+        info!("ENABLE_IMDS_ONLY_MODE: the node's ENIs as IMDS lists them, no EC2 call");
+        meta.interfaces
+            .iter()
+            .map(|i| i.as_eni_info(&meta.instance_id))
+            .collect()
+    } else {
+        patiently("DescribeNetworkInterfaces", || {
+            ec2.describe_enis(EniFilter::AttachedTo(meta.instance_id.clone()))
+        })
+        .await
+        .context("DescribeNetworkInterfaces for this instance's ENIs")?
+    };
     let mut cloud = CloudNode {
         instance_id: meta.instance_id.clone(),
         vpc_id: primary.vpc_id.clone(),
@@ -362,8 +370,7 @@ async fn cloud_node(cfg: &Config) -> anyhow::Result<(NodeInfo, InstanceLimits, C
         let Some(att) = &info.attachment else {
             continue;
         };
-        let is_primary = att.device_index == 0 && att.network_card == 0;
-        if let Some(why) = info.not_ours().filter(|_| !is_primary) {
+        if let Some(why) = info.left_alone(cfg.manage_untagged_enis) {
             info!(eni = %info.id, device = att.device_index, "ENI left alone: {why}");
             cloud.unmanaged.insert(att.device_index, info.id.clone());
             continue;
@@ -409,6 +416,7 @@ async fn cloud_node(cfg: &Config) -> anyhow::Result<(NodeInfo, InstanceLimits, C
     };
     let node = NodeInfo {
         instance_id: meta.instance_id.clone(),
+        region: meta.region.clone(),
         instance_type: meta.instance_type.clone(),
         vpc_cidrs: primary.vpc_cidrs.clone(),
         enis,
@@ -518,16 +526,22 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if let Some(k) = &kube {
         let _ = shared.kube.set(k.clone());
     }
-    if let Some(a) = cfg.metrics {
+    let info = Arc::new(crate::api::http::Introspect {
+        ipamd_env: cfg.ipamd_debug_json(),
+        network_env: cfg.network_debug_json(),
+        settings: cfg.settings_json(),
+        eniconfig_keys: cfg.kube.keys.clone(),
+    });
+    if let Some(a) = cfg.metrics.clone() {
         tasks.spawn(
             "metrics server",
-            crate::api::http::serve(a, shared.clone(), true),
+            crate::api::http::serve(a, shared.clone(), true, info.clone()),
         );
     }
-    if let Some(a) = cfg.introspection {
+    if let Some(a) = cfg.introspection.clone() {
         tasks.spawn(
             "introspection server",
-            crate::api::http::serve(a, shared.clone(), false),
+            crate::api::http::serve(a, shared.clone(), false, info.clone()),
         );
     }
 
@@ -655,7 +669,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         mgr.placement = placement;
         if let Some(k) = &kube {
             mgr.events = k.events.clone();
+            mgr.node_view = Some(k.view.clone());
         }
+        mgr.provisioning = cfg.provisioning;
+        mgr.manage_cordoned = cfg.manage_enis_non_schedulable;
+        mgr.manage_untagged = cfg.manage_untagged_enis;
+        mgr.imds_only = cfg.imds_only;
         tasks.spawn("pool manager", mgr.run());
     }
 
@@ -668,9 +687,23 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         shutdown_signal().await;
         s2.notify_one();
     };
+    let policy = server::PolicyConfig {
+        mode: cfg.network_policy_mode.clone(),
+        node_ipv4: node
+            .enis
+            .iter()
+            .find(|e| e.primary)
+            .map(|e| e.primary_ip.to_string())
+            .unwrap_or_default(),
+        instance_id: node.instance_id.clone(),
+        region: node.region.clone(),
+    };
+    if !policy.mode.is_empty() {
+        info!(mode = %policy.mode, "NETWORK_POLICY_ENFORCING_MODE: the plugin asks the network policy agent at every ADD and DEL");
+    }
     let health = shared.clone();
     tokio::select! {
-        r = server::serve(&cfg.socket, shared, signalled) => r,
+        r = server::serve(&cfg.socket, shared, policy, signalled) => r,
         (task, how) = tasks.ended() => {
             // Serving on without it would look healthy while addresses go unmanaged.
             error!(task, how = %how, "background task stopped; exiting so that ipamd is restarted");

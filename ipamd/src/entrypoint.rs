@@ -26,6 +26,10 @@ pub struct EntryConfig {
     pub plugin_log_file: String,
     pub plugin_log_level: String,
     pub randomize_snat: String,
+    /// ENABLE_BANDWIDTH_PLUGIN: `bandwidth` chained last (pods' bandwidth annotations).
+    pub bandwidth: bool,
+    /// DISABLE_POD_V6: `tuning` chained last, turning IPv6 off in the pod's namespace.
+    pub disable_pod_v6: bool,
 }
 
 fn err(var: &'static str, value: &str, why: &str) -> ConfigError {
@@ -41,7 +45,8 @@ impl EntryConfig {
     pub fn from_env(
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<(EntryConfig, Config), ConfigError> {
-        let cfg = Config::from_env(env)?;
+        let mut cfg = Config::from_env(env)?;
+        let lenient = crate::config::Env::new(env);
         let get = |k: &str, d: &str| {
             env(k)
                 .filter(|v| !v.trim().is_empty())
@@ -62,18 +67,23 @@ impl EntryConfig {
                 "must be strict or standard",
             ));
         }
+        // Upstream takes any text here and its plugin logs at Debug for a name it does not
+        // know; so does ours, and this says so at start.
         let plugin_log_level = get("AWS_VPC_K8S_PLUGIN_LOG_LEVEL", "Debug");
-        if plugin_log_level
-            .parse::<tracing_subscriber::filter::LevelFilter>()
-            .is_err()
-        {
-            return Err(err(
-                "AWS_VPC_K8S_PLUGIN_LOG_LEVEL",
-                &plugin_log_level,
-                "must be a log level (debug, info, warn, error, off)",
-            ));
+        let known = ["fatal", "panic", "dpanic"]
+            .contains(&plugin_log_level.to_ascii_lowercase().as_str())
+            || plugin_log_level
+                .parse::<tracing_subscriber::filter::LevelFilter>()
+                .is_ok();
+        if !known {
+            eprintln!(
+                "aws-vpc-cni: AWS_VPC_K8S_PLUGIN_LOG_LEVEL={plugin_log_level:?} is not a log level; the plugin logs at Debug, as upstream's"
+            );
         }
         let randomize_snat = get("AWS_VPC_K8S_CNI_RANDOMIZESNAT", "prng");
+        let bandwidth = crate::config::bool_var(&lenient, "ENABLE_BANDWIDTH_PLUGIN", false)?;
+        let disable_pod_v6 = crate::config::bool_var(&lenient, "DISABLE_POD_V6", false)?;
+        cfg.warnings.extend(lenient.warnings());
         Ok((
             EntryConfig {
                 host_cni_bin: PathBuf::from(get("HOST_CNI_BIN_PATH", "/host/opt/cni/bin")),
@@ -87,6 +97,8 @@ impl EntryConfig {
                 ),
                 plugin_log_level,
                 randomize_snat,
+                bandwidth,
+                disable_pod_v6,
             },
             cfg,
         ))
@@ -101,8 +113,29 @@ impl EntryConfig {
             .replace("__PLUGINLOGFILE__", &self.plugin_log_file)
             .replace("__PLUGINLOGLEVEL__", &self.plugin_log_level)
             .replace("__RANDOMIZESNAT__", &self.randomize_snat);
-        serde_json::from_str::<serde_json::Value>(&out).context("rendered conflist is not JSON")?;
-        Ok(out)
+        let mut v: serde_json::Value =
+            serde_json::from_str(&out).context("rendered conflist is not JSON")?;
+        if !self.bandwidth && !self.disable_pod_v6 {
+            return Ok(out);
+        }
+        // Upstream's chaining: appended after portmap, bandwidth first.
+        let plugins = v
+            .get_mut("plugins")
+            .and_then(|p| p.as_array_mut())
+            .context("conflist template has no plugins list")?;
+        if self.bandwidth {
+            plugins.push(
+                serde_json::json!({"type": "bandwidth", "capabilities": {"bandwidth": true}}),
+            );
+        }
+        if self.disable_pod_v6 {
+            plugins.push(serde_json::json!({"type": "tuning", "sysctl": {
+                "net.ipv6.conf.all.disable_ipv6": "1",
+                "net.ipv6.conf.default.disable_ipv6": "1",
+                "net.ipv6.conf.lo.disable_ipv6": "1",
+            }}));
+        }
+        serde_json::to_string_pretty(&v).context("serialise the conflist")
     }
 }
 
@@ -149,16 +182,16 @@ pub fn exe_dir() -> anyhow::Result<PathBuf> {
         .to_path_buf())
 }
 
-/// gRPC health of ipamd over its socket: Some(true) SERVING, Some(false) answering but not
-/// serving, None when it does not answer.
-pub async fn health(socket: &Path) -> Option<bool> {
+/// gRPC health of `service` on ipamd's socket: Some(true) SERVING, Some(false) answering but
+/// not serving, None when it does not answer.
+pub async fn health(socket: &Path, service: &str) -> Option<bool> {
     use tonic_health::pb::health_client::HealthClient;
     let channel = cni_common::grpc::connect(socket, Duration::from_secs(2), Duration::from_secs(2))
         .await
         .ok()?;
     let r = HealthClient::new(channel)
         .check(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
+            service: service.to_string(),
         })
         .await
         .ok()?;
@@ -193,12 +226,47 @@ mod tests {
         for (var, val) in [
             ("POD_MTU", "100"),
             ("POD_SECURITY_GROUP_ENFORCING_MODE", "loose"),
-            ("AWS_VPC_K8S_PLUGIN_LOG_LEVEL", "chatty"),
             ("AWS_VPC_K8S_CNI_VETHPREFIX", "eth"),
             ("AWS_VPC_ENI_MTU", "20000"),
         ] {
             let pairs = [(var, val)];
             assert_eq!(EntryConfig::from_env(&with(&pairs)).unwrap_err().var, var);
         }
+        // Upstream takes any plugin log level (its plugin logs at Debug for unknown ones).
+        for v in ["chatty", "Fatal"] {
+            let pairs = [("AWS_VPC_K8S_PLUGIN_LOG_LEVEL", v)];
+            assert_eq!(
+                EntryConfig::from_env(&with(&pairs))
+                    .unwrap()
+                    .0
+                    .plugin_log_level,
+                v
+            );
+        }
+    }
+
+    #[test]
+    fn chained_plugins_as_upstream() {
+        let (e, _) = EntryConfig::from_env(&with(&[
+            ("ENABLE_BANDWIDTH_PLUGIN", "true"),
+            ("DISABLE_POD_V6", "true"),
+        ]))
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&e.render_conflist().unwrap()).unwrap();
+        let types: Vec<&str> = v["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(types, ["aws-cni", "portmap", "bandwidth", "tuning"]);
+        assert_eq!(v["plugins"][2]["capabilities"]["bandwidth"], true);
+        assert_eq!(
+            v["plugins"][3]["sysctl"]["net.ipv6.conf.all.disable_ipv6"],
+            "1"
+        );
+        let (plain, _) = EntryConfig::from_env(&with(&[])).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&plain.render_conflist().unwrap()).unwrap();
+        assert_eq!(v["plugins"].as_array().unwrap().len(), 2);
     }
 }

@@ -22,5 +22,6 @@ pub mod k8s;
 pub mod logging;
 pub mod metrics;
 pub mod pool;
+pub mod probe;
 pub mod rlimit;
 pub mod supervise;

@@ -8,8 +8,13 @@ use cni_common::logfile::{RotatingFile, DEFAULT_KEEP, DEFAULT_MAX_BYTES};
 use tracing_subscriber::filter::{EnvFilter, LevelFilter};
 
 fn level(s: &str) -> LevelFilter {
-    // tracing's parser takes upstream's level names in any case ("DEBUG", "Info", "off").
-    s.trim().parse().unwrap_or(LevelFilter::INFO)
+    // tracing's parser takes upstream's level names in any case ("DEBUG", "Info", "off");
+    // upstream's "fatal" (and zap's "panic", "dpanic") log only what stops ipamd, and an
+    // unknown name means DEBUG, as upstream.
+    match s.trim().to_ascii_lowercase().as_str() {
+        "fatal" | "panic" | "dpanic" => LevelFilter::ERROR,
+        other => other.parse().unwrap_or(LevelFilter::DEBUG),
+    }
 }
 
 /// ipamd's own events at the chosen level; the SDK, hyper and rustls only from WARN up (their

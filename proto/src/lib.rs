@@ -18,6 +18,18 @@ pub const PROTOCOL_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Default unix socket path of ipamd, as upstream.
 pub const DEFAULT_SOCKET: &str = "/var/run/aws-node/ipamd.sock";
 
+/// The network policy agent's socket (it serves `NPBackend` there), as upstream.
+pub const DEFAULT_NP_AGENT_SOCKET: &str = "/var/run/aws-node/npa.sock";
+
+/// gRPC health service names on ipamd's socket.
+pub mod health {
+    /// Up and initialised: what upstream's probes ask for ("", with no `-service`) and the
+    /// name upstream registers. An empty pool leaves these SERVING.
+    pub const LIVE: [&str; 2] = ["", "grpc.health.v1.aws-node"];
+    /// An ADD now would get an address (ours; readiness and the entrypoint's conflist wait).
+    pub const READY: &str = "rpc.CNIBackend";
+}
+
 /// Major component of a semver-ish version string ("1.2.3" -> "1", "v1.19" -> "1").
 pub fn major(version: &str) -> &str {
     let v = version.trim_start_matches('v');

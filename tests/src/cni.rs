@@ -58,6 +58,23 @@ impl CniClient {
         }
     }
 
+    /// Set `key` in the conflist's aws-cni entry.
+    pub fn set_plugin_field(&self, key: &str, value: Value) {
+        let mut cl: Value =
+            serde_json::from_slice(&std::fs::read(&self.conflist).expect("conflist"))
+                .expect("json");
+        cl["plugins"][0][key] = value;
+        std::fs::write(&self.conflist, cl.to_string()).expect("write");
+    }
+
+    /// Point the chain's `aws-cni` at another build of it (the benchmark measures the shipped,
+    /// LTO-built plugin, not the rig's quicker build).
+    pub fn use_plugin(&self, plugin: &Path) {
+        let link = self.bindir.join("aws-cni");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(plugin, link).expect("symlink plugin");
+    }
+
     /// The same client with only the conflist's first plugin (CHECK of aws-cni alone).
     pub fn first_plugin_only(&self, dir: &Path) -> CniClient {
         let only = dir.join("check.conflist");

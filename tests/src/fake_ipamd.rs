@@ -27,8 +27,8 @@ pub struct State {
 #[derive(Clone)]
 struct Svc(Arc<Mutex<State>>);
 
-fn ip_msg(ip: Ipv4Addr, dev: i32) -> IpAddress {
-    IpAddress {
+fn ip_msg(ip: Ipv4Addr, dev: i32) -> IpAllocationMetadata {
+    IpAllocationMetadata {
         i_pv4_addr: ip.to_string(),
         device_number: dev,
         route_table_id: dev + 1,
@@ -73,7 +73,7 @@ impl CniBackend for Svc {
         };
         Ok(Response::new(AddNetworkReply {
             success: true,
-            ip_address: vec![ip_msg(ip, dev)],
+            ip_allocation_metadata: vec![ip_msg(ip, dev)],
             vp_cv4_cid_rs: vec!["10.0.0.0/16".into()],
             ..Default::default()
         }))
@@ -92,7 +92,7 @@ impl CniBackend for Svc {
         }
         Ok(Response::new(DelNetworkReply {
             success: true,
-            ip_address: ip.map(|(ip, d)| ip_msg(ip, d)).into_iter().collect(),
+            ip_allocation_metadata: ip.map(|(ip, d)| ip_msg(ip, d)).into_iter().collect(),
             ..Default::default()
         }))
     }
@@ -141,7 +141,7 @@ impl CniBackend for Svc {
                 released.push(ReleasedAttachment {
                     container_id: k.0,
                     if_name: k.1,
-                    ip_address: Some(ip_msg(ip, d)),
+                    ip_allocation_metadata: Some(ip_msg(ip, d)),
                 });
             }
         }

@@ -262,13 +262,18 @@ pub async fn client(socket: &Path) -> CniBackendClient<Channel> {
     CniBackendClient::new(channel(socket).await)
 }
 
-/// grpc.health.v1 status of service "" ("SERVING", "NOT_SERVING", ...).
+/// Readiness: grpc.health.v1 status of "rpc.CNIBackend" ("SERVING", "NOT_SERVING", ...).
 pub async fn health(socket: &Path) -> String {
+    health_of(socket, cni_proto::health::READY).await
+}
+
+/// grpc.health.v1 status of `service`.
+pub async fn health_of(socket: &Path, service: &str) -> String {
     use tonic_health::pb::health_client::HealthClient;
     let mut h = HealthClient::new(channel(socket).await);
     let r = h
         .check(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
+            service: service.to_string(),
         })
         .await
         .expect("health check")

@@ -8,6 +8,7 @@ pub mod fake_ipamd;
 pub mod ipamd_proc;
 pub mod kube;
 pub mod netns;
+pub mod np_agent;
 pub mod sim;
 pub mod vpc;
 

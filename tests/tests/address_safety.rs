@@ -291,7 +291,7 @@ fn recover_rebuilds_a_lost_checkpoint_from_the_node() {
                 .unwrap()
                 .into_inner();
             assert!(r.success, "{r:?}");
-            let ip = r.ip_address[0].i_pv4_addr.clone();
+            let ip = r.ip_allocation_metadata[0].i_pv4_addr.clone();
             assert!(seen.insert(ip.clone()), "{ip} handed out again");
         }
     });

@@ -13,8 +13,10 @@ fn bad_environment_is_refused_naming_the_variable() {
     for (var, val) in [
         ("AWS_VPC_K8S_CNI_VETHPREFIX", "vlan"),
         ("POD_MTU", "100"),
-        ("WARM_IP_TARGET", "lots"),
-        ("AWS_VPC_K8S_CNI_RANDOMIZESNAT", "maybe"),
+        ("AWS_VPC_ENI_MTU", "lots"),
+        ("ENABLE_IPv6", "true"),
+        ("ENABLE_POD_ENI", "true"),
+        ("NETWORK_POLICY_ENFORCING_MODE", "audit"),
     ] {
         let out = Command::new(integration::bin("aws-vpc-cni"))
             .env_clear()

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use cni_proto::{FailureReason, StatusRequest};
-use integration::ipamd_proc::{add_req, client, del_req, enis, health, rt, Ipamd};
+use integration::ipamd_proc::{add_req, client, del_req, enis, health, health_of, rt, Ipamd};
 use integration::netns::Netns;
 
 #[test]
@@ -29,10 +29,10 @@ fn allocates_releases_and_reports_through_the_socket() {
         let r = c.add_network(add_req("a")).await.unwrap().into_inner();
         assert!(r.success, "{r:?}");
         assert_eq!(r.vp_cv4_cid_rs, vec!["10.0.0.0/16".to_string()]);
-        let ip = r.ip_address[0].clone();
+        let ip = r.ip_allocation_metadata[0].clone();
         let again = c.add_network(add_req("a")).await.unwrap().into_inner();
         assert_eq!(
-            again.ip_address[0], ip,
+            again.ip_allocation_metadata[0], ip,
             "repeated AddNetwork gives the same IP"
         );
         if ip.device_number == 0 {
@@ -51,7 +51,7 @@ fn allocates_releases_and_reports_through_the_socket() {
                 .into_inner();
             assert!(r.success, "{r:?}");
             assert!(
-                seen.insert(r.ip_address[0].i_pv4_addr.clone()),
+                seen.insert(r.ip_allocation_metadata[0].i_pv4_addr.clone()),
                 "duplicate address"
             );
         }
@@ -64,6 +64,11 @@ fn allocates_releases_and_reports_through_the_socket() {
             r.message
         );
         assert_eq!(health(&d.socket).await, "NOT_SERVING");
+        // What upstream's probes ask for (liveness and readiness alike) stays SERVING: an
+        // empty pool must not get aws-node restarted.
+        for name in cni_proto::health::LIVE {
+            assert_eq!(health_of(&d.socket, name).await, "SERVING", "{name:?}");
+        }
         let s = c
             .status(StatusRequest::default())
             .await
@@ -76,7 +81,7 @@ fn allocates_releases_and_reports_through_the_socket() {
         // whose only obstacle is cooldown waits for it (2 s here, within the 10 s bound).
         let r = c.del_network(del_req("a")).await.unwrap().into_inner();
         assert!(r.success);
-        assert_eq!(r.ip_address[0].i_pv4_addr, ip.i_pv4_addr);
+        assert_eq!(r.ip_allocation_metadata[0].i_pv4_addr, ip.i_pv4_addr);
         assert_eq!(
             health(&d.socket).await,
             "NOT_SERVING",
@@ -87,10 +92,10 @@ fn allocates_releases_and_reports_through_the_socket() {
             .await
             .unwrap()
             .into_inner();
-        assert!(r.success && r.ip_address.is_empty());
+        assert!(r.success && r.ip_allocation_metadata.is_empty());
         let r = c.add_network(add_req("p15")).await.unwrap().into_inner();
         assert!(r.success, "waited out the cooldown: {r:?}");
-        assert_eq!(r.ip_address[0].i_pv4_addr, ip.i_pv4_addr);
+        assert_eq!(r.ip_allocation_metadata[0].i_pv4_addr, ip.i_pv4_addr);
         // Cooled and handed out again: the pool is full once more.
         let r = c.del_network(del_req("p15")).await.unwrap().into_inner();
         assert!(r.success);
@@ -174,7 +179,10 @@ fn kill9_during_burst_loses_no_acknowledged_allocation() {
                 if let Ok(r) = c.add_network(add_req(&format!("burst{i}"))).await {
                     let r = r.into_inner();
                     if r.success {
-                        let _ = tx.send((format!("burst{i}"), r.ip_address[0].i_pv4_addr.clone()));
+                        let _ = tx.send((
+                            format!("burst{i}"),
+                            r.ip_allocation_metadata[0].i_pv4_addr.clone(),
+                        ));
                     }
                 }
             });
@@ -204,7 +212,7 @@ fn kill9_during_burst_loses_no_acknowledged_allocation() {
         for (k, ip) in &acked {
             let r = c.add_network(add_req(k)).await.unwrap().into_inner();
             assert_eq!(
-                &r.ip_address[0].i_pv4_addr, ip,
+                &r.ip_allocation_metadata[0].i_pv4_addr, ip,
                 "{k} lost its address across kill -9"
             );
         }
@@ -225,7 +233,7 @@ fn kill9_during_burst_loses_no_acknowledged_allocation() {
                 .into_inner();
             assert!(r.success);
             assert!(
-                !ips.contains(&r.ip_address[0].i_pv4_addr),
+                !ips.contains(&r.ip_allocation_metadata[0].i_pv4_addr),
                 "address handed out twice"
             );
         }
@@ -266,7 +274,7 @@ fn restart_restores_upstream_checkpoint_and_drops_what_is_gone() {
     let d = Ipamd::standalone(dir.path(), Some(&node.name), "t3.medium", &enis(2, 5), &[]);
     rt().block_on(async {
         let mut c = client(&d.socket).await;
-        let ip = |r: cni_proto::AddNetworkReply| r.ip_address[0].i_pv4_addr.clone();
+        let ip = |r: cni_proto::AddNetworkReply| r.ip_allocation_metadata[0].i_pv4_addr.clone();
         let alive = add_req("alive");
         assert_eq!(
             ip(c.add_network(alive).await.unwrap().into_inner()),

@@ -144,7 +144,7 @@ fn pods_attach_enis_up_to_the_limit_then_shrink_back() {
             let r = n.add(&format!("c{i}"));
             if r.success {
                 assert!(
-                    ok.insert(r.ip_address[0].i_pv4_addr.clone()),
+                    ok.insert(r.ip_allocation_metadata[0].i_pv4_addr.clone()),
                     "IP given twice"
                 );
             } else {
@@ -233,7 +233,7 @@ fn prefix_delegation_hands_out_addresses_from_prefixes() {
         .to_string();
     let r = n.add("p0");
     assert!(r.success, "{r:?}");
-    let ip: std::net::Ipv4Addr = r.ip_address[0].i_pv4_addr.parse().unwrap();
+    let ip: std::net::Ipv4Addr = r.ip_allocation_metadata[0].i_pv4_addr.parse().unwrap();
     let base: std::net::Ipv4Addr = prefix.trim_end_matches("/28").parse().unwrap();
     assert_eq!(u32::from(ip) & !0xf, u32::from(base), "{ip} from {prefix}");
     n.add_ok("p", 1..17);

@@ -59,13 +59,63 @@ fn introspection_and_metrics_match_the_pool() {
     assert_eq!(st, 200);
     let pods: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(pods.as_array().unwrap().len(), 3);
+    // Upstream's settings endpoints: its keys, typed, with defaults applied.
     let (st, body) = http_get(&ns, "http://127.0.0.1:61679/v1/ipamd-env-settings");
     assert_eq!(st, 200);
     let env: Value = serde_json::from_str(&body).unwrap();
-    assert!(env.get("WARM_ENI_TARGET").is_some(), "{env}");
+    assert_eq!(
+        env,
+        serde_json::json!({"AWS_MANAGE_ENIS_NON_SCHEDULABLE": false,
+            "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG": false, "ENABLE_SUBNET_DISCOVERY": true,
+            "WARM_ENI_TARGET": 1, "WARM_IP_TARGET": 0})
+    );
     let (st, body) = http_get(&ns, "http://127.0.0.1:61679/v1/networkutils-env-settings");
     assert_eq!(st, 200);
-    assert!(body.contains("AWS_VPC_K8S_CNI_EXTERNALSNAT"));
+    let env: Value = serde_json::from_str(&body).unwrap();
+    let keys: Vec<&String> = env.as_object().unwrap().keys().collect();
+    assert_eq!(
+        keys,
+        [
+            "AWS_EXTERNAL_SERVICE_CIDRS",
+            "AWS_VPC_CNI_NODE_PORT_SUPPORT",
+            "AWS_VPC_ENI_MTU",
+            "AWS_VPC_K8S_CNI_CONNMARK",
+            "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS",
+            "AWS_VPC_K8S_CNI_EXTERNALSNAT",
+            "AWS_VPC_K8S_CNI_RANDOMIZESNAT",
+            "AWS_VPC_K8S_CNI_VETHPREFIX"
+        ]
+    );
+    assert_eq!(env["AWS_VPC_K8S_CNI_CONNMARK"], 128);
+    assert_eq!(
+        env["AWS_VPC_K8S_CNI_RANDOMIZESNAT"], 2,
+        "prng, as Go's enum"
+    );
+    assert_eq!(env["AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS"], Value::Null);
+    assert_eq!(env["AWS_VPC_ENI_MTU"], 9001);
+    // `/` (and any unknown path, upstream's catch-all) lists the commands.
+    for path in ["/", "/v1/nonsense"] {
+        let (st, body) = http_get(&ns, &format!("http://127.0.0.1:61679{path}"));
+        assert_eq!(st, 200);
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let mut cmds: Vec<&str> = v["AvailableCommands"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap())
+            .collect();
+        cmds.sort();
+        assert_eq!(
+            cmds,
+            [
+                "/v1/eni-configs",
+                "/v1/enis",
+                "/v1/ipamd-env-settings",
+                "/v1/networkutils-env-settings"
+            ]
+        );
+    }
+    // No Kubernetes API in this cluster: the node's ENIConfig name is not known.
     assert_eq!(
         http_get(&ns, "http://127.0.0.1:61679/v1/eni-configs").0,
         404

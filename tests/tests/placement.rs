@@ -11,10 +11,21 @@ fn t3(env: &[(&str, &str)]) -> NodeSpec {
     NodeSpec::new("t3.medium", env)
 }
 
+/// Ours, `/v1/eni-config-status`, checked against upstream's `/v1/eni-configs` (the name alone,
+/// as a JSON string).
 fn eni_configs(s: &Sim, node: usize) -> Value {
-    let (code, body) = http_get(s.nodes[node].ns(), "http://127.0.0.1:61679/v1/eni-configs");
+    let (code, body) = http_get(
+        s.nodes[node].ns(),
+        "http://127.0.0.1:61679/v1/eni-config-status",
+    );
     assert_eq!(code, 200, "{body}");
-    serde_json::from_str(&body).unwrap()
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let (code, name) = http_get(s.nodes[node].ns(), "http://127.0.0.1:61679/v1/eni-configs");
+    if v["kubernetes"] == "watching" {
+        assert_eq!(code, 200, "{name}");
+        assert_eq!(serde_json::from_str::<Value>(&name).unwrap(), v["MyENI"]);
+    }
+    v
 }
 
 fn has_event(s: &Sim, reason: &str, text: &str) -> bool {

@@ -1,10 +1,12 @@
-//! The gRPC side: `CNIBackend` for the plugin and `grpc.health.v1` for probes, on a unix socket.
+//! The gRPC side, on one unix socket as upstream: `CNIBackend` for the plugin,
+//! `ConfigServerBackend` for the network policy agent and `grpc.health.v1` for probes.
 
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
 use cni_proto::cni_backend_server::{CniBackend, CniBackendServer};
+use cni_proto::config_server_backend_server::{ConfigServerBackend, ConfigServerBackendServer};
 use cni_proto::*;
 use tokio::net::UnixListener;
 use tonic::{Request, Response, Status};
@@ -14,7 +16,43 @@ use crate::pool::datastore::{Key, PodMeta};
 use crate::pool::Pool;
 use cni_common::validate::Invalid;
 
-pub struct Backend(pub Arc<Pool>);
+/// What the network policy agent and the plugin are told about policy, fixed at start.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PolicyConfig {
+    /// `NETWORK_POLICY_ENFORCING_MODE` as given; empty: the plugin does not call the agent.
+    pub mode: String,
+    pub node_ipv4: String,
+    pub instance_id: String,
+    pub region: String,
+}
+
+pub struct Backend {
+    pool: Arc<Pool>,
+    policy_mode: String,
+}
+
+/// `GetNetworkPolicyConfigs`: the agent asks once at its start and exits when it gets no
+/// answer, so this is served from the moment the socket listens.
+pub struct ConfigServer(PolicyConfig);
+
+#[tonic::async_trait]
+impl ConfigServerBackend for ConfigServer {
+    async fn get_network_policy_configs(
+        &self,
+        _req: Request<()>,
+    ) -> Result<Response<NetworkPolicyAgentConfigReply>, Status> {
+        let p = &self.0;
+        Ok(Response::new(NetworkPolicyAgentConfigReply {
+            network_policy_mode: p.mode.clone(),
+            // ENABLE_MULTI_NIC=true is refused at start.
+            multi_nic_enabled: false,
+            node_i_pv4: p.node_ipv4.clone(),
+            node_i_pv6: String::new(),
+            instance_id: p.instance_id.clone(),
+            region: p.region.clone(),
+        }))
+    }
+}
 
 fn check_client(version: &str, rpc: &str) {
     if !version.is_empty()
@@ -29,8 +67,8 @@ fn check_client(version: &str, rpc: &str) {
     }
 }
 
-fn ip_msg(a: &crate::pool::datastore::Allocation) -> IpAddress {
-    IpAddress {
+fn ip_msg(a: &crate::pool::datastore::Allocation) -> IpAllocationMetadata {
+    IpAllocationMetadata {
         i_pv4_addr: a.ip.to_string(),
         i_pv6_addr: String::new(),
         device_number: a.device_number as i32,
@@ -70,6 +108,16 @@ fn validate_add(r: &AddNetworkRequest) -> Result<(), Invalid> {
     Ok(())
 }
 
+fn validate_del(r: &DelNetworkRequest) -> Result<(), Invalid> {
+    use cni_common::validate::{bounded, MAX_K8S_NAME, MAX_SHORT, MAX_UID};
+    validate_key(&r.container_id, &r.if_name, &r.network_name)?;
+    bounded("pod name", &r.k8s_pod_name, MAX_K8S_NAME)?;
+    bounded("pod namespace", &r.k8s_pod_namespace, MAX_K8S_NAME)?;
+    bounded("pod uid", &r.k8s_pod_uid, MAX_UID)?;
+    bounded("client version", &r.client_version, MAX_SHORT)?;
+    Ok(())
+}
+
 /// DelNetwork's free-text reason as a metric label: a fixed set, so clients cannot mint
 /// series. Upstream's plugin sends the first two.
 pub fn reason_label(reason: &str) -> &'static str {
@@ -103,7 +151,7 @@ impl CniBackend for Backend {
             m.add_ip_req_count.inc();
             let _timer = m.add_network_seconds.start_timer();
             check_client(&r.client_version, "AddNetwork");
-            let s = &self.0;
+            let s = &self.pool;
             if let Err(why) = validate_add(&r) {
                 return Ok(add_refusal(FailureReason::InvalidRequest, why.to_string()));
             }
@@ -130,9 +178,10 @@ impl CniBackend for Backend {
             }
             Ok(Response::new(AddNetworkReply {
                 success: true,
-                ip_address: vec![ip_msg(&alloc)],
+                ip_allocation_metadata: vec![ip_msg(&alloc)],
                 use_external_snat: s.external_snat,
                 vp_cv4_cid_rs: s.vpc_cidrs().iter().map(|c| c.to_string()).collect(),
+                network_policy_mode: self.policy_mode.clone(),
                 ..Default::default()
             }))
         }
@@ -153,8 +202,8 @@ impl CniBackend for Backend {
                 .inc();
             let _timer = m.del_network_seconds.start_timer();
             check_client(&r.client_version, "DelNetwork");
-            let s = &self.0;
-            if let Err(why) = validate_key(&r.container_id, &r.if_name, &r.network_name) {
+            let s = &self.pool;
+            if let Err(why) = validate_del(&r) {
                 return Ok(Response::new(DelNetworkReply {
                     success: false,
                     failure_reason: FailureReason::InvalidRequest as i32,
@@ -180,9 +229,12 @@ impl CniBackend for Backend {
             };
             let Some(a) = released else {
                 info!("no allocation for this attachment; nothing to release");
+                // The mode even here, unlike upstream: a DEL retried after the agent could not be
+                // reached must still reach it.
                 return Ok(Response::new(DelNetworkReply {
                     success: true,
                     retired_veths_reaped: true,
+                    network_policy_mode: self.policy_mode.clone(),
                     ..Default::default()
                 }));
             };
@@ -192,8 +244,9 @@ impl CniBackend for Backend {
             }
             Ok(Response::new(DelNetworkReply {
                 success: true,
-                ip_address: vec![ip_msg(&a)],
+                ip_allocation_metadata: vec![ip_msg(&a)],
                 retired_veths_reaped: true,
+                network_policy_mode: self.policy_mode.clone(),
                 ..Default::default()
             }))
         }
@@ -202,7 +255,7 @@ impl CniBackend for Backend {
     }
 
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
-        let st = self.0.status().await;
+        let st = self.pool.status().await;
         Ok(Response::new(StatusReply {
             ready: st.ready,
             reason: st.reason as i32,
@@ -213,7 +266,7 @@ impl CniBackend for Backend {
 
     async fn garbage_collect(&self, req: Request<GcRequest>) -> Result<Response<GcReply>, Status> {
         let r = req.into_inner();
-        let s = &self.0;
+        let s = &self.pool;
         let valid: HashSet<(String, String)> = r
             .valid_attachments
             .iter()
@@ -237,7 +290,7 @@ impl CniBackend for Backend {
                 .map(|a| ReleasedAttachment {
                     container_id: a.key.container_id.clone(),
                     if_name: a.key.ifname.clone(),
-                    ip_address: Some(ip_msg(a)),
+                    ip_allocation_metadata: Some(ip_msg(a)),
                 })
                 .collect(),
         }))
@@ -251,6 +304,7 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 pub async fn serve(
     socket: &Path,
     shared: Arc<Pool>,
+    policy: PolicyConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
@@ -276,12 +330,18 @@ pub async fn serve(
         UnixListener::bind(socket).with_context(|| format!("bind {}", socket.display()))?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("chmod {}", socket.display()))?;
-    info!(socket = %socket.display(), "serving CNIBackend and health");
+    info!(socket = %socket.display(), "serving CNIBackend, ConfigServerBackend and health");
     let health_svc = health_service(&shared);
+    let backend = Backend {
+        pool: shared,
+        policy_mode: policy.mode.clone(),
+    };
     tonic::transport::Server::builder()
         .add_service(health_svc)
+        .add_service(CniBackendServer::new(backend).max_decoding_message_size(MAX_REQUEST_BYTES))
         .add_service(
-            CniBackendServer::new(Backend(shared)).max_decoding_message_size(MAX_REQUEST_BYTES),
+            ConfigServerBackendServer::new(ConfigServer(policy))
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::UnixListenerStream::new(listener),

@@ -1,5 +1,6 @@
 //! The two HTTP endpoints upstream serves: Prometheus metrics (`:61678/metrics`) and
-//! introspection (`127.0.0.1:61679/v1/...`). Plain hyper: a handful of GET routes.
+//! introspection (`127.0.0.1:61679/v1/...`, or a unix socket). Plain hyper: a handful of GET
+//! routes.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -14,65 +15,31 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Map, Value};
 use tracing::{info, warn};
 
+use crate::config::Bind;
 use crate::pool::datastore::Datastore;
 use crate::pool::Pool;
 
-/// Variables shown by /v1/ipamd-env-settings (upstream's GetConfigForDebug, and ours).
-pub const IPAMD_ENV: &[&str] = &[
-    "AWS_VPC_K8S_CNI_LOGLEVEL",
-    "AWS_VPC_K8S_CNI_LOG_FILE",
-    "AWS_VPC_K8S_CNI_BACKING_STORE",
-    "WARM_ENI_TARGET",
-    "WARM_IP_TARGET",
-    "MINIMUM_IP_TARGET",
-    "WARM_PREFIX_TARGET",
-    "ENABLE_PREFIX_DELEGATION",
-    "MAX_ENI",
-    "IP_COOLDOWN_PERIOD",
-    "DISABLE_LEAKED_ENI_CLEANUP",
-    "ADDITIONAL_ENI_TAGS",
-    "CLUSTER_NAME",
-    "AWS_EC2_ENDPOINT",
-    "AWS_VPC_K8S_CNI_VETHPREFIX",
-    "INTROSPECTION_BIND_ADDRESS",
-    "DISABLE_INTROSPECTION",
-    "DISABLE_METRICS",
-    "IPAMD_SOCKET_PATH",
-    "IPAMD_POOL_CHECK_INTERVAL",
-    "IPAMD_DECREASE_INTERVAL",
-    "IPAMD_RECONCILE_INTERVAL",
-    "IPAMD_MIN_ENI_AGE",
-    "IPAMD_LEAKED_ENI_CLEANUP_INTERVAL",
-    "IPAMD_SUBNET_FULL_BACKOFF",
-    "IPAMD_ALLOCATION_GRACE",
-    "IPAMD_GROWTH_BACKOFF_MAX",
-    "IPAMD_EC2_BURST",
-    "IPAMD_EC2_RATE",
-    "AWS_CNI_STATE_DIR",
-];
-
-/// Variables shown by /v1/networkutils-env-settings.
-pub const NETWORK_ENV: &[&str] = &[
-    "AWS_VPC_K8S_CNI_EXTERNALSNAT",
-    "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS",
-    "AWS_EXTERNAL_SERVICE_CIDRS",
-    "AWS_VPC_K8S_CNI_RANDOMIZESNAT",
-    "AWS_VPC_K8S_CNI_CONNMARK",
-    "AWS_VPC_CNI_NODE_PORT_SUPPORT",
-    "AWS_VPC_ENI_MTU",
-    "AWS_VPC_K8S_CNI_VETHPREFIX",
-];
-
-fn env_json(names: &[&str]) -> Value {
-    let mut m = Map::new();
-    for n in names {
-        m.insert(
-            n.to_string(),
-            Value::String(std::env::var(n).unwrap_or_default()),
-        );
-    }
-    Value::Object(m)
+/// What introspection shows of the settings and the ENIConfig keys, fixed at start.
+#[derive(Debug, Clone, Default)]
+pub struct Introspect {
+    /// `/v1/ipamd-env-settings`: upstream's keys, typed and defaulted.
+    pub ipamd_env: Value,
+    /// `/v1/networkutils-env-settings`: upstream's keys, typed and defaulted.
+    pub network_env: Value,
+    /// `/v1/settings` (ours): every variable ipamd reads, as it took it, and what it said.
+    pub settings: Value,
+    /// ENI_CONFIG_LABEL_DEF / ENI_CONFIG_ANNOTATION_DEF, for `/v1/eni-configs`.
+    pub eniconfig_keys: crate::k8s::eniconfig::Keys,
 }
+
+/// Upstream's introspection paths, listed at `/` (and, as upstream's catch-all, any unknown
+/// path); ours work too but are not listed, so the answer is upstream's.
+const COMMANDS: [&str; 4] = [
+    "/v1/enis",
+    "/v1/eni-configs",
+    "/v1/networkutils-env-settings",
+    "/v1/ipamd-env-settings",
+];
 
 /// Go's time.Time as JSON (RFC 3339, the zero time for "never").
 fn go_time(t: Option<SystemTime>) -> String {
@@ -225,6 +192,7 @@ fn reply(status: StatusCode, ctype: &str, body: String) -> Response<Full<Bytes>>
 async fn route(
     s: Arc<Pool>,
     metrics: bool,
+    info: Arc<Introspect>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path();
@@ -268,11 +236,22 @@ async fn route(
                 .unwrap_or(Value::Null);
             reply(StatusCode::OK, JSON, v.to_string())
         }
-        "/v1/ipamd-env-settings" => reply(StatusCode::OK, JSON, env_json(IPAMD_ENV).to_string()),
+        "/v1/ipamd-env-settings" => reply(StatusCode::OK, JSON, info.ipamd_env.to_string()),
         "/v1/networkutils-env-settings" => {
-            reply(StatusCode::OK, JSON, env_json(NETWORK_ENV).to_string())
+            reply(StatusCode::OK, JSON, info.network_env.to_string())
         }
-        "/v1/eni-configs" => match eni_configs_json(&s) {
+        "/v1/settings" => reply(StatusCode::OK, JSON, info.settings.to_string()),
+        // Upstream: the node's ENIConfig name as a JSON string, custom networking or not; it
+        // needs the node from the Kubernetes API.
+        "/v1/eni-configs" => match eni_config_name(&s, &info.eniconfig_keys) {
+            Some(name) => reply(StatusCode::OK, JSON, Value::String(name).to_string()),
+            None => reply(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "the node is not known from the Kubernetes API\n".into(),
+            ),
+        },
+        "/v1/eni-config-status" => match eni_configs_json(&s) {
             Some(v) => reply(StatusCode::OK, JSON, v.to_string()),
             None => reply(
                 StatusCode::NOT_FOUND,
@@ -281,16 +260,21 @@ async fn route(
             ),
         },
         _ => reply(
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "404 page not found\n".into(),
+            StatusCode::OK,
+            JSON,
+            json!({ "AvailableCommands": COMMANDS }).to_string(),
         ),
     })
 }
 
-/// The node's ENIConfig as custom networking sees it: upstream's ENIConfigInfo keys (every
-/// ENIConfig, the node's, the annotation and label keys), and ours: whether the node's exists,
-/// why not, and the Kubernetes API's condition.
+fn eni_config_name(s: &Pool, keys: &crate::k8s::eniconfig::Keys) -> Option<String> {
+    let view = s.kube.get()?.view.borrow().clone();
+    Some(crate::k8s::eniconfig::name_for(view.node.as_ref()?, keys).0)
+}
+
+/// Ours, `/v1/eni-config-status`: the node's ENIConfig as custom networking sees it, with
+/// upstream's ENIConfigInfo keys (every ENIConfig, the node's, the annotation and label keys),
+/// whether the node's exists, why not, and the Kubernetes API's condition.
 fn eni_configs_json(s: &Pool) -> Option<Value> {
     use crate::k8s::eniconfig::{name_for, Selection};
     let (sel, keys, view) = s.placement.get()?.eniconfig()?;
@@ -328,12 +312,12 @@ const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(
 /// Both ports may face every pod on the node (metrics listens on all addresses), so nothing a
 /// client does may cost ipamd more than a bounded share of its descriptors or CPU: connections
 /// are capped, slow and idle ones time out, and a failing accept backs off instead of spinning.
-pub async fn serve(addr: SocketAddr, shared: Arc<Pool>, metrics: bool) {
+pub async fn serve(bind: Bind, shared: Arc<Pool>, metrics: bool, info: Arc<Introspect>) {
     let what = if metrics { "metrics" } else { "introspection" };
-    let listener = match tokio::net::TcpListener::bind(addr).await {
+    let listener = match Listener::bind(&bind).await {
         Ok(l) => l,
         Err(e) => {
-            warn!(%addr, error = %e, "cannot serve {what}");
+            warn!(addr = %bind, error = %e, "cannot serve {what}");
             crate::metrics::global()
                 .ipamd_error_count
                 .with_label_values(&[what])
@@ -342,7 +326,7 @@ pub async fn serve(addr: SocketAddr, shared: Arc<Pool>, metrics: bool) {
             return std::future::pending().await;
         }
     };
-    info!(%addr, "serving {what}");
+    info!(addr = %bind, "serving {what}");
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut backoff = std::time::Duration::from_millis(10);
     loop {
@@ -350,21 +334,23 @@ pub async fn serve(addr: SocketAddr, shared: Arc<Pool>, metrics: bool) {
             return;
         };
         let stream = match listener.accept().await {
-            Ok((stream, _)) => {
+            Ok(stream) => {
                 backoff = std::time::Duration::from_millis(10);
                 stream
             }
             Err(e) => {
                 // EMFILE and friends: retrying at once would spin a core without helping.
-                warn!(%addr, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed on the {what} port; backing off");
+                warn!(addr = %bind, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed on the {what} port; backing off");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
                 continue;
             }
         };
         let s = shared.clone();
+        let info = info.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| route(s.clone(), metrics, req));
+            let svc =
+                hyper::service::service_fn(move |req| route(s.clone(), metrics, info.clone(), req));
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
@@ -372,6 +358,49 @@ pub async fn serve(addr: SocketAddr, shared: Arc<Pool>, metrics: bool) {
             let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
             drop(permit);
         });
+    }
+}
+
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+impl Listener {
+    async fn bind(b: &Bind) -> std::io::Result<Listener> {
+        match b {
+            Bind::Tcp(a) => tokio::net::TcpListener::bind(a).await.map(Listener::Tcp),
+            // Go's ":port": IPv6 and IPv4 on one socket; IPv4 alone where IPv6 is off.
+            Bind::AnyPort(p) => {
+                let v6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, *p));
+                match tokio::net::TcpListener::bind(v6).await {
+                    Ok(l) => Ok(Listener::Tcp(l)),
+                    Err(_) => {
+                        let v4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, *p));
+                        tokio::net::TcpListener::bind(v4).await.map(Listener::Tcp)
+                    }
+                }
+            }
+            Bind::Unix(path) => {
+                // Only a stale socket is ours to replace.
+                if let Ok(m) = std::fs::symlink_metadata(path) {
+                    if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) {
+                        std::fs::remove_file(path)?;
+                    }
+                }
+                tokio::net::UnixListener::bind(path).map(Listener::Unix)
+            }
+        }
+    }
+
+    async fn accept(&self) -> std::io::Result<Box<dyn Io>> {
+        Ok(match self {
+            Listener::Tcp(l) => Box::new(l.accept().await?.0),
+            Listener::Unix(l) => Box::new(l.accept().await?.0),
+        })
     }
 }
 

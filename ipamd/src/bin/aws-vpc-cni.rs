@@ -5,6 +5,9 @@
 //! `aws-vpc-cni init`         the init container: install the chained plugins, set sysctls.
 //! `aws-vpc-cni probe [--live]` exit 0 when ipamd is ready (SERVING), or with --live when it
 //!                            answers at all: the readiness and liveness probes.
+//! `aws-vpc-cni conflist`     print the conflist this environment makes (nothing else done).
+//! `grpc-health-probe -addr=...` (this binary under that name) upstream's probe, for
+//!                            manifests that run `/app/grpc-health-probe`.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -36,13 +39,43 @@ fn socket() -> std::path::PathBuf {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut argv = std::env::args();
+    let program = argv.next().unwrap_or_default();
+    let args: Vec<String> = argv.collect();
+    if std::path::Path::new(&program)
+        .file_name()
+        .is_some_and(|n| n == "grpc-health-probe")
+    {
+        return health_probe(&args);
+    }
     match args.first().map(String::as_str) {
         None => run(),
         Some("init") => init(),
+        Some("conflist") => match EntryConfig::from_env(&env) {
+            Ok((entry, cfg)) => {
+                for w in &cfg.warnings {
+                    eprintln!("aws-vpc-cni: {w}");
+                }
+                match entry.render_conflist() {
+                    Ok(c) => {
+                        println!("{c}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("aws-vpc-cni: {e:#}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!("aws-vpc-cni: invalid configuration: {e}");
+                ExitCode::from(2)
+            }
+        },
         Some("probe") => {
             let live = args.iter().any(|a| a == "--live");
-            match runtime().block_on(entrypoint::health(&socket())) {
+            let ready = cni_proto::health::READY;
+            match runtime().block_on(entrypoint::health(&socket(), ready)) {
                 Some(true) => ExitCode::SUCCESS,
                 Some(false) if live => ExitCode::SUCCESS,
                 Some(false) => {
@@ -56,10 +89,30 @@ fn main() -> ExitCode {
             }
         }
         Some(other) => {
-            eprintln!("aws-vpc-cni: unknown command {other:?} (init, probe)");
+            eprintln!("aws-vpc-cni: unknown command {other:?} (init, probe, conflist)");
             ExitCode::from(2)
         }
     }
+}
+
+fn health_probe(args: &[String]) -> ExitCode {
+    use ipamd::probe;
+    let o = match probe::parse(args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(probe::EXIT_ARGS);
+        }
+    };
+    if o.verbose {
+        eprintln!(
+            "> target={:?} conn-timeout={:?} rpc-timeout={:?}",
+            o.target, o.connect_timeout, o.rpc_timeout
+        );
+    }
+    let (code, line) = runtime().block_on(probe::check(&o));
+    eprintln!("{line}");
+    ExitCode::from(code)
 }
 
 fn init() -> ExitCode {
@@ -70,7 +123,7 @@ fn init() -> ExitCode {
         entrypoint::install_plugins(
             &from,
             to.as_ref(),
-            &["loopback", "portmap", "bandwidth", "host-local"],
+            &["loopback", "portmap", "bandwidth", "tuning", "host-local"],
             &[],
         )
     });
@@ -86,17 +139,41 @@ fn init() -> ExitCode {
         eprintln!("aws-vpc-cni init: net.ipv4.ip_forward=1: {e}");
         return ExitCode::FAILURE;
     }
+    // Upstream's init writes tcp_early_demux either way (1 unless DISABLE_TCP_EARLY_DEMUX),
+    // where the kernel has it.
+    // A bad value is upstream's default (false), said.
+    let disable_demux = ipamd::config::bool_from(
+        "DISABLE_TCP_EARLY_DEMUX",
+        env("DISABLE_TCP_EARLY_DEMUX"),
+        false,
+    )
+    .unwrap_or_else(|e| {
+        eprintln!("aws-vpc-cni init: {e}; using false, as upstream");
+        false
+    });
+    let demux = "/proc/sys/net/ipv4/tcp_early_demux";
+    if std::path::Path::new(demux).exists() {
+        let v = if disable_demux { "0" } else { "1" };
+        if let Err(e) = std::fs::write(demux, v) {
+            eprintln!("aws-vpc-cni init: net.ipv4.tcp_early_demux={v}: {e}");
+            return ExitCode::FAILURE;
+        }
+        println!("aws-vpc-cni init: net.ipv4.tcp_early_demux={v}");
+    }
     ExitCode::SUCCESS
 }
 
 fn run() -> ExitCode {
-    let (entry, _cfg) = match EntryConfig::from_env(&env) {
+    let (entry, cfg) = match EntryConfig::from_env(&env) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("aws-vpc-cni: invalid configuration: {e}");
             return ExitCode::from(2);
         }
     };
+    for w in &cfg.warnings {
+        eprintln!("aws-vpc-cni: {w}");
+    }
     let conflist = match entry.render_conflist() {
         Ok(c) => c,
         Err(e) => {
@@ -148,7 +225,7 @@ fn run() -> ExitCode {
         }
         // A runtime per check: dropping it closes the connection (an idle one left open would
         // hold up ipamd's graceful shutdown).
-        if runtime().block_on(entrypoint::health(&sock)) == Some(true) {
+        if runtime().block_on(entrypoint::health(&sock, cni_proto::health::READY)) == Some(true) {
             break;
         }
         std::thread::sleep(Duration::from_millis(200));

@@ -23,6 +23,9 @@ fn main() -> ExitCode {
     if !recover {
         ipamd::logging::init(&cfg.log_file, &cfg.log_level);
     }
+    for w in &cfg.warnings {
+        tracing::warn!(variable = w.var, value = %w.value, "{}", w.why);
+    }
     // Rust keeps the soft descriptor limit it inherits (1,024 in many container runtimes),
     // where Go raises it; a burst of connections must not leave ipamd unable to open a file.
     match ipamd::rlimit::raise_nofile() {

@@ -34,6 +34,30 @@ pub struct ImdsEni {
     pub security_groups: Vec<String>,
 }
 
+impl ImdsEni {
+    /// The ENI as ENABLE_IMDS_ONLY_MODE sees it: what IMDS tells, no tags and no interface
+    /// type (so no `no_manage` and no trunk or EFA test, as upstream), no attachment id (it
+    /// is never detached in that mode).
+    pub fn as_eni_info(&self, instance_id: &str) -> super::EniInfo {
+        super::EniInfo {
+            id: self.id.clone(),
+            mac: self.mac.clone(),
+            status: "in-use".into(),
+            subnet_id: self.subnet_id.clone(),
+            primary_ip: self.ips.first().copied(),
+            secondary_ips: self.ips.iter().skip(1).copied().collect(),
+            prefixes: self.prefixes.clone(),
+            attachment: Some(super::Attachment {
+                instance_id: instance_id.to_string(),
+                device_index: self.device_number,
+                network_card: self.network_card,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct InstanceMeta {
     pub instance_id: String,

@@ -80,6 +80,24 @@ impl EniInfo {
         }
         None
     }
+
+    /// Why ipamd leaves this attached ENI alone, if it does: the primary is always ipamd's;
+    /// with `manage_untagged` false (MANAGE_UNTAGGED_ENI) so are only ENIs tagged with an
+    /// instance id (ipamd's own tag), as upstream.
+    pub fn left_alone(&self, manage_untagged: bool) -> Option<&'static str> {
+        if self
+            .attachment
+            .as_ref()
+            .is_some_and(|a| a.device_index == 0 && a.network_card == 0)
+        {
+            return None;
+        }
+        self.not_ours().or_else(|| {
+            (!manage_untagged && !self.tags.contains_key(TAG_INSTANCE_ID)).then_some(
+                "not tagged node.k8s.amazonaws.com/instance_id and MANAGE_UNTAGGED_ENI is false",
+            )
+        })
+    }
 }
 
 /// The tag that offers a subnet to subnet discovery (upstream's key).
@@ -292,6 +310,26 @@ mod tests {
             ..Default::default()
         });
         assert!(e.not_ours().unwrap().contains("network card"));
+    }
+
+    #[test]
+    fn untagged_enis_and_the_primary() {
+        let mut e = EniInfo {
+            attachment: Some(Attachment {
+                device_index: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(e.left_alone(true), None);
+        assert!(e.left_alone(false).unwrap().contains("MANAGE_UNTAGGED_ENI"));
+        e.tags.insert(TAG_INSTANCE_ID.into(), "i-1".into());
+        assert_eq!(e.left_alone(false), None);
+        // The primary is ipamd's whatever its tags say.
+        e.tags = [(TAG_NO_MANAGE.to_string(), "true".to_string())].into();
+        assert!(e.left_alone(true).is_some());
+        e.attachment = Some(Attachment::default());
+        assert_eq!(e.left_alone(false), None);
     }
 
     #[test]

@@ -23,7 +23,8 @@ pub struct SdkEc2 {
 
 impl SdkEc2 {
     /// `endpoint`: upstream's `AWS_EC2_ENDPOINT`; the SDK also honours `AWS_ENDPOINT_URL_EC2`.
-    pub async fn new(region: &str, endpoint: Option<&str>) -> SdkEc2 {
+    /// `timeout`: upstream's `HTTP_TIMEOUT`, each request's limit.
+    pub async fn new(region: &str, endpoint: Option<&str>, timeout: Duration) -> SdkEc2 {
         let http = super::http_client();
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .region(Region::new(region.to_string()))
@@ -32,7 +33,7 @@ impl SdkEc2 {
             .timeout_config(
                 TimeoutConfig::builder()
                     .connect_timeout(Duration::from_secs(5))
-                    .operation_attempt_timeout(Duration::from_secs(20))
+                    .operation_attempt_timeout(timeout)
                     .build(),
             );
         if let Some(ep) = endpoint.filter(|e| !e.is_empty()) {

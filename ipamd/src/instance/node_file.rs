@@ -13,6 +13,8 @@ use crate::pool::datastore::Eni;
 #[derive(Debug, Clone)]
 pub struct NodeInfo {
     pub instance_id: String,
+    /// The region (IMDS); empty for a node file.
+    pub region: String,
     pub instance_type: String,
     pub vpc_cidrs: Vec<ipnet::Ipv4Net>,
     pub enis: Vec<Eni>,
@@ -89,6 +91,7 @@ pub fn load_node_file(path: &Path) -> Result<NodeInfo, NodeError> {
         ));
     }
     Ok(NodeInfo {
+        region: String::new(),
         instance_id: f.instance_id,
         instance_type: f.instance_type,
         vpc_cidrs: f.vpc_cidrs,

@@ -27,6 +27,8 @@ pub struct EniConfigSpec {
 pub struct NodeMeta {
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
+    /// Cordoned: the `node.kubernetes.io/unschedulable:NoSchedule` taint (upstream's test).
+    pub unschedulable: bool,
 }
 
 /// Where the keys are looked up (`ENI_CONFIG_LABEL_DEF`, `ENI_CONFIG_ANNOTATION_DEF`).
@@ -138,6 +140,7 @@ mod tests {
         NodeMeta {
             labels: m(labels),
             annotations: m(annotations),
+            unschedulable: false,
         }
     }
 

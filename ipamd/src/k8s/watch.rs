@@ -34,9 +34,18 @@ fn spec_of(o: &DynamicObject) -> EniConfigSpec {
 }
 
 fn meta_of(n: &Node) -> NodeMeta {
+    let unschedulable = n
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| {
+            t.iter()
+                .any(|t| t.key == "node.kubernetes.io/unschedulable" && t.effect == "NoSchedule")
+        });
     NodeMeta {
         labels: n.metadata.labels.clone().unwrap_or_default(),
         annotations: n.metadata.annotations.clone().unwrap_or_default(),
+        unschedulable,
     }
 }
 

@@ -70,6 +70,19 @@ pub struct Manager<E: Ec2> {
     /// Where new ENIs go (the node's subnet unless custom networking or subnet discovery).
     pub placement: Arc<Placement>,
     pub events: Recorder,
+    /// False with DISABLE_NETWORK_RESOURCE_PROVISIONING or ENABLE_IMDS_ONLY_MODE: the pool is
+    /// never grown or shrunk; reconcile still adopts what others attach.
+    pub provisioning: bool,
+    /// The node as the Kubernetes API shows it: with `manage_cordoned` false (upstream's
+    /// default of AWS_MANAGE_ENIS_NON_SCHEDULABLE) a cordoned node's pool is left as it is.
+    pub node_view: Option<tokio::sync::watch::Receiver<crate::k8s::eniconfig::View>>,
+    pub manage_cordoned: bool,
+    /// MANAGE_UNTAGGED_ENI: false leaves alone ENIs without an instance-id tag.
+    pub manage_untagged: bool,
+    /// ENABLE_IMDS_ONLY_MODE: reconcile takes the ENIs from IMDS, never from EC2.
+    pub imds_only: bool,
+    /// Whether the current reason to leave the pool alone has been logged.
+    hold_said: Option<&'static str>,
     /// The subnets the last ENI creation tried, for the subnet-full message.
     last_subnets: String,
     last_release: Option<Instant>,
@@ -156,6 +169,12 @@ impl<E: Ec2> Manager<E> {
             extra_tags,
             leak_cleanup,
             net: None,
+            provisioning: true,
+            node_view: None,
+            manage_cordoned: true,
+            manage_untagged: true,
+            imds_only: false,
+            hold_said: None,
             last_release: None,
             growth_paused_until: None,
             no_progress: 0,
@@ -177,7 +196,15 @@ impl<E: Ec2> Manager<E> {
                 _ = tick.tick() => {}
                 _ = placement.changed() => {}
             }
-            self.converge().instrument(info_span!("pool")).await;
+            if let Some(why) = self.hold() {
+                if self.hold_said != Some(why) {
+                    info!("the pool is left as it is: {why}");
+                    self.hold_said = Some(why);
+                }
+            } else {
+                self.hold_said = None;
+                self.converge().instrument(info_span!("pool")).await;
+            }
             if last_reconcile.elapsed() >= self.timing.reconcile {
                 self.reconcile().instrument(info_span!("reconcile")).await;
                 last_reconcile = Instant::now();
@@ -187,6 +214,19 @@ impl<E: Ec2> Manager<E> {
                 last_leak = Instant::now();
             }
         }
+    }
+
+    /// Why the pool must not be grown or shrunk now, if it must not.
+    fn hold(&self) -> Option<&'static str> {
+        if !self.provisioning {
+            return Some("DISABLE_NETWORK_RESOURCE_PROVISIONING or ENABLE_IMDS_ONLY_MODE is set");
+        }
+        let cordoned = self
+            .node_view
+            .as_ref()
+            .is_some_and(|v| v.borrow().node.as_ref().is_some_and(|n| n.unschedulable));
+        (cordoned && !self.manage_cordoned)
+            .then_some("the node is cordoned and AWS_MANAGE_ENIS_NON_SCHEDULABLE is false")
     }
 
     /// Plan and execute steps until the pool is on target (or a step fails).
@@ -774,11 +814,18 @@ impl<E: Ec2> Manager<E> {
         if !differs {
             return;
         }
-        info!("IMDS differs from the pool; asking EC2");
         crate::metrics::global()
             .reconcile_count
             .with_label_values(&["eniReconcile"])
             .inc();
+        if self.imds_only {
+            info!("IMDS differs from the pool; ENABLE_IMDS_ONLY_MODE: taking IMDS's view");
+            let id = self.node.instance_id.clone();
+            let enis: Vec<EniInfo> = ifaces.iter().map(|i| i.as_eni_info(&id)).collect();
+            self.sync_from_ec2(&enis).await;
+            return;
+        }
+        info!("IMDS differs from the pool; asking EC2");
         match self
             .ec2
             .describe_enis(EniFilter::AttachedTo(self.node.instance_id.clone()))
@@ -822,7 +869,7 @@ impl<E: Ec2> Manager<E> {
                 let Some(att) = &info.attachment else {
                     continue;
                 };
-                if let Some(why) = info.not_ours() {
+                if let Some(why) = info.left_alone(self.manage_untagged) {
                     if self
                         .node
                         .unmanaged

@@ -102,21 +102,29 @@ impl Pool {
         }
     }
 
-    /// Re-evaluate readiness: SERVING only while an ADD would get an address.
+    /// Re-evaluate health. Upstream's probes (liveness and readiness alike) ask for service
+    /// "" and upstream names "grpc.health.v1.aws-node": both say ipamd is up, so an empty pool
+    /// never gets aws-node restarted. "rpc.CNIBackend" says an ADD would get an address now:
+    /// our readiness probe and the entrypoint (before it writes the conflist) ask for it.
     pub async fn update_health(&self) {
+        let alive = self.initialised.load(Ordering::Acquire);
         // An ADD also needs its allocation on disk: a checkpoint that cannot be written makes
         // every ADD fail, so the node is not ready then either.
-        let ok = self.initialised.load(Ordering::Acquire)
+        let ready = alive
             && self.committer.healthy()
             && self.ds.lock().await.can_allocate(SystemTime::now());
-        let status = if ok {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
+        let status = |ok| {
+            if ok {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            }
         };
-        self.health.set_service_status("", status).await;
+        for name in cni_proto::health::LIVE {
+            self.health.set_service_status(name, status(alive)).await;
+        }
         self.health
-            .set_service_status("rpc.CNIBackend", status)
+            .set_service_status(cni_proto::health::READY, status(ready))
             .await;
     }
 

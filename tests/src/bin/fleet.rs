@@ -187,6 +187,7 @@ fn main() {
     vpc.shim.reset_calls();
     let mut env = UPSTREAM.to_vec();
     env.push(("ENABLE_PREFIX_DELEGATION", "true"));
+    env.push(("WARM_PREFIX_TARGET", "1"));
     let t0 = Instant::now();
     spawn_all(&mut bad, top.path(), "f", &env);
     let (first, window) = if smoke { (5, 5) } else { (60, 60) };
