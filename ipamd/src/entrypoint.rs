@@ -104,9 +104,15 @@ impl EntryConfig {
         ))
     }
 
-    /// The conflist with upstream's substitutions, checked to be JSON.
+    /// The conflist with upstream's substitutions, checked to be JSON, from the built-in
+    /// template.
     pub fn render_conflist(&self) -> anyhow::Result<String> {
-        let out = CONFLIST_TEMPLATE
+        self.render_conflist_from(CONFLIST_TEMPLATE)
+    }
+
+    /// The same from `template` (upstream's chart can mount its own at /app/10-aws.conflist).
+    pub fn render_conflist_from(&self, template: &str) -> anyhow::Result<String> {
+        let out = template
             .replace("__VETHPREFIX__", &self.veth_prefix)
             .replace("__MTU__", &self.pod_mtu.to_string())
             .replace("__PODSGENFORCINGMODE__", &self.sg_mode)
@@ -136,6 +142,17 @@ impl EntryConfig {
             }}));
         }
         serde_json::to_string_pretty(&v).context("serialise the conflist")
+    }
+}
+
+/// The conflist template: `10-aws.conflist` beside the executable when there is one (the
+/// image ships it; upstream's chart mounts its `cniConfig` there), else the built-in copy.
+pub fn conflist_template(dir: &Path) -> anyhow::Result<String> {
+    let p = dir.join(CONFLIST_NAME);
+    match std::fs::read_to_string(&p) {
+        Ok(t) => Ok(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(CONFLIST_TEMPLATE.to_string()),
+        Err(e) => Err(e).with_context(|| format!("read {}", p.display())),
     }
 }
 

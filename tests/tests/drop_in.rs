@@ -428,4 +428,41 @@ fn entrypoint_and_init_variables() {
     };
     assert_eq!(demux(&[("DISABLE_TCP_EARLY_DEMUX", "true")]), "0");
     assert_eq!(demux(&[]), "1");
+
+    // Upstream's init image runs /init/aws-vpc-cni-init; ours under that name is init. And a
+    // conflist template beside the binary (upstream's chart mounts its cniConfig there) is
+    // the one rendered.
+    let img = tempfile::tempdir().unwrap();
+    let init = img.path().join("aws-vpc-cni-init");
+    std::fs::copy(integration::bin("aws-vpc-cni"), &init).unwrap();
+    ns.exec(&["sysctl", "-qw", "net.ipv4.tcp_early_demux=0"]);
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(&init)
+        .env("HOST_CNI_BIN_PATH", dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = ns.exec(&["cat", "/proc/sys/net/ipv4/tcp_early_demux"]);
+    assert_eq!(String::from_utf8_lossy(&v.stdout).trim(), "1");
+    let app = img.path().join("aws-vpc-cni");
+    std::fs::copy(integration::bin("aws-vpc-cni"), &app).unwrap();
+    std::fs::write(
+        img.path().join("10-aws.conflist"),
+        r#"{"cniVersion":"0.4.0","name":"aws-cni","plugins":[{"name":"aws-cni","type":"aws-cni","vethPrefix":"__VETHPREFIX__","mtu":"__MTU__","pluginLogLevel":"__PLUGINLOGLEVEL__"}]}"#,
+    )
+    .unwrap();
+    let out = Command::new(&app)
+        .arg("conflist")
+        .env_clear()
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["cniVersion"], "0.4.0", "the mounted template");
+    assert_eq!(v["plugins"][0]["mtu"], "9001");
+    assert_eq!(v["plugins"].as_array().unwrap().len(), 1);
 }

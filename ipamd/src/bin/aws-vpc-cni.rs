@@ -8,6 +8,8 @@
 //! `aws-vpc-cni conflist`     print the conflist this environment makes (nothing else done).
 //! `grpc-health-probe -addr=...` (this binary under that name) upstream's probe, for
 //!                            manifests that run `/app/grpc-health-probe`.
+//! `aws-vpc-cni-init`         (this binary under that name) the init container, as the
+//!                            init image's default command.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -42,11 +44,14 @@ fn main() -> ExitCode {
     let mut argv = std::env::args();
     let program = argv.next().unwrap_or_default();
     let args: Vec<String> = argv.collect();
-    if std::path::Path::new(&program)
+    // Upstream's image runs these by name: the probe in /app, the init container's binary.
+    match std::path::Path::new(&program)
         .file_name()
-        .is_some_and(|n| n == "grpc-health-probe")
+        .and_then(|n| n.to_str())
     {
-        return health_probe(&args);
+        Some("grpc-health-probe") => return health_probe(&args),
+        Some("aws-vpc-cni-init") => return init(),
+        _ => {}
     }
     match args.first().map(String::as_str) {
         None => run(),
@@ -56,7 +61,10 @@ fn main() -> ExitCode {
                 for w in &cfg.warnings {
                     eprintln!("aws-vpc-cni: {w}");
                 }
-                match entry.render_conflist() {
+                let rendered = entrypoint::exe_dir()
+                    .and_then(|d| entrypoint::conflist_template(&d))
+                    .and_then(|t| entry.render_conflist_from(&t));
+                match rendered {
                     Ok(c) => {
                         println!("{c}");
                         ExitCode::SUCCESS
@@ -174,13 +182,6 @@ fn run() -> ExitCode {
     for w in &cfg.warnings {
         eprintln!("aws-vpc-cni: {w}");
     }
-    let conflist = match entry.render_conflist() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("aws-vpc-cni: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
     let dir = match entrypoint::exe_dir() {
         Ok(d) => d,
         Err(e) => {
@@ -188,6 +189,14 @@ fn run() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let conflist =
+        match entrypoint::conflist_template(&dir).and_then(|t| entry.render_conflist_from(&t)) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("aws-vpc-cni: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
     if let Err(e) =
         entrypoint::install_plugins(&dir, &entry.host_cni_bin, &["aws-cni"], &["aws-cni"])
     {
