@@ -20,6 +20,7 @@ fn pool(held: usize) -> (Datastore, Vec<Key>) {
             primary: e == 0,
             mac: String::new(),
             subnet_cidr: "10.0.0.0/16".parse().unwrap(),
+            subnet_id: String::new(),
             primary_ip: Ipv4Addr::from(0x0a00_0000 + (e << 8) + 5),
             ips,
             prefixes: vec![],

@@ -436,22 +436,27 @@ async fn cloud_node(cfg: &Config) -> anyhow::Result<(NodeInfo, InstanceLimits, C
 }
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    let (node, limits, cloud) = match &cfg.node_file {
-        Some(p) => {
-            let node = node::load_node_file(p)?;
-            let limits = *instance_types::lookup(&node.instance_type).with_context(|| {
-                format!(
-                    "instance type {:?} is not in the built-in table",
-                    node.instance_type
-                )
-            })?;
-            (node, limits, None)
-        }
-        None => {
-            let (n, l, c) = cloud_node(&cfg).await?;
-            (n, l, Some(c))
-        }
+    let started = std::time::Instant::now();
+    let init = crate::metrics::InProgress::start("nodeInit");
+    let found = match &cfg.node_file {
+        Some(p) => node::load_node_file(p)
+            .map_err(anyhow::Error::from)
+            .and_then(|node| {
+                let limits = *instance_types::lookup(&node.instance_type).with_context(|| {
+                    format!(
+                        "instance type {:?} is not in the built-in table",
+                        node.instance_type
+                    )
+                })?;
+                Ok((node, limits, None))
+            }),
+        None => cloud_node(&cfg).await.map(|(n, l, c)| (n, l, Some(c))),
     };
+    let m = crate::metrics::global();
+    m.ipamd_node_initialization_duration_seconds
+        .with_label_values(&[if found.is_ok() { "true" } else { "false" }])
+        .observe(started.elapsed().as_secs_f64());
+    let (node, limits, cloud) = found?;
     let limits = &limits;
     let prefix_delegation = cfg.prefix_delegation && limits.is_nitro();
     if cfg.prefix_delegation && !prefix_delegation {
@@ -523,6 +528,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     );
     let mut tasks = Supervisor::default();
     let kube = start_kube(&cfg, &mut tasks).await?;
+    drop(init);
+    m.ipamd_startup_duration_seconds
+        .with_label_values(&["true", if kube.is_some() { "true" } else { "false" }, ""])
+        .observe(started.elapsed().as_secs_f64());
     if let Some(k) = &kube {
         let _ = shared.kube.set(k.clone());
     }

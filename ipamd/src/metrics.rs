@@ -2,15 +2,114 @@
 //! AddNetwork/DelNetwork latency histograms, cooldown addresses, pool short/over, throttles.
 //!
 //! Counters are updated where things happen; gauges that mirror the pool are refreshed from the
-//! datastore at scrape time, so they are never stale. Upstream's `awscni_aws_api_latency_ms` is a
-//! summary; here it is a histogram of the same name (`_sum` and `_count` are the same series).
+//! datastore at scrape time, so they are never stale. `awscni_aws_api_latency_ms` is a summary
+//! without quantiles, as upstream's (the prometheus crate has no summary type: a small collector
+//! here). The process collector adds upstream's `process_*` series.
 
-use std::sync::LazyLock;
+use std::collections::BTreeMap;
+use std::sync::{LazyLock, Mutex};
 
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{LabelPair, Metric, MetricFamily, MetricType, Summary};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+/// Count and sum per label values.
+type SummarySeries = BTreeMap<Vec<String>, (u64, f64)>;
+
+/// A summary with no quantiles, by labels: what upstream's `SummaryVec` without objectives
+/// exposes (`_sum` and `_count` per label set).
+#[derive(Clone)]
+pub struct PlainSummaryVec {
+    desc: Desc,
+    labels: &'static [&'static str],
+    series: std::sync::Arc<Mutex<SummarySeries>>,
+}
+
+impl PlainSummaryVec {
+    fn new(name: &str, help: &str, labels: &'static [&'static str]) -> prometheus::Result<Self> {
+        Ok(PlainSummaryVec {
+            desc: Desc::new(
+                name.into(),
+                help.into(),
+                labels.iter().map(|l| l.to_string()).collect(),
+                Default::default(),
+            )?,
+            labels,
+            series: Default::default(),
+        })
+    }
+
+    pub fn observe(&self, values: &[&str], v: f64) {
+        if let Ok(mut s) = self.series.lock() {
+            let e = s
+                .entry(values.iter().map(|x| x.to_string()).collect())
+                .or_insert((0, 0.0));
+            e.0 += 1;
+            e.1 += v;
+        }
+    }
+}
+
+impl Collector for PlainSummaryVec {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let Ok(series) = self.series.lock() else {
+            return Vec::new();
+        };
+        if series.is_empty() {
+            return Vec::new();
+        }
+        let mut mf = MetricFamily::default();
+        mf.set_name(self.desc.fq_name.clone());
+        mf.set_help(self.desc.help.clone());
+        mf.set_field_type(MetricType::SUMMARY);
+        for (values, (count, sum)) in series.iter() {
+            let mut pairs = Vec::new();
+            for (n, v) in self.labels.iter().zip(values) {
+                let mut p = LabelPair::default();
+                p.set_name(n.to_string());
+                p.set_value(v.clone());
+                pairs.push(p);
+            }
+            let mut sm = Summary::default();
+            sm.set_sample_count(*count);
+            sm.set_sample_sum(*sum);
+            let mut m = Metric::from_label(pairs);
+            m.set_summary(sm);
+            mf.mut_metric().push(m);
+        }
+        vec![mf]
+    }
+}
+
+/// `awscni_ipamd_action_inprogress{fn}` held up while an action runs, as upstream's
+/// increment and deferred decrement.
+pub struct InProgress(&'static str);
+
+impl InProgress {
+    pub fn start(action: &'static str) -> InProgress {
+        global()
+            .ipamd_action_inprogress
+            .with_label_values(&[action])
+            .inc();
+        InProgress(action)
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        global()
+            .ipamd_action_inprogress
+            .with_label_values(&[self.0])
+            .dec();
+    }
+}
 
 pub struct Metrics {
     pub registry: Registry,
@@ -21,7 +120,7 @@ pub struct Metrics {
     pub reconcile_count: IntCounterVec,
     pub add_ip_req_count: IntCounter,
     pub del_ip_req_count: IntCounterVec,
-    pub aws_api_latency_ms: HistogramVec,
+    pub aws_api_latency_ms: PlainSummaryVec,
     pub aws_api_error_count: IntCounterVec,
     pub ec2api_req_count: IntCounterVec,
     pub ec2api_error_count: IntCounterVec,
@@ -35,6 +134,12 @@ pub struct Metrics {
     pub assigned_ip_per_eni: IntGaugeVec,
     pub no_available_ip_addresses: IntCounter,
     pub build_info: IntGaugeVec,
+    pub aws_utils_error_count: IntCounterVec,
+    pub pod_eni_error_count: IntCounterVec,
+    pub ipamd_startup_duration_seconds: HistogramVec,
+    pub ipamd_node_initialization_duration_seconds: HistogramVec,
+    pub connmark_backend: IntGaugeVec,
+    pub connmark_reconcile_total: IntCounterVec,
     // Ours.
     pub add_network_seconds: Histogram,
     pub del_network_seconds: Histogram,
@@ -85,15 +190,22 @@ impl Metrics {
             must(r.register(Box::new(x.clone())));
             x
         };
-        let latency = must(HistogramVec::new(
-            HistogramOpts::new("awscni_aws_api_latency_ms", "AWS API call latency in ms").buckets(
-                vec![
-                    5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
-                ],
-            ),
+        let latency = must(PlainSummaryVec::new(
+            "awscni_aws_api_latency_ms",
+            "AWS API call latency in ms",
             &["api", "error", "status"],
         ));
         must(r.register(Box::new(latency.clone())));
+        // Default buckets, as upstream's.
+        let hv = |n: &str, h: &str, l: &[&str]| {
+            let x = must(HistogramVec::new(HistogramOpts::new(n, h), l));
+            must(r.register(Box::new(x.clone())));
+            x
+        };
+        #[cfg(target_os = "linux")]
+        must(r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        )));
         let m = Metrics {
             ipamd_error_count: cv("awscni_ipamd_error_count", "The number of errors encountered in ipamd", &["fn"]),
             ipamd_action_inprogress: gv("awscni_ipamd_action_inprogress", "The number of ipamd actions in progress", &["fn"]),
@@ -115,7 +227,13 @@ impl Metrics {
             assigned_ip_per_cidr: gv("awscni_assigned_ip_per_cidr", "The total number of IP addresses assigned per cidr", &["cidr"]),
             assigned_ip_per_eni: gv("awscni_assigned_ip_per_eni", "The number of allocated ips partitioned by eni", &["eni"]),
             no_available_ip_addresses: c("awscni_no_available_ip_addresses", "The number of pod IP assignments that fail due to no available IP addresses"),
-            build_info: gv("awscni_build_info", "Version information of this build", &["version", "implementation"]),
+            build_info: gv("awscni_build_info", "Version information of this build", &["version", "goversion"]),
+            aws_utils_error_count: cv("awscni_aws_utils_error_count", "The number of errors not handled in awsutils library", &["fn", "error"]),
+            pod_eni_error_count: cv("awscni_pod_eni_error_count", "The number of errors encountered for pod ENIs", &["fn"]),
+            ipamd_startup_duration_seconds: hv("awscni_ipamd_startup_duration_seconds", "Time taken for IPAMD to complete startup", &["success", "with_api_server", "failure_reason"]),
+            ipamd_node_initialization_duration_seconds: hv("awscni_ipamd_node_initialization_duration_seconds", "Time taken to initialize the node", &["success"]),
+            connmark_backend: gv("awscni_connmark_backend", "The connmark backend in use (1 = active)", &["backend"]),
+            connmark_reconcile_total: cv("awscni_connmark_reconcile_total", "The number of connmark rule reconciliations", &["result"]),
             add_network_seconds: secs("awscni_add_network_seconds", "AddNetwork handling time in ipamd, seconds"),
             del_network_seconds: secs("awscni_del_network_seconds", "DelNetwork handling time in ipamd, seconds"),
             cooldown_ip_addresses: g("awscni_cooldown_ip_addresses", "Addresses released by pods and not yet reusable (IP_COOLDOWN_PERIOD)"),
@@ -126,9 +244,17 @@ impl Metrics {
             ec2_no_progress_streak: g("awscni_ec2_no_progress_streak", "Such calls in a row right now; growth backs off exponentially while above 0"),
             registry: r,
         };
+        // Upstream's labels; "goversion" names the toolchain, as Go's runtime.Version() does.
         m.build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION"), "aws-cni-rs"])
+            .with_label_values(&[
+                concat!("v", env!("CARGO_PKG_VERSION")),
+                concat!("rust-", env!("RUSTC_SEMVER")),
+            ])
             .set(1);
+        // Pre-created, as upstream's.
+        for result in ["success", "error"] {
+            m.connmark_reconcile_total.with_label_values(&[result]);
+        }
         m
     }
 
@@ -147,8 +273,10 @@ impl Metrics {
     /// One EC2 call's outcome.
     pub fn ec2_call(&self, api: &str, ms: f64, error: Option<(&str, bool)>) {
         self.ec2api_req_count.with_label_values(&[api]).inc();
-        let (code, status) = match error {
-            None => ("", "200"),
+        // Upstream's labels: error "true"/"false"; status "200", else the AWS error code (empty
+        // when the error has none, e.g. a transport failure).
+        let (failed, status) = match error {
+            None => ("false", "200"),
             Some((code, throttled)) => {
                 self.ec2api_error_count.with_label_values(&[api]).inc();
                 self.aws_api_error_count
@@ -157,13 +285,10 @@ impl Metrics {
                 if throttled {
                     self.ec2api_throttle_count.with_label_values(&[api]).inc();
                 }
-                (code, "error")
+                ("true", if code == "transport" { "" } else { code })
             }
         };
-        let failed = if code.is_empty() { "false" } else { "true" };
-        self.aws_api_latency_ms
-            .with_label_values(&[api, failed, status])
-            .observe(ms);
+        self.aws_api_latency_ms.observe(&[api, failed, status], ms);
     }
 }
 
@@ -193,8 +318,13 @@ mod tests {
             "awscni_ec2api_req_count{fn=\"AssignPrivateIpAddresses\"} 1",
             "awscni_aws_api_error_count{api=\"AssignPrivateIpAddresses\",error=\"RequestLimitExceeded\"} 1",
             "awscni_ec2api_throttle_count{fn=\"AssignPrivateIpAddresses\"} 1",
-            "awscni_build_info{implementation=\"aws-cni-rs\"",
+            "awscni_build_info{goversion=\"rust-",
             "# TYPE awscni_eni_max gauge",
+            "# TYPE awscni_aws_api_latency_ms summary",
+            "awscni_aws_api_latency_ms_count{api=\"AssignPrivateIpAddresses\",error=\"true\",status=\"RequestLimitExceeded\"} 1",
+            "awscni_aws_api_latency_ms_sum{api=\"AssignPrivateIpAddresses\",error=\"true\",status=\"RequestLimitExceeded\"} 12",
+            "awscni_connmark_reconcile_total{result=\"success\"} 0",
+            "process_resident_memory_bytes",
         ] {
             assert!(text.contains(name), "{name} missing:\n{text}");
         }

@@ -35,6 +35,10 @@ fn introspection_and_metrics_match_the_pool() {
     for e in &enis {
         let got = &card["ENIs"][&e.id];
         assert_eq!(got["DeviceNumber"], e.device, "{got}");
+        assert!(
+            got["SubnetID"].as_str().unwrap().starts_with("subnet-"),
+            "{got}"
+        );
         assert_eq!(got["IsPrimary"], e.device == 0);
         for ip in &e.secondary {
             let cidr = &got["AvailableIPv4Cidrs"][format!("{ip}/32")];
@@ -143,7 +147,29 @@ fn introspection_and_metrics_match_the_pool() {
         metric(&m, "awscni_ec2api_req_count{fn=\"CreateNetworkInterface\"}"),
         Some(1.0)
     );
-    assert!(m.contains("awscni_build_info{"));
+    // Upstream's shapes: build_info's labels, the API latency as a summary without quantiles,
+    // the connmark series, the process collector.
+    assert!(m.contains("awscni_build_info{goversion=\"rust-"), "{m}");
+    assert!(m.contains("# TYPE awscni_aws_api_latency_ms summary"));
+    assert!(m.contains(
+        "awscni_aws_api_latency_ms_count{api=\"CreateNetworkInterface\",error=\"false\",status=\"200\"} 1"
+    ));
+    assert!(!m.contains("awscni_aws_api_latency_ms_bucket"));
+    assert_eq!(
+        metric(&m, "awscni_connmark_backend{backend=\"iptables\"}"),
+        Some(1.0)
+    );
+    assert!(metric(&m, "awscni_connmark_reconcile_total{result=\"success\"}").unwrap() >= 1.0);
+    assert_eq!(
+        metric(&m, "awscni_connmark_reconcile_total{result=\"error\"}"),
+        Some(0.0)
+    );
+    assert!(m.contains("awscni_ipamd_startup_duration_seconds_count{failure_reason=\"\",success=\"true\",with_api_server=\"false\"} 1"), "{m}");
+    assert!(
+        m.contains("awscni_ipamd_node_initialization_duration_seconds_count{success=\"true\"} 1")
+    );
+    assert!(metric(&m, "process_resident_memory_bytes").unwrap() > 1e6);
+    assert!(metric(&m, "process_open_fds").unwrap() > 0.0);
     // Settled on its WARM_ENI_TARGET: short of nothing.
     assert_eq!(metric(&m, "awscni_pool_short"), Some(0.0), "{m}");
     assert!(metric(&m, "awscni_pool_over").is_some());

@@ -110,6 +110,7 @@ pub fn enis_json(ds: &Datastore) -> Value {
             json!({
                 "ID": e.id,
                 "IsPrimary": e.primary,
+                // Trunk and EFA ENIs are never in the pool (left alone), so never these.
                 "IsTrunk": false,
                 "IsEFA": false,
                 "DeviceNumber": e.device_number,
@@ -117,7 +118,7 @@ pub fn enis_json(ds: &Datastore) -> Value {
                 "IPv6Cidrs": {},
                 "IsExcludedForPodIPs": false,
                 "RouteTableID": e.route_table(),
-                "SubnetID": "",
+                "SubnetID": e.subnet_id,
             }),
         );
     }

@@ -156,10 +156,17 @@ impl NodeNetwork {
         };
         let (nat, mangle) = iptables::desired(&spec);
         let ipt = self.iptables.clone();
-        let changed = tokio::task::spawn_blocking(move || -> anyhow::Result<(bool, bool)> {
+        let applied = tokio::task::spawn_blocking(move || -> anyhow::Result<(bool, bool)> {
             Ok((ipt.apply("nat", &nat)?, ipt.apply("mangle", &mangle)?))
         })
-        .await??;
+        .await?;
+        // Upstream's connmark metrics: the backend, and each reconciliation's outcome.
+        let m = crate::metrics::global();
+        m.connmark_backend.with_label_values(&["iptables"]).set(1);
+        m.connmark_reconcile_total
+            .with_label_values(&[if applied.is_ok() { "success" } else { "error" }])
+            .inc();
+        let changed = applied?;
         if changed.0 || changed.1 {
             info!(
                 nat = changed.0,

@@ -78,6 +78,7 @@ pub fn load_node_file(path: &Path) -> Result<NodeInfo, NodeError> {
             device_number: e.device_number,
             mac: e.mac,
             subnet_cidr: e.subnet_cidr,
+            subnet_id: String::new(),
             primary_ip: e.primary_ip,
             ips: e.ips,
             prefixes,

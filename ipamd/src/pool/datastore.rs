@@ -57,6 +57,8 @@ pub struct Eni {
     pub mac: String,
     /// e.g. "10.0.1.0/24".
     pub subnet_cidr: ipnet::Ipv4Net,
+    /// EC2's id of that subnet (empty where nothing said it: a node file without one).
+    pub subnet_id: String,
     /// The ENI's own address; never handed to a pod.
     pub primary_ip: Ipv4Addr,
     pub ips: Vec<Ipv4Addr>,
@@ -542,6 +544,7 @@ pub(crate) fn one_eni_store(last: u8) -> Datastore {
         primary: true,
         mac: String::new(),
         subnet_cidr: ipnet::Ipv4Net::new(Ipv4Addr::new(10, 0, 1, 0), 24).unwrap_or_default(),
+        subnet_id: String::new(),
         primary_ip: Ipv4Addr::new(10, 0, 1, 10),
         ips: (11..=last).map(|i| Ipv4Addr::new(10, 0, 1, i)).collect(),
         prefixes: vec![],
@@ -571,6 +574,7 @@ mod tests {
             primary: dev == 0,
             mac: String::new(),
             subnet_cidr: "10.0.0.0/16".parse().unwrap(),
+            subnet_id: String::new(),
             primary_ip: Ipv4Addr::new(10, 0, 0, dev as u8 + 200),
             ips: ips.iter().map(|o| Ipv4Addr::from(*o)).collect(),
             prefixes: vec![],

@@ -60,6 +60,7 @@ pub fn from_ec2(info: &EniInfo, device_index: u32, subnet_cidr: ipnet::Ipv4Net) 
         primary: device_index == 0,
         mac: info.mac.clone(),
         subnet_cidr,
+        subnet_id: info.subnet_id.clone(),
         primary_ip: info.primary_ip?,
         ips: info.secondary_ips.clone(),
         prefixes: info.prefixes.clone(),

@@ -196,6 +196,7 @@ impl<E: Ec2> Manager<E> {
                 _ = tick.tick() => {}
                 _ = placement.changed() => {}
             }
+            self.publish_limits();
             if let Some(why) = self.hold() {
                 if self.hold_said != Some(why) {
                     info!("the pool is left as it is: {why}");
@@ -214,6 +215,24 @@ impl<E: Ec2> Manager<E> {
                 last_leak = Instant::now();
             }
         }
+    }
+
+    /// `awscni_eni_max` and `awscni_ip_max` as upstream counts them: ENIs ipamd may use (the
+    /// instance's, less those left alone) and their addresses.
+    fn publish_limits(&self) {
+        let enis = self
+            .limits
+            .max_enis
+            .saturating_sub(self.node.unmanaged.len());
+        let per = if self.targets.prefix_delegation {
+            16
+        } else {
+            1
+        };
+        let m = crate::metrics::global();
+        m.eni_max.set(enis as i64);
+        m.ip_max
+            .set((enis * self.limits.slots_per_eni * per) as i64);
     }
 
     /// Why the pool must not be grown or shrunk now, if it must not.
@@ -396,7 +415,7 @@ impl<E: Ec2> Manager<E> {
                 "increaseIPPoolAllocIPAddressesFailed"
             }
             Step::NewEni { .. } => "increaseIPPoolAllocENI",
-            Step::ReleaseIps { .. } | Step::ReleasePrefixes { .. } => "decreaseIPPoolFreeIPsFailed",
+            Step::ReleaseIps { .. } | Step::ReleasePrefixes { .. } => "decreaseIPPool",
             Step::FreeEni { .. } => "decreaseIPPoolFreeENIFailed",
             Step::Nothing => "pool",
         };
@@ -472,6 +491,11 @@ impl<E: Ec2> Manager<E> {
     }
 
     async fn execute(&mut self, step: Step) -> Result<(), StepError> {
+        let _busy = crate::metrics::InProgress::start(if grows(&step) {
+            "increaseDatastorePool"
+        } else {
+            "decreaseDatastorePool"
+        });
         match step {
             Step::Nothing => Ok(()),
             Step::AssignIps { eni, count } => {
@@ -814,10 +838,7 @@ impl<E: Ec2> Manager<E> {
         if !differs {
             return;
         }
-        crate::metrics::global()
-            .reconcile_count
-            .with_label_values(&["eniReconcile"])
-            .inc();
+        let _busy = crate::metrics::InProgress::start("nodeIPPoolReconcile");
         if self.imds_only {
             info!("IMDS differs from the pool; ENABLE_IMDS_ONLY_MODE: taking IMDS's view");
             let id = self.node.instance_id.clone();
@@ -905,6 +926,13 @@ impl<E: Ec2> Manager<E> {
                 })
                 .collect()
         };
+        let m = crate::metrics::global();
+        m.reconcile_count
+            .with_label_values(&["eniReconcileAdd"])
+            .inc_by(adopt.len() as u64);
+        m.reconcile_count
+            .with_label_values(&["eniReconcileDel"])
+            .inc_by(gone.len() as u64);
         for e in gone {
             if let (Some(net), false) = (&self.net, e.primary) {
                 net.teardown_eni(&e).await;
@@ -999,23 +1027,30 @@ fn apply_eni_addresses(ds: &mut Datastore, info: &EniInfo) {
     let Some(eni) = ds.eni(&info.id).cloned() else {
         return;
     };
+    // Upstream's reconcile counts each address or prefix it adds or removes.
+    let m = crate::metrics::global();
+    let added = |n: &str| m.reconcile_count.with_label_values(&[n]).inc();
     for ip in &info.secondary_ips {
-        if !eni.ips.contains(ip) {
-            let _ = ds.add_ip(&info.id, *ip);
+        if !eni.ips.contains(ip) && ds.add_ip(&info.id, *ip).is_ok() {
+            added("eniDataStorePoolReconcileAdd");
         }
     }
     for p in &info.prefixes {
-        if !eni.prefixes.contains(p) {
-            let _ = ds.add_prefix(&info.id, *p);
+        if !eni.prefixes.contains(p) && ds.add_prefix(&info.id, *p).is_ok() {
+            added("eniDataStorePoolReconcileAdd");
         }
     }
     for ip in eni.ips.iter().filter(|ip| !info.secondary_ips.contains(ip)) {
-        if !ds.remove_ip(*ip) {
+        if ds.remove_ip(*ip) {
+            added("eniIPPoolReconcileDel");
+        } else {
             error!(eni = %info.id, %ip, "EC2 no longer lists this address but a pod holds it");
         }
     }
     for p in eni.prefixes.iter().filter(|p| !info.prefixes.contains(p)) {
-        if !ds.remove_prefix(&info.id, *p) {
+        if ds.remove_prefix(&info.id, *p) {
+            added("eniIPPoolReconcileDel");
+        } else {
             error!(eni = %info.id, prefix = %p.0, "EC2 no longer lists this prefix but pods hold it");
         }
     }
