@@ -145,7 +145,8 @@ async fn add(env: &CniEnv, conf: &NetConf, store: &StateStore) -> Result<Value> 
         }
     }
 
-    // The pod's netlink socket opens while ipamd works on the address.
+    // The pod's netlink socket needs a thread that enters the namespace: it opens while ipamd
+    // works on the address.
     let request = cni_proto::AddNetworkRequest {
         client_version: cni_proto::PROTOCOL_VERSION.into(),
         k8s_pod_name: env.args.pod_name.clone(),

@@ -37,22 +37,25 @@ impl Netlink {
         Ok(Netlink { handle })
     }
 
-    /// A socket in the namespace `ns`: a socket stays bound to the namespace it was opened in,
-    /// so this thread enters `ns`, opens it and returns before anything else can run on it (no
-    /// await in between, so no other task sees the pod's namespace). A thread per ADD cost more
-    /// CPU than the rest of opening, which matters when pods start in bursts. Failing to come
-    /// back to our own namespace would leave every later host-side call in the pod's: the
-    /// process stops then rather than go on.
+    /// A socket in the namespace `ns`. The switch happens on a throwaway thread: a socket stays
+    /// bound to the namespace it was opened in, while a runtime thread must never change its own.
+    /// The caller's task goes on meanwhile (ADD opens the pod's socket while ipamd assigns).
     pub async fn in_netns(ns: &File) -> io::Result<Netlink> {
-        use nix::sched::{setns, CloneFlags};
-        let home = File::open("/proc/thread-self/ns/net")?;
-        setns(ns, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-        let opened = rtnetlink::new_connection();
-        if let Err(e) = setns(&home, CloneFlags::CLONE_NEWNET) {
-            eprintln!("aws-cni: cannot return to the host's network namespace: {e}");
-            std::process::abort();
-        }
-        let (conn, handle, _) = opened?;
+        let ns = ns.try_clone()?;
+        let rt = tokio::runtime::Handle::current();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let opened = nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(io::Error::from)
+                .and_then(|()| {
+                    let _guard = rt.enter();
+                    rtnetlink::new_connection()
+                });
+            let _ = tx.send(opened);
+        });
+        let (conn, handle, _) = rx
+            .await
+            .map_err(|_| io::Error::other("netns thread ended without a socket"))??;
         tokio::spawn(conn);
         Ok(Netlink { handle })
     }
@@ -96,6 +99,7 @@ impl Netlink {
         let msg = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
             .name(host.to_string())
             .mtu(mtu)
+            .address(cni_common::naming::host_veth_mac(host).to_vec())
             .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)))
             .build();
         self.handle.link().add(msg).execute().await

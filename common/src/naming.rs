@@ -15,6 +15,19 @@ pub fn host_veth_name(prefix: &str, pod_namespace: &str, pod_name: &str) -> Stri
     format!("{prefix}{}", &hex[..11])
 }
 
+/// The host veth's MAC, set when the pair is created (upstream sets one too): a MAC the kernel
+/// chose at random is rewritten by udev on distributions with `MACAddressPolicy=persistent`,
+/// after the pod's static neighbour entry has recorded the first one. Derived from the veth's
+/// name, unique on the host, instead of drawn at random, so keeping it unique needs no look at
+/// the host's links. Locally administered, unicast.
+pub fn host_veth_mac(host_veth: &str) -> [u8; 6] {
+    let d = Sha1::digest(format!("aws-cni host veth {host_veth}").as_bytes());
+    let mut m = [0u8; 6];
+    m.copy_from_slice(&d[..6]);
+    m[0] = (m[0] | 0x02) & 0xfe;
+    m
+}
+
 /// A host veth whose pod had its DEL and whose deletion is left to ipamd (the kernel's veth
 /// unregister waits out an RCU grace period, 15-20 ms, which DEL need not pay): it is brought
 /// down, labelled with this prefix, the time and its attachment, and renamed so that the pod's
@@ -80,6 +93,14 @@ pub fn validate_veth_prefix(p: &str) -> Result<(), Invalid> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn host_veth_macs_are_local_unicast_and_stable() {
+        let m = host_veth_mac("eni0123456789a");
+        assert_eq!(m[0] & 0x03, 0x02, "locally administered, unicast");
+        assert_eq!(m, host_veth_mac("eni0123456789a"));
+        assert_ne!(m, host_veth_mac("eni0123456789b"));
+    }
+
     use super::*;
 
     #[test]

@@ -30,6 +30,26 @@ fn libcni_drives_aws_cni_and_portmap_with_real_ipamd() {
     let cli_ip = result_ip(&res2);
     assert_ne!(web_ip, cli_ip);
 
+    // The host veth's MAC was set at creation (udev's MACAddressPolicy leaves it alone), as
+    // upstream does.
+    let veth = cni_common::naming::host_veth_name("eni", "default", "web");
+    let mac = cni_common::naming::host_veth_mac(&veth)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    let sysfs = |f: &str| {
+        String::from_utf8_lossy(
+            &node
+                .exec(&["cat", &format!("/sys/class/net/{veth}/{f}")])
+                .stdout,
+        )
+        .trim()
+        .to_string()
+    };
+    assert_eq!(sysfs("address"), mac);
+    assert_eq!(sysfs("addr_assign_type"), "3", "NET_ADDR_SET");
+
     let rules = iptables_save(&node);
     assert!(rules.contains("CNI-HOSTPORT-DNAT"), "{rules}");
     assert!(
