@@ -370,6 +370,7 @@ fn entrypoint_and_init_variables() {
     };
     let (code, v, _) = conflist(&[]);
     assert_eq!(code, Some(0));
+    assert_eq!(v["cniVersion"], "0.4.0", "as upstream ships it");
     let p = &v["plugins"][0];
     assert_eq!(
         (&p["mtu"], &p["vethPrefix"], &p["pluginLogLevel"]),
@@ -453,7 +454,7 @@ fn entrypoint_and_init_variables() {
     std::fs::copy(integration::bin("aws-vpc-cni"), &app).unwrap();
     std::fs::write(
         img.path().join("10-aws.conflist"),
-        r#"{"cniVersion":"0.4.0","name":"aws-cni","plugins":[{"name":"aws-cni","type":"aws-cni","vethPrefix":"__VETHPREFIX__","mtu":"__MTU__","pluginLogLevel":"__PLUGINLOGLEVEL__"}]}"#,
+        r#"{"cniVersion":"0.3.1","name":"aws-cni","plugins":[{"name":"aws-cni","type":"aws-cni","vethPrefix":"__VETHPREFIX__","mtu":"__MTU__","pluginLogLevel":"__PLUGINLOGLEVEL__"}]}"#,
     )
     .unwrap();
     let out = Command::new(&app)
@@ -462,7 +463,7 @@ fn entrypoint_and_init_variables() {
         .output()
         .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["cniVersion"], "0.4.0", "the mounted template");
+    assert_eq!(v["cniVersion"], "0.3.1", "the mounted template");
     assert_eq!(v["plugins"][0]["mtu"], "9001");
     assert_eq!(v["plugins"].as_array().unwrap().len(), 1);
 }
