@@ -443,3 +443,46 @@ fn earlier_layouts_and_duplicates_are_replaced_and_foreign_rules_kept() {
         "{nat}"
     );
 }
+
+/// A node whose kubelet uses the legacy iptables back-end (its marker chain is there): ipamd's
+/// SNAT and connmark rules go to legacy too, where kube-proxy's are, not to nf_tables.
+#[test]
+fn rules_go_to_the_iptables_backend_the_node_uses() {
+    let dir = tempfile::tempdir().unwrap();
+    let vpc = Vpc::start(dir.path(), 0);
+    let inst = vpc.shim.instance("t3.medium", "10.0.1.0/24");
+    let mut node = vpc.add_node(dir.path(), &inst, 0);
+    let ns = node.ns.name.clone();
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &ns,
+        "iptables-legacy",
+        "-t",
+        "mangle",
+        "-N",
+        "KUBE-IPTABLES-HINT",
+    ]);
+    node.start_ipamd(dir.path(), &[]);
+    let saved = |front: &str| {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns,
+            &format!("{front}-save"),
+            "-t",
+            "nat",
+        ])
+    };
+    eventually(30, "SNAT rules in the legacy back-end", || {
+        saved("iptables-legacy")
+            .contains("AWS-SNAT-CHAIN-0")
+            .then_some(())
+    });
+    assert!(
+        !saved("iptables-nft").contains("AWS-SNAT-CHAIN-0"),
+        "rules in both back-ends"
+    );
+}

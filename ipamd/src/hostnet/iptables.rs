@@ -233,11 +233,71 @@ pub enum IptablesError {
     Failed { cmd: String, stderr: String },
 }
 
-/// The iptables front-end in use (`iptables`, or `iptables-legacy` on legacy nodes).
+/// Which of the kernel's two iptables back-ends the node's rules live in. Rules written to the
+/// other are rules nobody else sees (kube-proxy's, kubelet's), so ours must go where theirs are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Legacy,
+    Nft,
+}
+
+/// The rule of the iptables wrapper upstream's image uses: kubelet's marker chains in `mangle`
+/// decide (nf_tables first); without them, the back-end holding more rules; nf_tables on a tie
+/// (the distributions' default).
+pub fn choose_backend(
+    nft_mangle: &str,
+    legacy_mangle: &str,
+    nft_rules: usize,
+    legacy_rules: usize,
+) -> Backend {
+    let marked = |s: &str| s.contains("KUBE-IPTABLES-HINT") || s.contains("KUBE-KUBELET-CANARY");
+    if marked(nft_mangle) {
+        Backend::Nft
+    } else if marked(legacy_mangle) || legacy_rules > nft_rules {
+        Backend::Legacy
+    } else {
+        Backend::Nft
+    }
+}
+
+/// The iptables front-end in use.
 #[derive(Debug, Clone)]
 pub struct Iptables {
     pub save: String,
     pub restore: String,
+}
+
+impl Iptables {
+    /// The front-end of the node's back-end (see `choose_backend`); the plain `iptables-save`
+    /// and `iptables-restore` where the two front-ends are not both installed.
+    pub fn detect() -> Iptables {
+        let save = |p: &str, args: &[&str]| run(p, args, None).ok();
+        let (Some(nft), Some(legacy)) = (
+            save("iptables-nft-save", &["-t", "mangle"]),
+            save("iptables-legacy-save", &["-t", "mangle"]),
+        ) else {
+            return Iptables::default();
+        };
+        let rules = |p: &str| {
+            save(p, &[])
+                .map(|s| s.lines().filter(|l| l.starts_with("-A ")).count())
+                .unwrap_or(0)
+        };
+        let (prefix, backend) = match choose_backend(
+            &nft,
+            &legacy,
+            rules("iptables-nft-save"),
+            rules("iptables-legacy-save"),
+        ) {
+            Backend::Nft => ("iptables-nft", "nf_tables"),
+            Backend::Legacy => ("iptables-legacy", "legacy"),
+        };
+        tracing::info!(backend, "iptables back-end of the node's rules");
+        Iptables {
+            save: format!("{prefix}-save"),
+            restore: format!("{prefix}-restore"),
+        }
+    }
 }
 
 impl Default for Iptables {
@@ -309,6 +369,16 @@ mod tests {
             node_port_support: true,
             randomize: Randomize::Fully,
         }
+    }
+
+    #[test]
+    fn backend_follows_kubelets_marker_then_the_rule_count() {
+        let hint = ":KUBE-IPTABLES-HINT - [0:0]";
+        assert_eq!(choose_backend(hint, "", 0, 50), Backend::Nft);
+        assert_eq!(choose_backend("", hint, 50, 0), Backend::Legacy);
+        assert_eq!(choose_backend("", "", 3, 7), Backend::Legacy);
+        assert_eq!(choose_backend("", "", 7, 3), Backend::Nft);
+        assert_eq!(choose_backend("", "", 0, 0), Backend::Nft);
     }
 
     #[test]

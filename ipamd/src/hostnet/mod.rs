@@ -98,7 +98,9 @@ impl NodeNetwork {
             primary_if,
             primary_mac: primary_mac.to_ascii_lowercase(),
             links,
-            iptables: Iptables::default(),
+            iptables: tokio::task::spawn_blocking(Iptables::detect)
+                .await
+                .unwrap_or_default(),
         })
     }
 
