@@ -8,8 +8,6 @@ use std::sync::{Arc, Mutex};
 
 use cni_proto::cni_backend_server::{CniBackend, CniBackendServer};
 use cni_proto::*;
-use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
 
 #[derive(Default)]
@@ -157,8 +155,7 @@ impl CniBackend for Svc {
 pub struct FakeIpamd {
     pub socket: PathBuf,
     pub state: Arc<Mutex<State>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    server: crate::UnixServer,
 }
 
 impl FakeIpamd {
@@ -168,50 +165,24 @@ impl FakeIpamd {
             free: pool.to_vec(),
             ..Default::default()
         }));
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let svc = Svc(state.clone());
-        let path = socket.clone();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let _ = std::fs::remove_file(&path);
-                let listener = UnixListener::bind(&path).unwrap();
-                ready_tx.send(()).unwrap();
-                tonic::transport::Server::builder()
-                    .add_service(CniBackendServer::new(svc))
-                    .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
-                        let _ = rx.await;
-                    })
-                    .await
-                    .unwrap();
-            });
+        let server = crate::UnixServer::start(&socket, |incoming, stop| async move {
+            tonic::transport::Server::builder()
+                .add_service(CniBackendServer::new(svc))
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stop.await;
+                })
+                .await
+                .expect("fake ipamd");
         });
-        ready_rx.recv().unwrap();
         FakeIpamd {
             socket,
             state,
-            stop: Some(tx),
-            thread: Some(thread),
+            server,
         }
     }
 
     pub fn stop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let _ = std::fs::remove_file(&self.socket);
-    }
-}
-
-impl Drop for FakeIpamd {
-    fn drop(&mut self) {
-        self.stop();
+        self.server.stop();
     }
 }

@@ -12,7 +12,7 @@ pub mod np_agent;
 pub mod sim;
 pub mod vpc;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -240,4 +240,69 @@ pub fn cniclient() -> PathBuf {
             out
         })
         .clone()
+}
+
+/// A gRPC server of the rig (a fake ipamd, a stand-in network policy agent) on a unix socket,
+/// in a thread of its own; stopped, and its socket removed, when dropped.
+pub struct UnixServer {
+    pub socket: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl UnixServer {
+    /// Bind `socket` and run `serve` on it until stopped; `serve` gets the incoming
+    /// connections and the shutdown signal (for tonic's `serve_with_incoming_shutdown`).
+    pub fn start<F, Fut>(socket: &Path, serve: F) -> UnixServer
+    where
+        F: FnOnce(
+                tokio_stream::wrappers::UnixListenerStream,
+                tokio::sync::oneshot::Receiver<()>,
+            ) -> Fut
+            + Send
+            + 'static,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let path = socket.to_path_buf();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let _ = std::fs::remove_file(&path);
+                let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+                ready_tx.send(()).expect("ready");
+                serve(
+                    tokio_stream::wrappers::UnixListenerStream::new(listener),
+                    rx,
+                )
+                .await;
+            });
+        });
+        ready_rx.recv().expect("server thread");
+        UnixServer {
+            socket: socket.to_path_buf(),
+            stop: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+impl Drop for UnixServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }

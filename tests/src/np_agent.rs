@@ -7,8 +7,6 @@ use std::sync::{Arc, Mutex};
 
 use cni_proto::np_backend_server::{NpBackend, NpBackendServer};
 use cni_proto::{DeleteNpReply, DeleteNpRequest, EnforceNpReply, EnforceNpRequest};
-use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -87,8 +85,7 @@ impl NpBackend for Svc {
 pub struct FakeNpAgent {
     pub socket: PathBuf,
     pub state: Arc<Mutex<State>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    server: crate::UnixServer,
 }
 
 impl FakeNpAgent {
@@ -100,33 +97,19 @@ impl FakeNpAgent {
             node: node.to_string(),
             veth_prefix: "eni".into(),
         };
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let path = socket.to_path_buf();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let _ = std::fs::remove_file(&path);
-                let listener = UnixListener::bind(&path).unwrap();
-                ready_tx.send(()).unwrap();
-                tonic::transport::Server::builder()
-                    .add_service(NpBackendServer::new(svc))
-                    .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
-                        let _ = rx.await;
-                    })
-                    .await
-                    .unwrap();
-            });
+        let server = crate::UnixServer::start(socket, |incoming, stop| async move {
+            tonic::transport::Server::builder()
+                .add_service(NpBackendServer::new(svc))
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stop.await;
+                })
+                .await
+                .expect("stand-in agent");
         });
-        ready_rx.recv().unwrap();
         FakeNpAgent {
             socket: socket.to_path_buf(),
             state,
-            stop: Some(tx),
-            thread: Some(thread),
+            server,
         }
     }
 
@@ -135,18 +118,6 @@ impl FakeNpAgent {
     }
 
     pub fn stop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let _ = std::fs::remove_file(&self.socket);
-    }
-}
-
-impl Drop for FakeNpAgent {
-    fn drop(&mut self) {
-        self.stop();
+        self.server.stop();
     }
 }

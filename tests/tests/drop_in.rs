@@ -410,11 +410,11 @@ fn entrypoint_and_init_variables() {
     // init: tcp_early_demux written either way (it is per network namespace).
     let ns = Netns::new("dmx");
     let dir = tempfile::tempdir().unwrap();
-    let demux = |env: &[(&str, &str)]| {
+    let demux = |program: &std::path::Path, args: &[&str], env: &[(&str, &str)]| {
         let out = Command::new("ip")
             .args(["netns", "exec", &ns.name])
-            .arg(integration::bin("aws-vpc-cni"))
-            .arg("init")
+            .arg(program)
+            .args(args)
             .env("HOST_CNI_BIN_PATH", dir.path())
             .envs(env.iter().copied())
             .output()
@@ -427,31 +427,30 @@ fn entrypoint_and_init_variables() {
         let v = ns.exec(&["cat", "/proc/sys/net/ipv4/tcp_early_demux"]);
         String::from_utf8_lossy(&v.stdout).trim().to_string()
     };
-    assert_eq!(demux(&[("DISABLE_TCP_EARLY_DEMUX", "true")]), "0");
-    assert_eq!(demux(&[]), "1");
+    let bin = integration::bin("aws-vpc-cni");
+    assert_eq!(
+        demux(&bin, &["init"], &[("DISABLE_TCP_EARLY_DEMUX", "true")]),
+        "0"
+    );
+    assert_eq!(demux(&bin, &["init"], &[]), "1");
 
     // Upstream's init image runs /init/aws-vpc-cni-init; ours under that name is init. And a
     // conflist template beside the binary (upstream's chart mounts its cniConfig there) is
     // the one rendered.
+    // Hard links, not copies: a copy's write descriptor, inherited by a child another test
+    // thread forks at that moment, makes the exec fail with ETXTBSY.
+    let place = |to: &std::path::Path| {
+        if std::fs::hard_link(&bin, to).is_err() {
+            std::fs::copy(&bin, to).unwrap();
+        }
+    };
     let img = tempfile::tempdir().unwrap();
     let init = img.path().join("aws-vpc-cni-init");
-    std::fs::copy(integration::bin("aws-vpc-cni"), &init).unwrap();
+    place(&init);
     ns.exec(&["sysctl", "-qw", "net.ipv4.tcp_early_demux=0"]);
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.name])
-        .arg(&init)
-        .env("HOST_CNI_BIN_PATH", dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v = ns.exec(&["cat", "/proc/sys/net/ipv4/tcp_early_demux"]);
-    assert_eq!(String::from_utf8_lossy(&v.stdout).trim(), "1");
+    assert_eq!(demux(&init, &[], &[]), "1");
     let app = img.path().join("aws-vpc-cni");
-    std::fs::copy(integration::bin("aws-vpc-cni"), &app).unwrap();
+    place(&app);
     std::fs::write(
         img.path().join("10-aws.conflist"),
         r#"{"cniVersion":"0.3.1","name":"aws-cni","plugins":[{"name":"aws-cni","type":"aws-cni","vethPrefix":"__VETHPREFIX__","mtu":"__MTU__","pluginLogLevel":"__PLUGINLOGLEVEL__"}]}"#,
