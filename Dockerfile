@@ -27,8 +27,9 @@ COPY --from=plugins /usr/lib/cni/portmap /usr/lib/cni/loopback /usr/lib/cni/band
 CMD ["/init/aws-vpc-cni-init"]
 
 FROM debian:bookworm-slim AS aws-node
-# iptables for SNAT/connmark (iptables-restore), iproute2 for operators debugging on the node.
-RUN apt-get update && apt-get install -y --no-install-recommends iptables iproute2 ca-certificates \
+# iptables for SNAT/connmark (iptables-restore), nftables to take over upstream's connmark
+# table, iproute2 for operators debugging on the node.
+RUN apt-get update && apt-get install -y --no-install-recommends iptables nftables iproute2 ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY --from=build /src/target/release/aws-vpc-cni /src/target/release/ipamd \

@@ -486,3 +486,37 @@ fn rules_go_to_the_iptables_backend_the_node_uses() {
         "rules in both back-ends"
     );
 }
+
+/// A node that upstream's ipamd ran on in nf_tables mode keeps its connmark table
+/// (`table ip aws-cni`); ours marks those connections in its iptables chain and removes the
+/// table once its own rules are in, so nothing is marked twice.
+#[test]
+fn upstreams_nftables_connmark_table_is_taken_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let vpc = Vpc::start(dir.path(), 0);
+    let inst = vpc.shim.instance("t3.medium", "10.0.1.0/24");
+    let mut node = vpc.add_node(dir.path(), &inst, 0);
+    let ns = node.ns.name.clone();
+    sh(&[
+        "ip", "netns", "exec", &ns, "nft", "add", "table", "ip", "aws-cni",
+    ]);
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &ns,
+        "nft",
+        "add",
+        "chain",
+        "ip",
+        "aws-cni",
+        "nat-prerouting",
+        "{ type nat hook prerouting priority -90 ; }",
+    ]);
+    node.start_ipamd(dir.path(), &[]);
+    eventually(30, "our connmark chain and no upstream table", || {
+        let nat = sh(&["ip", "netns", "exec", &ns, "iptables-save", "-t", "nat"]);
+        let tables = sh(&["ip", "netns", "exec", &ns, "nft", "list", "tables"]);
+        (nat.contains("AWS-CONNMARK-CHAIN-0") && !tables.contains("table ip aws-cni")).then_some(())
+    });
+}

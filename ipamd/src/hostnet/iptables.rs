@@ -233,6 +233,22 @@ pub enum IptablesError {
     Failed { cmd: String, stderr: String },
 }
 
+/// Upstream's ipamd on an nf_tables node marks pods' outbound connections in a table of its own
+/// (`table ip aws-cni`) instead of the iptables chain ours uses. On a node switched from it,
+/// that table would mark every connection a second time beside our rules: it is removed once
+/// ours are in place (as upstream removes the iptables chain when it moves to its table).
+/// Whether one was removed; an `nft` that cannot be run, or a table that is not there, is not.
+pub fn remove_upstream_nft_connmark() -> Result<bool, IptablesError> {
+    const TABLE: [&str; 2] = ["ip", "aws-cni"];
+    match run("nft", &["list", "table", TABLE[0], TABLE[1]], None) {
+        Ok(_) => {
+            run("nft", &["delete", "table", TABLE[0], TABLE[1]], None)?;
+            Ok(true)
+        }
+        Err(_) => Ok(false),
+    }
+}
+
 /// Which of the kernel's two iptables back-ends the node's rules live in. Rules written to the
 /// other are rules nobody else sees (kube-proxy's, kubelet's), so ours must go where theirs are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -66,6 +66,8 @@ pub struct NodeNetwork {
     pub primary_mac: String,
     links: Links,
     iptables: Iptables,
+    /// Upstream's nftables connmark table looked for (once, after our rules first went in).
+    upstream_nft_checked: std::sync::atomic::AtomicBool,
 }
 
 impl NodeNetwork {
@@ -101,6 +103,7 @@ impl NodeNetwork {
             iptables: tokio::task::spawn_blocking(Iptables::detect)
                 .await
                 .unwrap_or_default(),
+            upstream_nft_checked: Default::default(),
         })
     }
 
@@ -169,6 +172,16 @@ impl NodeNetwork {
             .with_label_values(&[if applied.is_ok() { "success" } else { "error" }])
             .inc();
         let changed = applied?;
+        if !self
+            .upstream_nft_checked
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            match tokio::task::spawn_blocking(iptables::remove_upstream_nft_connmark).await? {
+                Ok(true) => info!("removed upstream's nftables connmark table (table ip aws-cni): our iptables rules mark those connections now"),
+                Ok(false) => {}
+                Err(e) => warn!(error = %e, "upstream's nftables connmark table not removed"),
+            }
+        }
         if changed.0 || changed.1 {
             info!(
                 nat = changed.0,
