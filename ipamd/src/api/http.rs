@@ -73,7 +73,7 @@ pub fn enis_json(ds: &Datastore) -> Value {
                 "ifName": "",
             },
             "IPAMMetadata": match a {
-                Some(a) => json!({"k8sPodNamespace": a.pod.namespace, "k8sPodName": a.pod.name}),
+                Some(a) => json!({"k8sPodNamespace": a.pod.namespace, "k8sPodName": a.pod.name, "interfacesCount": 1}),
                 None => json!({}),
             },
             "AssignedTime": go_time(a.map(|a| a.allocated_at)),

@@ -664,7 +664,8 @@ impl<E: Ec2> Manager<E> {
         };
         let device = self.next_device_index(&*self.shared.ds.lock().await);
         let Some(eni) = lifecycle::from_ec2(&created, device, target.subnet_cidr) else {
-            self.delete_eni_retrying(&created.id).await;
+            self.delete_eni_retrying(&created.id, "AllocENIDeleteErr")
+                .await;
             return Err(StepError::NoAddress(created.id));
         };
         let attachment = match self
@@ -674,7 +675,8 @@ impl<E: Ec2> Manager<E> {
         {
             Ok(a) => a,
             Err(e) => {
-                self.delete_eni_retrying(&created.id).await;
+                self.delete_eni_retrying(&created.id, "AllocENIDeleteErr")
+                    .await;
                 return Err(e.into());
             }
         };
@@ -727,12 +729,14 @@ impl<E: Ec2> Manager<E> {
             warn!(%eni, error = %e, "detach failed; leak cleanup will retry once it is detached");
             return;
         }
-        self.delete_eni_retrying(eni).await;
+        self.delete_eni_retrying(eni, "FreeENIDeleteErr").await;
     }
 
     /// Delete an ENI, retrying while EC2 still calls it in use (a detached ENI takes a moment to
-    /// become available). What cannot be deleted is left to the leaked-ENI sweep.
-    async fn delete_eni_retrying(&self, eni: &str) {
+    /// become available). What cannot be deleted is left to the leaked-ENI sweep, and counted
+    /// in `awscni_aws_utils_error_count{fn=what}` (the error label is EC2's code, not the
+    /// message upstream puts there, so the series stay bounded).
+    async fn delete_eni_retrying(&self, eni: &str, what: &'static str) {
         for attempt in 1..=5u32 {
             match self.ec2.delete_eni(eni).await {
                 Ok(()) => return,
@@ -742,6 +746,10 @@ impl<E: Ec2> Manager<E> {
                 }
                 Err(e) => {
                     warn!(%eni, error = %e, "delete failed; leak cleanup will retry");
+                    crate::metrics::global()
+                        .aws_utils_error_count
+                        .with_label_values(&[what, error_code(&e)])
+                        .inc();
                     return;
                 }
             }
@@ -774,7 +782,7 @@ impl<E: Ec2> Manager<E> {
         }
         self.node.attachments.remove(eni_id);
         info!(eni = eni_id, "ENI detached");
-        self.delete_eni_retrying(eni_id).await;
+        self.delete_eni_retrying(eni_id, "FreeENIDeleteErr").await;
         Ok(())
     }
 
@@ -995,9 +1003,24 @@ impl<E: Ec2> Manager<E> {
             }
             match self.ec2.delete_eni(&e.id).await {
                 Ok(()) => info!(eni = %e.id, "deleted leaked ENI"),
-                Err(err) => warn!(eni = %e.id, error = %err, "could not delete leaked ENI"),
+                Err(err) => {
+                    warn!(eni = %e.id, error = %err, "could not delete leaked ENI");
+                    crate::metrics::global()
+                        .aws_utils_error_count
+                        .with_label_values(&["cleanUpLeakedENIDeleteErr", error_code(&err)])
+                        .inc();
+                }
             }
         }
+    }
+}
+
+/// EC2's error code, or "transport" when the call failed before EC2 answered.
+fn error_code(e: &CloudError) -> &str {
+    if e.code.is_empty() {
+        "transport"
+    } else {
+        &e.code
     }
 }
 
@@ -1227,6 +1250,23 @@ mod tests {
         assert_eq!(r.pool_enis().await, vec!["eni-primary".to_string()]);
         assert_eq!(r.ec2_enis(), vec!["eni-primary".to_string()]);
         assert_eq!(r.ec2.calls("DetachNetworkInterface"), 1);
+    }
+
+    #[tokio::test]
+    async fn an_eni_that_cannot_be_deleted_is_counted_as_upstream_does() {
+        let mut r = Rig::growing().await;
+        let count = || {
+            crate::metrics::global()
+                .aws_utils_error_count
+                .with_label_values(&["AllocENIDeleteErr", "UnauthorizedOperation"])
+                .get()
+        };
+        let before = count();
+        r.ec2.fail("AttachNetworkInterface", "InternalError");
+        r.ec2
+            .fail("DeleteNetworkInterface", "UnauthorizedOperation");
+        r.mgr.converge().await;
+        assert_eq!(count(), before + 1);
     }
 
     #[tokio::test]
