@@ -370,7 +370,8 @@ async fn cloud_node(cfg: &Config) -> anyhow::Result<(NodeInfo, InstanceLimits, C
         let Some(att) = &info.attachment else {
             continue;
         };
-        if let Some(why) = info.left_alone(cfg.manage_untagged_enis) {
+        // IMDS shows no tags: upstream's IMDS-only mode manages every ENI on the first card.
+        if let Some(why) = info.left_alone(cfg.manage_untagged_enis || cfg.imds_only) {
             info!(eni = %info.id, device = att.device_index, "ENI left alone: {why}");
             cloud.unmanaged.insert(att.device_index, info.id.clone());
             continue;
@@ -682,7 +683,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
         mgr.provisioning = cfg.provisioning;
         mgr.manage_cordoned = cfg.manage_enis_non_schedulable;
-        mgr.manage_untagged = cfg.manage_untagged_enis;
+        mgr.manage_untagged = cfg.manage_untagged_enis || cfg.imds_only;
         mgr.imds_only = cfg.imds_only;
         tasks.spawn("pool manager", mgr.run());
     }

@@ -616,3 +616,48 @@ fn accepted_calls_that_assign_nothing_back_off_and_recover() {
         .log_text()
         .contains("EC2 calls grow the pool again"));
 }
+
+/// DISABLE_NETWORK_RESOURCE_PROVISIONING and ENABLE_IMDS_ONLY_MODE: ipamd serves the addresses
+/// someone else attached (here a second ENI with three addresses, made through the EC2 API) and
+/// never asks EC2 to grow or shrink the pool; in IMDS-only mode it does not even describe ENIs.
+#[test]
+fn without_provisioning_attached_addresses_serve_and_ec2_is_not_asked_to_grow() {
+    for (var, describes) in [
+        ("DISABLE_NETWORK_RESOURCE_PROVISIONING", true),
+        ("ENABLE_IMDS_ONLY_MODE", false),
+    ] {
+        let n = node_with(
+            "t3.medium",
+            "10.0.1.0/24",
+            &[(var, "true"), ("IPAMD_RECONCILE_INTERVAL", "1")],
+            |shim, inst| {
+                let eni = shim.create_eni(inst, &[], "attached by someone else", 3);
+                shim.attach_eni(inst, &eni, 1);
+                // Only ipamd's calls from here on.
+                shim.reset_calls();
+            },
+        );
+        for i in 0..3 {
+            let r = n.add(&format!("p{i}"));
+            assert!(r.success, "{var}: {r:?}");
+        }
+        let r = n.add("p3");
+        assert!(!r.success, "{var}: the pool was grown: {r:?}");
+        std::thread::sleep(Duration::from_secs(2));
+        let calls = n.vpc.shim.calls();
+        let count = |a: &str| calls["by_action"][a].as_u64().unwrap_or(0);
+        for a in [
+            "CreateNetworkInterface",
+            "AttachNetworkInterface",
+            "AssignPrivateIpAddresses",
+            "UnassignPrivateIpAddresses",
+            "DetachNetworkInterface",
+            "DeleteNetworkInterface",
+        ] {
+            assert_eq!(count(a), 0, "{var}: {a}: {calls}");
+        }
+        if !describes {
+            assert_eq!(count("DescribeNetworkInterfaces"), 0, "{var}: {calls}");
+        }
+    }
+}
