@@ -59,14 +59,9 @@ impl EntryConfig {
                 _ => return Err(err("POD_MTU", &v, "must be between 576 and 9001")),
             },
         };
+        // Upstream checks it only with ENABLE_POD_ENI=true (refused here) and otherwise writes
+        // it to the conflist as given; so does this.
         let sg_mode = get("POD_SECURITY_GROUP_ENFORCING_MODE", "strict");
-        if sg_mode != "strict" && sg_mode != "standard" {
-            return Err(err(
-                "POD_SECURITY_GROUP_ENFORCING_MODE",
-                &sg_mode,
-                "must be strict or standard",
-            ));
-        }
         // Upstream takes any text here and its plugin logs at Debug for a name it does not
         // know; so does ours, and this says so at start.
         let plugin_log_level = get("AWS_VPC_K8S_PLUGIN_LOG_LEVEL", "Debug");
@@ -108,6 +103,12 @@ impl EntryConfig {
     /// template.
     pub fn render_conflist(&self) -> anyhow::Result<String> {
         self.render_conflist_from(CONFLIST_TEMPLATE)
+    }
+
+    /// The conflist from the template beside this executable (see `conflist_template`).
+    pub fn render_installed_conflist(&self) -> anyhow::Result<String> {
+        let template = conflist_template(&exe_dir()?)?;
+        self.render_conflist_from(&template)
     }
 
     /// The same from `template` (upstream's chart can mount its own at /app/10-aws.conflist).
@@ -202,17 +203,19 @@ pub fn exe_dir() -> anyhow::Result<PathBuf> {
 /// gRPC health of `service` on ipamd's socket: Some(true) SERVING, Some(false) answering but
 /// not serving, None when it does not answer.
 pub async fn health(socket: &Path, service: &str) -> Option<bool> {
-    use tonic_health::pb::health_client::HealthClient;
-    let channel = cni_common::grpc::connect(socket, Duration::from_secs(2), Duration::from_secs(2))
-        .await
-        .ok()?;
-    let r = HealthClient::new(channel)
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: service.to_string(),
-        })
-        .await
-        .ok()?;
-    Some(r.into_inner().status() == tonic_health::pb::health_check_response::ServingStatus::Serving)
+    let o = crate::probe::Options {
+        target: crate::probe::Target::Unix(socket.to_path_buf()),
+        service: service.to_string(),
+        user_agent: "aws-vpc-cni".into(),
+        connect_timeout: Duration::from_secs(2),
+        rpc_timeout: Duration::from_secs(2),
+        verbose: false,
+    };
+    match crate::probe::check(&o).await.0 {
+        0 => Some(true),
+        crate::probe::EXIT_UNHEALTHY => Some(false),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -242,7 +245,6 @@ mod tests {
     fn bad_values_name_the_variable() {
         for (var, val) in [
             ("POD_MTU", "100"),
-            ("POD_SECURITY_GROUP_ENFORCING_MODE", "loose"),
             ("AWS_VPC_K8S_CNI_VETHPREFIX", "eth"),
             ("AWS_VPC_ENI_MTU", "20000"),
         ] {

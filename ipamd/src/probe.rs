@@ -137,6 +137,18 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
     Ok(o)
 }
 
+async fn tcp_channel(hp: &str, o: &Options) -> Result<tonic::transport::Channel, String> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{hp}"))
+        .and_then(|e| e.user_agent(o.user_agent.clone()))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(o.connect_timeout)
+        .timeout(o.rpc_timeout);
+    match tokio::time::timeout(o.connect_timeout, endpoint.connect()).await {
+        Ok(r) => r.map_err(|e| cni_common::grpc::source_chain(&e)),
+        Err(_) => Err(format!("no connection within {:?}", o.connect_timeout)),
+    }
+}
+
 /// Run one check; the exit code and the line to print.
 pub async fn check(o: &Options) -> (u8, String) {
     use tonic_health::pb::health_check_response::ServingStatus;
@@ -145,22 +157,7 @@ pub async fn check(o: &Options) -> (u8, String) {
         Target::Unix(p) => cni_common::grpc::connect(p, o.connect_timeout, o.rpc_timeout)
             .await
             .map_err(|e| e.to_string()),
-        Target::Tcp(hp) => {
-            let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{hp}"))
-                .map_err(|e| e.to_string());
-            match endpoint.and_then(|e| {
-                e.connect_timeout(o.connect_timeout)
-                    .timeout(o.rpc_timeout)
-                    .user_agent(o.user_agent.clone())
-                    .map_err(|e| e.to_string())
-            }) {
-                Ok(e) => match tokio::time::timeout(o.connect_timeout, e.connect()).await {
-                    Ok(r) => r.map_err(|e| cni_common::grpc::source_chain(&e)),
-                    Err(_) => Err(format!("no connection within {:?}", o.connect_timeout)),
-                },
-                Err(e) => Err(e),
-            }
-        }
+        Target::Tcp(hp) => tcp_channel(hp, o).await,
     };
     let channel = match channel {
         Ok(c) => c,

@@ -444,38 +444,44 @@ fn earlier_layouts_and_duplicates_are_replaced_and_foreign_rules_kept() {
     );
 }
 
-/// A node whose kubelet uses the legacy iptables back-end (its marker chain is there): ipamd's
-/// SNAT and connmark rules go to legacy too, where kube-proxy's are, not to nf_tables.
-#[test]
-fn rules_go_to_the_iptables_backend_the_node_uses() {
+/// A node (no ipamd yet) whose namespace `prepare` sets up as an earlier node would have left
+/// it; then ipamd started on it. The node, its namespace's name, and the VPC and directory that
+/// must outlive it.
+fn node_prepared(prepare: impl FnOnce(&str)) -> (VpcNode, String, Vpc, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let vpc = Vpc::start(dir.path(), 0);
     let inst = vpc.shim.instance("t3.medium", "10.0.1.0/24");
     let mut node = vpc.add_node(dir.path(), &inst, 0);
     let ns = node.ns.name.clone();
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &ns,
-        "iptables-legacy",
-        "-t",
-        "mangle",
-        "-N",
-        "KUBE-IPTABLES-HINT",
-    ]);
+    prepare(&ns);
     node.start_ipamd(dir.path(), &[]);
-    let saved = |front: &str| {
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &ns,
-            &format!("{front}-save"),
-            "-t",
-            "nat",
-        ])
-    };
+    (node, ns, vpc, dir)
+}
+
+/// `cmd` run in namespace `ns`: its output.
+fn in_ns(ns: &str, cmd: &[&str]) -> String {
+    let mut argv = vec!["ip", "netns", "exec", ns];
+    argv.extend_from_slice(cmd);
+    sh(&argv)
+}
+
+/// A node whose kubelet uses the legacy iptables back-end (its marker chain is there): ipamd's
+/// SNAT and connmark rules go to legacy too, where kube-proxy's are, not to nf_tables.
+#[test]
+fn rules_go_to_the_iptables_backend_the_node_uses() {
+    let (_node, ns, _vpc, _dir) = node_prepared(|ns| {
+        in_ns(
+            ns,
+            &[
+                "iptables-legacy",
+                "-t",
+                "mangle",
+                "-N",
+                "KUBE-IPTABLES-HINT",
+            ],
+        );
+    });
+    let saved = |front: &str| in_ns(&ns, &[&format!("{front}-save"), "-t", "nat"]);
     eventually(30, "SNAT rules in the legacy back-end", || {
         saved("iptables-legacy")
             .contains("AWS-SNAT-CHAIN-0")
@@ -492,31 +498,24 @@ fn rules_go_to_the_iptables_backend_the_node_uses() {
 /// table once its own rules are in, so nothing is marked twice.
 #[test]
 fn upstreams_nftables_connmark_table_is_taken_over() {
-    let dir = tempfile::tempdir().unwrap();
-    let vpc = Vpc::start(dir.path(), 0);
-    let inst = vpc.shim.instance("t3.medium", "10.0.1.0/24");
-    let mut node = vpc.add_node(dir.path(), &inst, 0);
-    let ns = node.ns.name.clone();
-    sh(&[
-        "ip", "netns", "exec", &ns, "nft", "add", "table", "ip", "aws-cni",
-    ]);
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &ns,
-        "nft",
-        "add",
-        "chain",
-        "ip",
-        "aws-cni",
-        "nat-prerouting",
-        "{ type nat hook prerouting priority -90 ; }",
-    ]);
-    node.start_ipamd(dir.path(), &[]);
+    let (_node, ns, _vpc, _dir) = node_prepared(|ns| {
+        in_ns(ns, &["nft", "add", "table", "ip", "aws-cni"]);
+        in_ns(
+            ns,
+            &[
+                "nft",
+                "add",
+                "chain",
+                "ip",
+                "aws-cni",
+                "nat-prerouting",
+                "{ type nat hook prerouting priority -90 ; }",
+            ],
+        );
+    });
     eventually(30, "our connmark chain and no upstream table", || {
-        let nat = sh(&["ip", "netns", "exec", &ns, "iptables-save", "-t", "nat"]);
-        let tables = sh(&["ip", "netns", "exec", &ns, "nft", "list", "tables"]);
+        let nat = in_ns(&ns, &["iptables-save", "-t", "nat"]);
+        let tables = in_ns(&ns, &["nft", "list", "tables"]);
         (nat.contains("AWS-CONNMARK-CHAIN-0") && !tables.contains("table ip aws-cni")).then_some(())
     });
 }

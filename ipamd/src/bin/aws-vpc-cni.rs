@@ -61,10 +61,7 @@ fn main() -> ExitCode {
                 for w in &cfg.warnings {
                     eprintln!("aws-vpc-cni: {w}");
                 }
-                let rendered = entrypoint::exe_dir()
-                    .and_then(|d| entrypoint::conflist_template(&d))
-                    .and_then(|t| entry.render_conflist_from(&t));
-                match rendered {
+                match entry.render_installed_conflist() {
                     Ok(c) => {
                         println!("{c}");
                         ExitCode::SUCCESS

@@ -141,14 +141,7 @@ impl<E: Ec2> Guarded<E> {
         crate::metrics::global().ec2_call(
             op,
             took.as_secs_f64() * 1000.0,
-            err.map(|e| {
-                let code = if e.code.is_empty() {
-                    "transport"
-                } else {
-                    e.code.as_str()
-                };
-                (code, e.kind == ErrorKind::Throttled)
-            }),
+            err.map(|e| (e.label(), e.kind == ErrorKind::Throttled)),
         );
     }
 

@@ -186,6 +186,16 @@ pub struct CloudError {
 }
 
 impl CloudError {
+    /// The code for metric labels: EC2's, or "transport" when the call failed before EC2
+    /// answered (a bounded label either way).
+    pub fn label(&self) -> &str {
+        if self.code.is_empty() {
+            "transport"
+        } else {
+            &self.code
+        }
+    }
+
     pub fn new(op: &'static str, code: &str, message: impl Into<String>, status: u16) -> Self {
         CloudError {
             op,
