@@ -104,6 +104,8 @@ pub struct Config {
     pub manage_enis_non_schedulable: bool,
     /// `HTTP_TIMEOUT`: each EC2 request's timeout (upstream: seconds, 10 or more, else 10).
     pub http_timeout: Duration,
+    /// `VPC_CNI_VERSION`: in the EC2 user agent, as upstream's.
+    pub vpc_cni_version: Option<String>,
     /// Bad values replaced by upstream's fallback, for ipamd to log at start.
     pub warnings: Vec<ConfigError>,
 }
@@ -443,48 +445,26 @@ fn eni_tags(env: &Env) -> Result<BTreeMap<String, String>, ConfigError> {
 /// variable and what to set instead; the values upstream's own manifest and chart ship
 /// (`ENABLE_IPv4=true`, `ENABLE_IPv6=false`, ...) are accepted, so they can be kept.
 fn refuse_unsupported(env: &Env) -> Result<(), ConfigError> {
-    let refuse = |var: &'static str, value: &str, why: &str| ConfigError {
-        var,
-        value: value.to_string(),
-        why: why.to_string(),
-    };
-    if bool_var(env, "ENABLE_IPv6", false)? {
-        return Err(refuse(
-            "ENABLE_IPv6",
-            "true",
-            "IPv6 pod addressing is not supported by this ipamd yet; unset it or set it to false",
-        ));
-    }
-    if !bool_var(env, "ENABLE_IPv4", true)? {
-        return Err(refuse(
-            "ENABLE_IPv4",
-            "false",
-            "this ipamd serves IPv4 pods only; unset it or set it to true",
-        ));
-    }
-    if bool_var(env, "ENABLE_V6_EGRESS", false)? {
-        return Err(refuse(
-            "ENABLE_V6_EGRESS",
-            "true",
-            "IPv6 egress for IPv4 pods (upstream's egress-cni) is not supported; unset it or set it to false",
-        ));
+    // (variable, upstream's default, what setting it to the other value asks for)
+    const MODES: [(&str, bool, &str); 5] = [
+        ("ENABLE_IPv6", false, "IPv6 pod addressing is not supported by this ipamd yet; unset it or set it to false"),
+        ("ENABLE_IPv4", true, "this ipamd serves IPv4 pods only; unset it or set it to true"),
+        ("ENABLE_V6_EGRESS", false, "IPv6 egress for IPv4 pods (upstream's egress-cni) is not supported; unset it or set it to false"),
+        ("ENABLE_POD_ENI", false, "security groups for pods (trunk and branch ENIs) are not supported; unset it or set it to false"),
+        ("ENABLE_MULTI_NIC", false, "pods on network cards other than the first are not supported; unset it or set it to false"),
+    ];
+    for (var, default, why) in MODES {
+        let asked = bool_var(env, var, default)?;
+        if asked != default {
+            return Err(ConfigError {
+                var,
+                value: asked.to_string(),
+                why: why.to_string(),
+            });
+        }
     }
     // Only meaningful in IPv6 clusters, which are refused above; still a boolean.
     bool_var(env, "ENABLE_V4_EGRESS", true)?;
-    if bool_var(env, "ENABLE_POD_ENI", false)? {
-        return Err(refuse(
-            "ENABLE_POD_ENI",
-            "true",
-            "security groups for pods (trunk and branch ENIs) are not supported; unset it or set it to false",
-        ));
-    }
-    if bool_var(env, "ENABLE_MULTI_NIC", false)? {
-        return Err(refuse(
-            "ENABLE_MULTI_NIC",
-            "true",
-            "pods on network cards other than the first are not supported; unset it or set it to false",
-        ));
-    }
     Ok(())
 }
 
@@ -719,8 +699,10 @@ impl Config {
                 .var("IPAMD_SOCKET_PATH")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from(cni_proto::DEFAULT_SOCKET)),
+            // Empty is the default, as upstream's.
             backing_store: env
                 .var("AWS_VPC_K8S_CNI_BACKING_STORE")
+                .filter(|v| !v.trim().is_empty())
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from("/var/run/aws-node/ipam.json")),
             cooldown: Duration::from_secs(cooldown),
@@ -753,6 +735,10 @@ impl Config {
             manage_untagged_enis: bool_var(env, "MANAGE_UNTAGGED_ENI", true)?,
             manage_enis_non_schedulable: bool_var(env, "AWS_MANAGE_ENIS_NON_SCHEDULABLE", false)?,
             http_timeout: http_timeout(env),
+            vpc_cni_version: env
+                .var("VPC_CNI_VERSION")
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty()),
             // Last: every reader above may have added one.
             warnings: env.warnings(),
         })
@@ -837,6 +823,7 @@ impl Config {
             "WARM_ENI_TARGET": t.warm_eni,
             "WARM_IP_TARGET": t.warm_ip.unwrap_or(0),
             "WARM_PREFIX_TARGET": t.warm_prefix,
+            "VPC_CNI_VERSION": self.vpc_cni_version,
         });
         let ours = serde_json::json!({
             "AWS_CNI_STATE_DIR": self.cni_state_dir,

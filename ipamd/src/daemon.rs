@@ -331,7 +331,13 @@ async fn cloud_node(cfg: &Config) -> anyhow::Result<(NodeInfo, InstanceLimits, C
         })?
         .clone();
     let ec2 = Arc::new(Guarded::new(
-        SdkEc2::new(&meta.region, cfg.ec2_endpoint.as_deref(), cfg.http_timeout).await,
+        SdkEc2::new(
+            &meta.region,
+            cfg.ec2_endpoint.as_deref(),
+            cfg.http_timeout,
+            cfg.vpc_cni_version.as_deref(),
+        )
+        .await,
         Bucket::new(cfg.ec2_burst, cfg.ec2_rate),
         RetryPolicy::default(),
     ));

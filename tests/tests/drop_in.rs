@@ -297,6 +297,7 @@ fn every_upstream_ipamd_variable_is_taken_or_refused() {
         ("WARM_ENI_TARGET", "-1", FallsBack(json!(1))),
         ("WARM_IP_TARGET", "3", Takes(json!(3))),
         ("WARM_PREFIX_TARGET", "2", Takes(json!(2))),
+        ("VPC_CNI_VERSION", "v1.23.1", Takes(json!("v1.23.1"))),
     ];
     let top = tempfile::tempdir().unwrap();
     let mut failures = Vec::new();
@@ -393,14 +394,15 @@ fn entrypoint_and_init_variables() {
     assert_eq!(v["plugins"][2]["type"], "bandwidth");
     assert_eq!(v["plugins"][3]["type"], "tuning");
     // Upstream refuses these at start; so do we, naming them.
-    for (var, val) in [
-        ("POD_MTU", "100"),
-        ("POD_SECURITY_GROUP_ENFORCING_MODE", "loose"),
-    ] {
+    for (var, val) in [("POD_MTU", "100"), ("AWS_VPC_ENI_MTU", "20000")] {
         let (code, _, err) = conflist(&[(var, val)]);
         assert_eq!(code, Some(2), "{var}");
         assert!(err.contains(&format!("{var}=")), "{err}");
     }
+    // Upstream checks this one only with pod ENIs on (refused here) and writes it as given.
+    let (code, v, _) = conflist(&[("POD_SECURITY_GROUP_ENFORCING_MODE", "loose")]);
+    assert_eq!(code, Some(0));
+    assert_eq!(v["plugins"][0]["podSGEnforcingMode"], "loose");
     // A bad boolean is upstream's default, said.
     let (code, v, err) = conflist(&[("ENABLE_BANDWIDTH_PLUGIN", "yes")]);
     assert_eq!(code, Some(0));

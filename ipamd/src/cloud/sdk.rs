@@ -23,8 +23,14 @@ pub struct SdkEc2 {
 
 impl SdkEc2 {
     /// `endpoint`: upstream's `AWS_EC2_ENDPOINT`; the SDK also honours `AWS_ENDPOINT_URL_EC2`.
-    /// `timeout`: upstream's `HTTP_TIMEOUT`, each request's limit.
-    pub async fn new(region: &str, endpoint: Option<&str>, timeout: Duration) -> SdkEc2 {
+    /// `timeout`: upstream's `HTTP_TIMEOUT`, each request's limit. `version`: upstream's
+    /// `VPC_CNI_VERSION`, which it puts in its EC2 user agent.
+    pub async fn new(
+        region: &str,
+        endpoint: Option<&str>,
+        timeout: Duration,
+        version: Option<&str>,
+    ) -> SdkEc2 {
         let http = super::http_client();
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .region(Region::new(region.to_string()))
@@ -38,6 +44,14 @@ impl SdkEc2 {
             );
         if let Some(ep) = endpoint.filter(|e| !e.is_empty()) {
             loader = loader.endpoint_url(ep);
+        }
+        if let Some(v) = version {
+            match aws_config::AppName::new(format!("amazon-vpc-cni-k8s-{v}")) {
+                Ok(name) => loader = loader.app_name(name),
+                Err(e) => {
+                    tracing::warn!(version = v, error = %e, "VPC_CNI_VERSION not usable in the EC2 user agent")
+                }
+            }
         }
         let conf = loader.load().await;
         SdkEc2 {

@@ -257,19 +257,14 @@ pub enum Backend {
     Nft,
 }
 
-/// The rule of the iptables wrapper upstream's image uses: kubelet's marker chains in `mangle`
+/// The rule of the iptables wrapper upstream's image uses: kubelet's marker chains (in `mangle`)
 /// decide (nf_tables first); without them, the back-end holding more rules; nf_tables on a tie
-/// (the distributions' default).
-pub fn choose_backend(
-    nft_mangle: &str,
-    legacy_mangle: &str,
-    nft_rules: usize,
-    legacy_rules: usize,
-) -> Backend {
+/// (the distributions' default). `nft` and `legacy` are each back-end's whole save.
+pub fn choose_backend(nft: &str, legacy: &str, nft_rules: usize, legacy_rules: usize) -> Backend {
     let marked = |s: &str| s.contains("KUBE-IPTABLES-HINT") || s.contains("KUBE-KUBELET-CANARY");
-    if marked(nft_mangle) {
+    if marked(nft) {
         Backend::Nft
-    } else if marked(legacy_mangle) || legacy_rules > nft_rules {
+    } else if marked(legacy) || legacy_rules > nft_rules {
         Backend::Legacy
     } else {
         Backend::Nft
@@ -287,24 +282,14 @@ impl Iptables {
     /// The front-end of the node's back-end (see `choose_backend`); the plain `iptables-save`
     /// and `iptables-restore` where the two front-ends are not both installed.
     pub fn detect() -> Iptables {
-        let save = |p: &str, args: &[&str]| run(p, args, None).ok();
-        let (Some(nft), Some(legacy)) = (
-            save("iptables-nft-save", &["-t", "mangle"]),
-            save("iptables-legacy-save", &["-t", "mangle"]),
-        ) else {
+        // One save of each back-end: the marker chains are in its mangle section.
+        let save = |p: &str| run(p, &[], None).ok();
+        let (Some(nft), Some(legacy)) = (save("iptables-nft-save"), save("iptables-legacy-save"))
+        else {
             return Iptables::default();
         };
-        let rules = |p: &str| {
-            save(p, &[])
-                .map(|s| s.lines().filter(|l| l.starts_with("-A ")).count())
-                .unwrap_or(0)
-        };
-        let (prefix, backend) = match choose_backend(
-            &nft,
-            &legacy,
-            rules("iptables-nft-save"),
-            rules("iptables-legacy-save"),
-        ) {
+        let rules = |s: &str| s.lines().filter(|l| l.starts_with("-A ")).count();
+        let (prefix, backend) = match choose_backend(&nft, &legacy, rules(&nft), rules(&legacy)) {
             Backend::Nft => ("iptables-nft", "nf_tables"),
             Backend::Legacy => ("iptables-legacy", "legacy"),
         };
