@@ -748,7 +748,7 @@ impl<E: Ec2> Manager<E> {
                     warn!(%eni, error = %e, "delete failed; leak cleanup will retry");
                     crate::metrics::global()
                         .aws_utils_error_count
-                        .with_label_values(&[what, error_code(&e)])
+                        .with_label_values(&[what, e.label()])
                         .inc();
                     return;
                 }
@@ -1007,20 +1007,11 @@ impl<E: Ec2> Manager<E> {
                     warn!(eni = %e.id, error = %err, "could not delete leaked ENI");
                     crate::metrics::global()
                         .aws_utils_error_count
-                        .with_label_values(&["cleanUpLeakedENIDeleteErr", error_code(&err)])
+                        .with_label_values(&["cleanUpLeakedENIDeleteErr", err.label()])
                         .inc();
                 }
             }
         }
-    }
-}
-
-/// EC2's error code, or "transport" when the call failed before EC2 answered.
-fn error_code(e: &CloudError) -> &str {
-    if e.code.is_empty() {
-        "transport"
-    } else {
-        &e.code
     }
 }
 
@@ -1250,6 +1241,31 @@ mod tests {
         assert_eq!(r.pool_enis().await, vec!["eni-primary".to_string()]);
         assert_eq!(r.ec2_enis(), vec!["eni-primary".to_string()]);
         assert_eq!(r.ec2.calls("DetachNetworkInterface"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_cordoned_node_or_no_provisioning_holds_the_pool() {
+        use crate::k8s::eniconfig::{NodeMeta, View};
+        let mut r = Rig::growing().await;
+        assert_eq!(r.mgr.hold(), None);
+        let (tx, rx) = tokio::sync::watch::channel(View {
+            node: Some(NodeMeta {
+                unschedulable: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        r.mgr.node_view = Some(rx);
+        r.mgr.manage_cordoned = false;
+        assert!(r.mgr.hold().unwrap().contains("cordoned"));
+        // AWS_MANAGE_ENIS_NON_SCHEDULABLE=true: managed all the same.
+        r.mgr.manage_cordoned = true;
+        assert_eq!(r.mgr.hold(), None);
+        r.mgr.manage_cordoned = false;
+        tx.send_modify(|v| v.node = Some(NodeMeta::default()));
+        assert_eq!(r.mgr.hold(), None, "uncordoned");
+        r.mgr.provisioning = false;
+        assert!(r.mgr.hold().unwrap().contains("PROVISIONING"));
     }
 
     #[tokio::test]
