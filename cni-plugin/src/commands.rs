@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use serde_json::Value;
 use tracing::{info, warn};
@@ -118,8 +118,12 @@ fn route_table(ip: &cni_proto::IpAllocationMetadata) -> u32 {
     }
 }
 
-fn parse_v4(s: &str) -> Option<Ipv4Addr> {
-    s.split('/').next()?.parse().ok()
+/// The pod's address in ipamd's reply: IPv4 when there is one, else IPv6 (an IPv6 node).
+fn address(a: &cni_proto::IpAllocationMetadata) -> Option<IpAddr> {
+    let parse = |s: &str| s.split('/').next()?.parse::<IpAddr>().ok();
+    parse(&a.i_pv4_addr)
+        .filter(IpAddr::is_ipv4)
+        .or_else(|| parse(&a.i_pv6_addr).filter(IpAddr::is_ipv6))
 }
 
 async fn add(env: &CniEnv, conf: &NetConf, store: &StateStore) -> Result<Value> {
@@ -168,14 +172,15 @@ async fn add(env: &CniEnv, conf: &NetConf, store: &StateStore) -> Result<Value> 
     let addr = reply
         .ip_allocation_metadata
         .iter()
-        .find(|a| parse_v4(&a.i_pv4_addr).is_some())
-        .cloned();
-    let Some(addr) = addr else {
-        let e = CniError::new(Code::IpamRefused, "ipamd replied without an IPv4 address");
+        .find_map(|a| Some((a.clone(), address(a)?)));
+    let Some((addr, ip)) = addr else {
+        let e = CniError::new(
+            Code::IpamRefused,
+            "ipamd replied without an IPv4 or IPv6 address",
+        );
         release(&mut client, env, conf).await;
         return Err(e);
     };
-    let ip = parse_v4(&addr.i_pv4_addr).unwrap_or(Ipv4Addr::UNSPECIFIED);
     let st = SandboxState {
         network_name: conf.name.clone(),
         container_id: env.container_id.clone(),
@@ -328,9 +333,7 @@ async fn del(env: &CniEnv, conf: &NetConf, store: &StateStore) -> Result<()> {
             Ok(r) => {
                 reaped = r.retired_veths_reaped;
                 policy_mode = r.network_policy_mode.clone();
-                r.ip_allocation_metadata
-                    .iter()
-                    .find_map(|a| parse_v4(&a.i_pv4_addr))
+                r.ip_allocation_metadata.iter().find_map(address)
             }
             Err(e) => {
                 warn!(error = %e, "ipamd did not release the address");
@@ -560,11 +563,7 @@ async fn gc(conf: &NetConf) -> Result<()> {
         })
         .await?;
     for r in &reply.released {
-        let Some(ip) = r
-            .ip_allocation_metadata
-            .as_ref()
-            .and_then(|a| parse_v4(&a.i_pv4_addr))
-        else {
+        let Some(ip) = r.ip_allocation_metadata.as_ref().and_then(address) else {
             continue;
         };
         if !cleaned.contains(&ip) {

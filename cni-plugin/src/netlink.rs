@@ -3,10 +3,10 @@
 
 use std::fs::File;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
-use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::address::{AddressAttribute, AddressFlags};
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkMessage,
 };
@@ -151,26 +151,30 @@ impl Netlink {
             .await
     }
 
-    pub async fn add_addr(&self, index: u32, ip: Ipv4Addr, prefix: u8) -> NlResult<()> {
-        match self
-            .handle
-            .address()
-            .add(index, IpAddr::V4(ip), prefix)
-            .execute()
-            .await
-        {
+    /// Add `ip/prefix`. An IPv6 address skips duplicate address detection: it is a host
+    /// address from the node's own prefix on a point-to-point veth, and waiting for DAD would
+    /// hold the pod's first packets back by a second or more.
+    pub async fn add_addr(&self, index: u32, ip: IpAddr, prefix: u8) -> NlResult<()> {
+        let mut req = self.handle.address().add(index, ip, prefix);
+        if ip.is_ipv6() {
+            req.message_mut()
+                .attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        match req.execute().await {
             Err(e) if is(&e, Errno::EEXIST as i32) => Ok(()),
             r => r,
         }
     }
 
-    pub async fn addrs_v4(&self, index: u32) -> NlResult<Vec<(Ipv4Addr, u8)>> {
+    /// Addresses of either family on `index`.
+    pub async fn addrs(&self, index: u32) -> NlResult<Vec<(IpAddr, u8)>> {
         let msgs = cni_common::netlink::link_addresses(&self.handle, index).await?;
         Ok(msgs
             .iter()
             .filter_map(|m| {
                 m.attributes.iter().find_map(|a| match a {
-                    AddressAttribute::Address(IpAddr::V4(v4)) => Some((*v4, m.header.prefix_len)),
+                    AddressAttribute::Address(ip) => Some((*ip, m.header.prefix_len)),
                     _ => None,
                 })
             })
@@ -181,21 +185,26 @@ impl Netlink {
         self.handle.route().add(route).replace().execute().await
     }
 
-    pub async fn routes_v4(&self) -> NlResult<Vec<Route>> {
+    /// Routes of `ip`'s family.
+    pub async fn routes_like(&self, ip: IpAddr) -> NlResult<Vec<Route>> {
+        let query = match ip {
+            IpAddr::V4(_) => RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            IpAddr::V6(_) => RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        };
         let msgs: Vec<_> = self
             .handle
             .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .get(query)
             .execute()
             .try_collect()
             .await?;
         Ok(msgs.iter().map(Route::from_msg).collect())
     }
 
-    pub async fn replace_neighbour(&self, index: u32, ip: Ipv4Addr, mac: &[u8]) -> NlResult<()> {
+    pub async fn replace_neighbour(&self, index: u32, ip: IpAddr, mac: &[u8]) -> NlResult<()> {
         self.handle
             .neighbours()
-            .add(index, IpAddr::V4(ip))
+            .add(index, ip)
             .link_layer_address(mac)
             .state(NeighbourState::Permanent)
             .replace()
@@ -207,13 +216,17 @@ impl Netlink {
     pub async fn neighbour(
         &self,
         index: u32,
-        ip: Ipv4Addr,
+        ip: IpAddr,
     ) -> NlResult<Option<(NeighbourState, Vec<u8>)>> {
         let msgs: Vec<_> = self
             .handle
             .neighbours()
             .get()
-            .set_address_family(AddressFamily::Inet)
+            .set_address_family(if ip.is_ipv6() {
+                AddressFamily::Inet6
+            } else {
+                AddressFamily::Inet
+            })
             .execute()
             .try_collect()
             .await?;
@@ -221,9 +234,17 @@ impl Netlink {
             .into_iter()
             .filter(|m| m.header.ifindex == index)
             .find(|m| {
-                m.attributes
-                    .iter()
-                    .any(|a| matches!(a, NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) if *d == ip))
+                m.attributes.iter().any(|a| match (a, ip) {
+                    (
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet(d)),
+                        IpAddr::V4(ip),
+                    ) => *d == ip,
+                    (
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet6(d)),
+                        IpAddr::V6(ip),
+                    ) => *d == ip,
+                    _ => false,
+                })
             })
             .map(|m| {
                 let mac = m
@@ -238,8 +259,9 @@ impl Netlink {
             }))
     }
 
-    pub async fn rules_v4(&self) -> NlResult<Vec<Rule>> {
-        cni_common::netlink::rules_v4(&self.handle).await
+    /// Policy rules of `ip`'s family.
+    pub async fn rules_like(&self, ip: IpAddr) -> NlResult<Vec<Rule>> {
+        cni_common::netlink::rules(&self.handle, ip.is_ipv6()).await
     }
 
     /// Add a `lookup <table>` rule; a rule already there is fine (idempotent ADD).
@@ -252,12 +274,12 @@ impl Netlink {
     }
 }
 
-/// The parts of an IPv4 route the plugin looks at.
+/// The parts of a route the plugin looks at.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     pub table: u32,
-    pub dst: Option<(Ipv4Addr, u8)>,
-    pub gateway: Option<Ipv4Addr>,
+    pub dst: Option<(IpAddr, u8)>,
+    pub gateway: Option<IpAddr>,
     pub oif: Option<u32>,
     pub scope: RouteScope,
 }
@@ -275,15 +297,24 @@ impl Route {
             match a {
                 RouteAttribute::Table(t) => r.table = *t,
                 RouteAttribute::Destination(RouteAddress::Inet(d)) => {
-                    r.dst = Some((*d, m.header.destination_prefix_length))
+                    r.dst = Some(((*d).into(), m.header.destination_prefix_length))
                 }
-                RouteAttribute::Gateway(RouteAddress::Inet(g)) => r.gateway = Some(*g),
+                RouteAttribute::Destination(RouteAddress::Inet6(d)) => {
+                    r.dst = Some(((*d).into(), m.header.destination_prefix_length))
+                }
+                RouteAttribute::Gateway(RouteAddress::Inet(g)) => r.gateway = Some((*g).into()),
+                RouteAttribute::Gateway(RouteAddress::Inet6(g)) => r.gateway = Some((*g).into()),
                 RouteAttribute::Oif(i) => r.oif = Some(*i),
                 _ => {}
             }
         }
         if r.dst.is_none() && m.header.destination_prefix_length == 0 {
-            r.dst = Some((Ipv4Addr::UNSPECIFIED, 0));
+            let any: IpAddr = if m.header.address_family == AddressFamily::Inet6 {
+                Ipv6Addr::UNSPECIFIED.into()
+            } else {
+                Ipv4Addr::UNSPECIFIED.into()
+            };
+            r.dst = Some((any, 0));
         }
         r
     }
@@ -320,21 +351,57 @@ pub fn mac_string(mac: &[u8]) -> String {
         .join(":")
 }
 
-/// Route to `ip/32` out of `index`, scope link, in `table`.
-pub fn host_route(ip: Ipv4Addr, index: u32, table: u32) -> RouteMessage {
-    RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(ip, 32)
-        .output_interface(index)
-        .scope(RouteScope::Link)
-        .table_id(table)
-        .build()
+/// Route to `ip` (a host prefix) out of `index`, scope link, in `table`.
+pub fn host_route(ip: IpAddr, index: u32, table: u32) -> RouteMessage {
+    match ip {
+        IpAddr::V4(v4) => RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(v4, 32)
+            .output_interface(index)
+            .scope(RouteScope::Link)
+            .table_id(table)
+            .build(),
+        IpAddr::V6(v6) => RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(v6, 128)
+            .output_interface(index)
+            .scope(RouteScope::Link)
+            .table_id(table)
+            .build(),
+    }
 }
 
-pub fn gateway_route(gw: Ipv4Addr, index: u32) -> RouteMessage {
-    RouteMessageBuilder::<Ipv4Addr>::new()
-        .gateway(gw)
-        .output_interface(index)
-        .build()
+/// The default route of `gw`'s family through `gw` on `index`.
+pub fn gateway_route(gw: IpAddr, index: u32) -> RouteMessage {
+    match gw {
+        IpAddr::V4(v4) => RouteMessageBuilder::<Ipv4Addr>::new()
+            .gateway(v4)
+            .output_interface(index)
+            .build(),
+        IpAddr::V6(v6) => RouteMessageBuilder::<Ipv6Addr>::new()
+            .gateway(v6)
+            .output_interface(index)
+            .build(),
+    }
+}
+
+/// Write `/proc/sys/<path>` values inside the namespace `ns` (the files show the namespace of
+/// the thread that opens them), on a throwaway thread as `Netlink::in_netns` does.
+pub async fn sysctls_in_netns(ns: &File, writes: Vec<(String, &'static str)>) -> io::Result<()> {
+    let ns = ns.try_clone()?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let done = nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(io::Error::from)
+            .and_then(|()| {
+                for (path, value) in &writes {
+                    std::fs::write(format!("/proc/sys/{path}"), value)
+                        .map_err(|e| io::Error::new(e.kind(), format!("/proc/sys/{path}: {e}")))?;
+                }
+                Ok(())
+            });
+        let _ = tx.send(done);
+    });
+    rx.await
+        .map_err(|_| io::Error::other("netns thread ended without an answer"))?
 }
 
 #[cfg(test)]

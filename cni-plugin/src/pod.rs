@@ -5,9 +5,13 @@
 //! never ARPs for it. Host side: `<ip>/32 dev <veth> scope link` in main, `to <ip> lookup main`
 //! at 512 and, for an address on a secondary ENI, `from <ip> lookup <ENI table>` at 1536 so
 //! its replies leave by the ENI that owns the address.
+//!
+//! An IPv6 pod is wired the same way with upstream's IPv6 values: `<ip>/128` (no DAD),
+//! `fe80::1` as the gateway with the host veth's MAC, `<ip>/128` routed to the host veth, and
+//! on the host veth upstream's sysctls (no router advertisements, redirects accepted).
 
 use std::fs::File;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use netlink_packet_route::neighbour::NeighbourState;
 use netlink_packet_route::route::RouteScope;
@@ -19,7 +23,7 @@ use crate::netlink::{
     errno, gateway_route, host_route, link_alias, link_is_up, link_mac, mac_string, Netlink, Rule,
     MAIN_TABLE,
 };
-use crate::result::GATEWAY;
+use crate::result::gateway;
 
 pub use cni_common::netlink::{FROM_POD_RULE_PRIORITY, TO_POD_RULE_PRIORITY};
 
@@ -30,7 +34,7 @@ pub struct PodNet {
     pub owner: String,
     pub ifname: String,
     pub mtu: u32,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     /// Table of the owning ENI; `MAIN_TABLE` for the primary ENI.
     pub route_table: u32,
 }
@@ -94,6 +98,9 @@ pub async fn setup(host: &Netlink, pod: &Netlink, ns: &File, p: &PodNet) -> Resu
         host.set_up_with_alias(hidx, &p.owner)
             .await
             .map_err(|e| netlink("set host veth up", e))?;
+        if p.ip.is_ipv6() {
+            host_veth_ipv6_sysctls(&p.host_veth)?;
+        }
         host.replace_route(host_route(p.ip, hidx, MAIN_TABLE))
             .await
             .map_err(|e| netlink(&format!("add host route to {}", p.ip), e))?;
@@ -107,22 +114,36 @@ pub async fn setup(host: &Netlink, pod: &Netlink, ns: &File, p: &PodNet) -> Resu
         }
         Ok::<(), CniError>(())
     };
+    let gw = gateway(p.ip);
+    let len = cni_common::netlink::host_len(p.ip);
     let pod_side = async {
+        if p.ip.is_ipv6() {
+            // As upstream: a runtime may create namespaces with IPv6 off.
+            crate::netlink::sysctls_in_netns(
+                ns,
+                vec![
+                    (format!("net/ipv6/conf/{}/disable_ipv6", p.ifname), "0"),
+                    ("net/ipv6/conf/lo/disable_ipv6".to_string(), "0"),
+                ],
+            )
+            .await
+            .map_err(|e| CniError::new(Code::Io, format!("enable IPv6 in the pod: {e}")))?;
+        }
         pod.set_up(pidx)
             .await
             .map_err(|e| netlink("set pod interface up", e))?;
-        pod.add_addr(pidx, p.ip, 32)
+        pod.add_addr(pidx, p.ip, len)
             .await
-            .map_err(|e| netlink(&format!("add {}/32 to pod", p.ip), e))?;
-        pod.replace_route(host_route(GATEWAY, pidx, MAIN_TABLE))
+            .map_err(|e| netlink(&format!("add {}/{len} to pod", p.ip), e))?;
+        pod.replace_route(host_route(gw, pidx, MAIN_TABLE))
             .await
-            .map_err(|e| netlink("add pod route to 169.254.1.1", e))?;
-        pod.replace_route(gateway_route(GATEWAY, pidx))
+            .map_err(|e| netlink(&format!("add pod route to {gw}"), e))?;
+        pod.replace_route(gateway_route(gw, pidx))
             .await
             .map_err(|e| netlink("add pod default route", e))?;
-        pod.replace_neighbour(pidx, GATEWAY, &host_mac)
+        pod.replace_neighbour(pidx, gw, &host_mac)
             .await
-            .map_err(|e| netlink("add pod neighbour for 169.254.1.1", e))?;
+            .map_err(|e| netlink(&format!("add pod neighbour for {gw}"), e))?;
         Ok::<(), CniError>(())
     };
     let (h, q) = tokio::join!(host_side, pod_side);
@@ -133,6 +154,25 @@ pub async fn setup(host: &Netlink, pod: &Netlink, ns: &File, p: &PodNet) -> Resu
         host_mac: mac_string(&host_mac),
         pod_mac: mac_string(&link_mac(&plink)),
     })
+}
+
+/// Upstream's host veth settings for an IPv6 pod: the veth takes no router advertisements
+/// (the pod is not a router), accepts redirects, and does not act as a router itself.
+fn host_veth_ipv6_sysctls(veth: &str) -> Result<()> {
+    for (key, value) in [
+        ("accept_ra", "0"),
+        ("accept_redirects", "1"),
+        ("forwarding", "0"),
+    ] {
+        let path = format!("/proc/sys/net/ipv6/conf/{veth}/{key}");
+        match std::fs::write(&path, value) {
+            Ok(()) => {}
+            // A kernel without IPv6 has no such files; nothing to set.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(CniError::new(Code::Io, format!("write {path}: {e}"))),
+        }
+    }
+    Ok(())
 }
 
 async fn remove_stale(host: &Netlink, pod: &Netlink, p: &PodNet) -> Result<()> {
@@ -174,7 +214,7 @@ pub fn owner(container_id: &str, ifname: &str) -> String {
 pub async fn teardown(
     host: &Netlink,
     host_veth: Option<&str>,
-    ip: Option<Ipv4Addr>,
+    ip: Option<IpAddr>,
     owner: &str,
     retire: bool,
 ) -> Result<()> {
@@ -200,9 +240,12 @@ pub async fn teardown(
     // Whether another pod's route now points at this address. Unknown (the dump failed) is
     // treated as "taken": removing another pod's rules would cut it off.
     let taken_by_other = match ip {
-        Some(ip) => match host.routes_v4().await {
+        Some(ip) => match host.routes_like(ip).await {
             Ok(routes) => routes.iter().any(|r| {
-                r.table == MAIN_TABLE && r.dst == Some((ip, 32)) && r.oif.is_some() && r.oif != ours
+                r.table == MAIN_TABLE
+                    && r.dst == Some((ip, cni_common::netlink::host_len(ip)))
+                    && r.oif.is_some()
+                    && r.oif != ours
             }),
             Err(e) => {
                 failed.push(netlink("list routes", e).msg);
@@ -237,12 +280,13 @@ pub async fn teardown(
         if taken_by_other {
             tracing::info!(%ip, "address routed to another pod (or routes unreadable); keeping its rules");
         } else {
-            match host.rules_v4().await {
+            match host.rules_like(ip).await {
                 Err(e) => failed.push(netlink("list rules", e).msg),
                 Ok(rules) => {
+                    let host_ip = Some((ip, cni_common::netlink::host_len(ip)));
                     for r in rules {
-                        let mine = (r.priority == TO_POD_RULE_PRIORITY && r.dst == Some((ip, 32)))
-                            || (r.priority == FROM_POD_RULE_PRIORITY && r.src == Some((ip, 32)));
+                        let mine = (r.priority == TO_POD_RULE_PRIORITY && r.dst == host_ip)
+                            || (r.priority == FROM_POD_RULE_PRIORITY && r.src == host_ip);
                         if mine {
                             if let Err(e) = host.del_rule(&r).await {
                                 failed.push(
@@ -295,71 +339,78 @@ pub async fn check(host: &Netlink, pod: &Netlink, p: &PodNet) -> Result<()> {
     }
     let (hidx, pidx) = (hlink.header.index, plink.header.index);
 
+    let len = cni_common::netlink::host_len(p.ip);
+    let gw = gateway(p.ip);
     let addrs = pod
-        .addrs_v4(pidx)
+        .addrs(pidx)
         .await
         .map_err(|e| netlink("list pod addresses", e))?;
-    if !addrs.contains(&(p.ip, 32)) {
+    if !addrs.contains(&(p.ip, len)) {
         return Err(check_failed(format!(
-            "pod address {}/32 is missing on {}",
+            "pod address {}/{len} is missing on {}",
             p.ip, p.ifname
         )));
     }
     let proutes = pod
-        .routes_v4()
+        .routes_like(p.ip)
         .await
         .map_err(|e| netlink("list pod routes", e))?;
-    let has_gw_link = proutes.iter().any(|r| {
-        r.dst == Some((GATEWAY, 32)) && r.oif == Some(pidx) && r.scope == RouteScope::Link
-    });
+    let has_gw_link = proutes
+        .iter()
+        .any(|r| r.dst == Some((gw, len)) && r.oif == Some(pidx) && r.scope == RouteScope::Link);
     if !has_gw_link {
-        return Err(check_failed(
-            "pod route 169.254.1.1/32 scope link is missing".into(),
-        ));
+        return Err(check_failed(format!(
+            "pod route {gw}/{len} scope link is missing"
+        )));
     }
+    let any: IpAddr = if p.ip.is_ipv6() {
+        Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        Ipv4Addr::UNSPECIFIED.into()
+    };
     let has_default = proutes.iter().any(|r| {
         r.table == MAIN_TABLE
-            && r.dst == Some((Ipv4Addr::UNSPECIFIED, 0))
-            && r.gateway == Some(GATEWAY)
+            && r.dst == Some((any, 0))
+            && r.gateway == Some(gw)
             && r.oif == Some(pidx)
     });
     if !has_default {
-        return Err(check_failed(
-            "pod default route via 169.254.1.1 is missing".into(),
-        ));
+        return Err(check_failed(format!(
+            "pod default route via {gw} is missing"
+        )));
     }
     let host_mac = link_mac(&hlink);
     match pod
-        .neighbour(pidx, GATEWAY)
+        .neighbour(pidx, gw)
         .await
         .map_err(|e| netlink("list pod neighbours", e))?
     {
         Some((state, mac)) if state == NeighbourState::Permanent && mac == host_mac => {}
         Some((state, mac)) => {
             return Err(check_failed(format!(
-                "pod neighbour 169.254.1.1 is {state:?} {} instead of permanent {}",
+                "pod neighbour {gw} is {state:?} {} instead of permanent {}",
                 mac_string(&mac),
                 mac_string(&host_mac)
             )))
         }
-        None => return Err(check_failed("pod neighbour 169.254.1.1 is missing".into())),
+        None => return Err(check_failed(format!("pod neighbour {gw} is missing"))),
     }
 
     let hroutes = host
-        .routes_v4()
+        .routes_like(p.ip)
         .await
         .map_err(|e| netlink("list host routes", e))?;
     if !hroutes
         .iter()
-        .any(|r| r.table == MAIN_TABLE && r.dst == Some((p.ip, 32)) && r.oif == Some(hidx))
+        .any(|r| r.table == MAIN_TABLE && r.dst == Some((p.ip, len)) && r.oif == Some(hidx))
     {
         return Err(check_failed(format!(
-            "host route {}/32 dev {} is missing",
+            "host route {}/{len} dev {} is missing",
             p.ip, p.host_veth
         )));
     }
     let rules = host
-        .rules_v4()
+        .rules_like(p.ip)
         .await
         .map_err(|e| netlink("list host rules", e))?;
     if !rules.contains(&p.rule_to_pod()) {

@@ -1,14 +1,24 @@
 //! The ADD result, rendered in the version the config asks for, and read back from
 //! `prevResult` for CHECK and DEL.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde_json::{json, Value};
 
 use crate::version::Version;
 
-/// Gateway every pod routes through; the host answers for it with the veth MAC.
+/// Gateway every IPv4 pod routes through; the host answers for it with the veth MAC.
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// An IPv6 pod's gateway (upstream's), answered the same way.
+pub const GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+
+/// The gateway of a pod holding `ip`.
+pub fn gateway(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => GATEWAY.into(),
+        IpAddr::V6(_) => GATEWAY_V6.into(),
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AddResult {
@@ -17,19 +27,24 @@ pub struct AddResult {
     pub ifname: String,
     pub pod_mac: String,
     pub sandbox: String,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
 }
 
 impl AddResult {
     /// Interfaces: 0 the host veth, 1 the pod's interface (the one the IP lives on).
     pub fn render(&self, cni_version: &str, v: Version) -> Value {
+        let gw = gateway(self.ip);
+        let (len, family, any) = match self.ip {
+            IpAddr::V4(_) => (32, "4", "0.0.0.0/0"),
+            IpAddr::V6(_) => (128, "6", "::/0"),
+        };
         let mut ip = json!({
-            "address": format!("{}/32", self.ip),
-            "gateway": GATEWAY.to_string(),
+            "address": format!("{}/{len}", self.ip),
+            "gateway": gw.to_string(),
             "interface": 1,
         });
         if v.is_legacy() {
-            ip["version"] = json!("4");
+            ip["version"] = json!(family);
         }
         json!({
             "cniVersion": cni_version,
@@ -38,7 +53,7 @@ impl AddResult {
                 { "name": self.ifname, "mac": self.pod_mac, "sandbox": self.sandbox },
             ],
             "ips": [ip],
-            "routes": [ { "dst": "0.0.0.0/0", "gw": GATEWAY.to_string() } ],
+            "routes": [ { "dst": any, "gw": gw.to_string() } ],
             "dns": {},
         })
     }
@@ -47,13 +62,13 @@ impl AddResult {
 /// What CHECK needs from `prevResult`: the pod address and the interface names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrevResult {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub host_veth: Option<String>,
     pub pod_ifname: Option<String>,
 }
 
 impl PrevResult {
-    /// Finds our IPv4 entry; other plugins in the chain may have added interfaces after ours.
+    /// Finds our address entry (either family); other plugins in the chain may have added interfaces after ours.
     pub fn from_value(v: &Value) -> Option<PrevResult> {
         let ips = v.get("ips")?.as_array()?;
         let ifaces = v
@@ -64,7 +79,7 @@ impl PrevResult {
         for entry in ips {
             let addr = entry.get("address")?.as_str()?;
             let ip_str = addr.split('/').next()?;
-            let Ok(ip) = ip_str.parse::<Ipv4Addr>() else {
+            let Ok(ip) = ip_str.parse::<IpAddr>() else {
                 continue;
             };
             let pod_ifname = entry
@@ -101,8 +116,21 @@ mod tests {
             ifname: "eth0".into(),
             pod_mac: "aa:bb:cc:dd:ee:02".into(),
             sandbox: "/var/run/netns/p".into(),
-            ip: Ipv4Addr::new(10, 0, 1, 5),
+            ip: Ipv4Addr::new(10, 0, 1, 5).into(),
         }
+    }
+
+    #[test]
+    fn renders_ipv6_as_upstream() {
+        let mut r = sample();
+        r.ip = "2600:1f14::1:0:0:5".parse().unwrap();
+        let v = r.render("0.4.0", Version::parse("0.4.0").unwrap());
+        assert_eq!(v["ips"][0]["address"], "2600:1f14::1:0:0:5/128");
+        assert_eq!(v["ips"][0]["version"], "6");
+        assert_eq!(v["ips"][0]["gateway"], "fe80::1");
+        assert_eq!(v["routes"][0]["dst"], "::/0");
+        let back = PrevResult::from_value(&v).unwrap();
+        assert_eq!(back.ip, r.ip);
     }
 
     #[test]

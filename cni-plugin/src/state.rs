@@ -114,7 +114,7 @@ mod tests {
             container_id: cid.into(),
             ifname: "eth0".into(),
             host_veth: "eni0".into(),
-            ip: Ipv4Addr::new(10, 0, 0, 9),
+            ip: Ipv4Addr::new(10, 0, 0, 9).into(),
             route_table: 2,
             device_number: 1,
             netns: "/var/run/netns/x".into(),

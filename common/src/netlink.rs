@@ -2,7 +2,7 @@
 //! priorities and route tables (upstream's values, so a node switched from upstream keeps its
 //! layout), and the rule add/delete/list calls over rtnetlink.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use futures::TryStreamExt;
 use netlink_packet_route::address::AddressMessage;
@@ -36,26 +36,40 @@ pub fn route_table_for_device(device_number: u32) -> u32 {
     }
 }
 
-/// An IPv4 `lookup <table>` policy rule.
+/// A `lookup <table>` policy rule of either family: IPv6 when its source or destination is
+/// (a rule with neither, such as the fwmark one, is IPv4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Rule {
     pub priority: u32,
     pub table: u32,
-    pub dst: Option<(Ipv4Addr, u8)>,
-    pub src: Option<(Ipv4Addr, u8)>,
+    pub dst: Option<(IpAddr, u8)>,
+    pub src: Option<(IpAddr, u8)>,
     pub fwmark: Option<(u32, u32)>,
 }
 
+/// The host prefix length of `ip`'s family: 32 or 128.
+pub fn host_len(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() {
+        32
+    } else {
+        128
+    }
+}
+
 impl Rule {
-    /// `to <ip>/32` or `from <ip>/32` at `priority`.
-    pub fn host(priority: u32, table: u32, dst: Option<Ipv4Addr>, src: Option<Ipv4Addr>) -> Rule {
+    /// `to <ip>` or `from <ip>` (a host prefix) at `priority`.
+    pub fn host(priority: u32, table: u32, dst: Option<IpAddr>, src: Option<IpAddr>) -> Rule {
         Rule {
             priority,
             table,
-            dst: dst.map(|d| (d, 32)),
-            src: src.map(|s| (s, 32)),
+            dst: dst.map(|d| (d, host_len(d))),
+            src: src.map(|s| (s, host_len(s))),
             fwmark: None,
         }
+    }
+
+    pub fn is_v6(&self) -> bool {
+        self.dst.or(self.src).is_some_and(|(ip, _)| ip.is_ipv6())
     }
 
     fn from_msg(m: &RuleMessage) -> Rule {
@@ -71,8 +85,8 @@ impl Rule {
             match a {
                 RuleAttribute::Priority(p) => r.priority = *p,
                 RuleAttribute::Table(t) => r.table = *t,
-                RuleAttribute::Source(IpAddr::V4(s)) => r.src = Some((*s, m.header.src_len)),
-                RuleAttribute::Destination(IpAddr::V4(d)) => r.dst = Some((*d, m.header.dst_len)),
+                RuleAttribute::Source(s) => r.src = Some((*s, m.header.src_len)),
+                RuleAttribute::Destination(d) => r.dst = Some((*d, m.header.dst_len)),
                 RuleAttribute::FwMark(v) => mark = Some(*v),
                 RuleAttribute::FwMask(v) => mask = Some(*v),
                 _ => {}
@@ -124,9 +138,14 @@ pub fn errno(e: &rtnetlink::Error) -> Option<i32> {
 
 /// Every IPv4 policy rule.
 pub async fn rules_v4(handle: &Handle) -> Result<Vec<Rule>, rtnetlink::Error> {
+    rules(handle, false).await
+}
+
+/// Every policy rule of one family (`v6`: IPv6).
+pub async fn rules(handle: &Handle, v6: bool) -> Result<Vec<Rule>, rtnetlink::Error> {
     let msgs: Vec<RuleMessage> = handle
         .rule()
-        .get(IpVersion::V4)
+        .get(if v6 { IpVersion::V6 } else { IpVersion::V4 })
         .execute()
         .try_collect()
         .await?;
@@ -140,15 +159,22 @@ pub async fn add_rule(handle: &Handle, r: &Rule) -> Result<(), rtnetlink::Error>
     let mut req = handle
         .rule()
         .add()
-        .v4()
         .action(RuleAction::ToTable)
         .table_id(r.table)
         .priority(r.priority);
+    let m = req.message_mut();
+    m.header.family = if r.is_v6() {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
+    };
     if let Some((ip, len)) = r.dst {
-        req = req.destination_prefix(ip, len);
+        m.header.dst_len = len;
+        m.attributes.push(RuleAttribute::Destination(ip));
     }
     if let Some((ip, len)) = r.src {
-        req = req.source_prefix(ip, len);
+        m.header.src_len = len;
+        m.attributes.push(RuleAttribute::Source(ip));
     }
     if let Some((mark, mask)) = r.fwmark {
         req.message_mut()
@@ -167,18 +193,21 @@ pub async fn add_rule(handle: &Handle, r: &Rule) -> Result<(), rtnetlink::Error>
 /// Delete a rule; one already gone is fine.
 pub async fn del_rule(handle: &Handle, r: &Rule) -> Result<(), rtnetlink::Error> {
     let mut msg = RuleMessage::default();
-    msg.header.family = AddressFamily::Inet;
+    msg.header.family = if r.is_v6() {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
+    };
     msg.header.action = RuleAction::ToTable;
     msg.attributes.push(RuleAttribute::Priority(r.priority));
     msg.attributes.push(RuleAttribute::Table(r.table));
     if let Some((ip, len)) = r.dst {
         msg.header.dst_len = len;
-        msg.attributes
-            .push(RuleAttribute::Destination(IpAddr::V4(ip)));
+        msg.attributes.push(RuleAttribute::Destination(ip));
     }
     if let Some((ip, len)) = r.src {
         msg.header.src_len = len;
-        msg.attributes.push(RuleAttribute::Source(IpAddr::V4(ip)));
+        msg.attributes.push(RuleAttribute::Source(ip));
     }
     if let Some((mark, mask)) = r.fwmark {
         msg.attributes.push(RuleAttribute::FwMark(mark));

@@ -7,7 +7,7 @@
 //! `<root>/.locks/<network>+<containerID>+<ifname>.lock`. `+` cannot occur in a network
 //! name or container id (CNI's character rules), so names never collide.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -24,7 +24,7 @@ pub struct SandboxState {
     pub container_id: String,
     pub ifname: String,
     pub host_veth: String,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     /// Route table of the ENI the IP lives on; 254 (main) for the primary ENI.
     pub route_table: u32,
     pub device_number: i32,
@@ -43,7 +43,7 @@ pub struct ReleaseRecord {
     pub if_name: String,
     /// The address the plugin believed the pod had; ipamd releases by key and only logs it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ip: Option<Ipv4Addr>,
+    pub ip: Option<IpAddr>,
     /// Unix nanoseconds.
     pub recorded_at: i64,
 }

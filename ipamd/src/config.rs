@@ -58,6 +58,12 @@ pub struct Config {
     pub external_snat: bool,
     pub max_eni: Option<u32>,
     pub prefix_delegation: bool,
+    /// ENABLE_IPv6 (false): pods get IPv6 addresses from one /80 on the primary ENI.
+    pub ipv6: bool,
+    /// ENABLE_V6_EGRESS (false): IPv4 pods reach IPv6 through egress-cni (IPv4 clusters).
+    pub v6_egress: bool,
+    /// ENABLE_V4_EGRESS (true): IPv6 pods reach IPv4 through egress-cni (IPv6 clusters).
+    pub v4_egress: bool,
     /// Standalone mode: the node's ENIs come from this JSON file instead of IMDS/EC2.
     pub node_file: Option<PathBuf>,
     pub log_file: String,
@@ -446,10 +452,7 @@ fn eni_tags(env: &Env) -> Result<BTreeMap<String, String>, ConfigError> {
 /// (`ENABLE_IPv4=true`, `ENABLE_IPv6=false`, ...) are accepted, so they can be kept.
 fn refuse_unsupported(env: &Env) -> Result<(), ConfigError> {
     // (variable, upstream's default, what setting it to the other value asks for)
-    const MODES: [(&str, bool, &str); 5] = [
-        ("ENABLE_IPv6", false, "IPv6 pod addressing is not supported by this ipamd yet; unset it or set it to false"),
-        ("ENABLE_IPv4", true, "this ipamd serves IPv4 pods only; unset it or set it to true"),
-        ("ENABLE_V6_EGRESS", false, "IPv6 egress for IPv4 pods (upstream's egress-cni) is not supported; unset it or set it to false"),
+    const MODES: [(&str, bool, &str); 2] = [
         ("ENABLE_POD_ENI", false, "security groups for pods (trunk and branch ENIs) are not supported; unset it or set it to false"),
         ("ENABLE_MULTI_NIC", false, "pods on network cards other than the first are not supported; unset it or set it to false"),
     ];
@@ -463,9 +466,43 @@ fn refuse_unsupported(env: &Env) -> Result<(), ConfigError> {
             });
         }
     }
-    // Only meaningful in IPv6 clusters, which are refused above; still a boolean.
-    bool_var(env, "ENABLE_V4_EGRESS", true)?;
     Ok(())
+}
+
+/// The address family of the node's pods: exactly one of ENABLE_IPv4 and ENABLE_IPv6, and
+/// IPv6 only with prefix delegation and without custom networking, as upstream requires.
+/// Returns whether pods get IPv6.
+fn pod_family(env: &Env, prefix_delegation: bool, custom: bool) -> Result<bool, ConfigError> {
+    let v4 = bool_var(env, "ENABLE_IPv4", true)?;
+    let v6 = bool_var(env, "ENABLE_IPv6", false)?;
+    let refuse = |var: &'static str, value: bool, why: &str| ConfigError {
+        var,
+        value: value.to_string(),
+        why: why.to_string(),
+    };
+    match (v4, v6) {
+        (true, true) => Err(refuse(
+            "ENABLE_IPv6",
+            true,
+            "with ENABLE_IPv4=true too: pods get one family (no AWS VPC CNI offers dual-stack pods); an IPv6 cluster sets ENABLE_IPv4=false",
+        )),
+        (false, false) => Err(refuse(
+            "ENABLE_IPv4",
+            false,
+            "with ENABLE_IPv6 false too: one of them must be true",
+        )),
+        (false, true) if !prefix_delegation => Err(refuse(
+            "ENABLE_PREFIX_DELEGATION",
+            false,
+            "ENABLE_IPv6=true needs prefix delegation (pods get addresses from an IPv6 /80): set it to true",
+        )),
+        (false, true) if custom => Err(refuse(
+            "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG",
+            true,
+            "custom networking is not supported with ENABLE_IPv6=true (upstream neither): set it to false",
+        )),
+        _ => Ok(v6),
+    }
 }
 
 /// `NETWORK_POLICY_ENFORCING_MODE`: upstream's three values in any case, kept as given; an
@@ -596,12 +633,23 @@ impl Config {
             });
         }
         let prefix_delegation = bool_var(env, "ENABLE_PREFIX_DELEGATION", false)?;
+        let ipv6 = pod_family(
+            env,
+            prefix_delegation,
+            bool_var(env, "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", false)?,
+        )?;
         let warm_ip = lenient_count(env, "WARM_IP_TARGET", None).filter(|n| *n > 0);
         let minimum_ip = lenient_count(env, "MINIMUM_IP_TARGET", None).filter(|n| *n > 0);
         // Upstream's code default is 0 (its manifests set 1): prefix delegation with no
         // target set at all is refused below, as upstream's entrypoint does.
         let warm_prefix = lenient_count(env, "WARM_PREFIX_TARGET", Some(0)).unwrap_or(0);
-        if prefix_delegation && warm_prefix == 0 && warm_ip.is_none() && minimum_ip.is_none() {
+        // IPv6 keeps no warm pool: upstream ignores the targets there.
+        if prefix_delegation
+            && !ipv6
+            && warm_prefix == 0
+            && warm_ip.is_none()
+            && minimum_ip.is_none()
+        {
             return Err(ConfigError {
                 var: "WARM_PREFIX_TARGET",
                 value: "0".into(),
@@ -710,6 +758,9 @@ impl Config {
             external_snat,
             max_eni,
             prefix_delegation,
+            ipv6,
+            v6_egress: bool_var(env, "ENABLE_V6_EGRESS", false)?,
+            v4_egress: bool_var(env, "ENABLE_V4_EGRESS", true)?,
             node_file: env
                 .var("IPAMD_NODE_FILE")
                 .filter(|s| !s.is_empty())
@@ -1050,7 +1101,6 @@ mod tests {
         for (var, val) in [
             ("ENABLE_IPv6", "true"),
             ("ENABLE_IPv4", "false"),
-            ("ENABLE_V6_EGRESS", "true"),
             ("ENABLE_POD_ENI", "true"),
             ("ENABLE_MULTI_NIC", "true"),
             ("NETWORK_POLICY_ENFORCING_MODE", "audit"),
@@ -1062,6 +1112,28 @@ mod tests {
                 "{val}"
             );
         }
+        // The family: one of the two, IPv6 only with prefix delegation, as upstream.
+        let v6 = [("ENABLE_IPv4", "false"), ("ENABLE_IPv6", "true")];
+        assert_eq!(
+            Config::from_env(&with(&v6)).unwrap_err().var,
+            "ENABLE_PREFIX_DELEGATION"
+        );
+        let pd = [v6[0], v6[1], ("ENABLE_PREFIX_DELEGATION", "true")];
+        let c = Config::from_env(&with(&pd)).unwrap();
+        assert!(c.ipv6 && c.v4_egress && !c.v6_egress);
+        let custom = [
+            pd[0],
+            pd[1],
+            pd[2],
+            ("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", "true"),
+            ("MY_NODE_NAME", "n"),
+        ];
+        assert_eq!(
+            Config::from_env(&with(&custom)).unwrap_err().var,
+            "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG"
+        );
+        let c = Config::from_env(&with(&[("ENABLE_V6_EGRESS", "true")])).unwrap();
+        assert!(!c.ipv6 && c.v6_egress);
         // ... while upstream's manifest values are accepted as they are.
         let c = Config::from_env(&with(&[
             ("ENABLE_IPv4", "true"),

@@ -54,7 +54,7 @@ pub fn restore(ds: &mut Datastore, loaded: &checkpoint::Loaded, now: SystemTime)
         }
     }
     for c in &loaded.cooldowns {
-        let Ok(ip) = c.ipv4.parse::<Ipv4Addr>() else {
+        let Some(ip) = c.address() else {
             continue;
         };
         let at = checkpoint::from_nanos(c.released_at);
@@ -213,8 +213,8 @@ pub async fn recover(cfg: &Config) -> anyhow::Result<String> {
             network_name: st.network_name,
             container_id: st.container_id,
             if_name: st.ifname,
-            ipv4: st.ip.to_string(),
-            ipv6: String::new(),
+            ipv4: checkpoint::address_fields(st.ip).0,
+            ipv6: checkpoint::address_fields(st.ip).1,
             allocation_timestamp: now,
             metadata: checkpoint::Metadata {
                 k8s_pod_namespace: st.pod_namespace,
@@ -238,13 +238,13 @@ pub async fn recover(cfg: &Config) -> anyhow::Result<String> {
             network_name: "aws-cni".into(),
             container_id: format!("recovered-{ip}"),
             if_name: "eth0".into(),
-            ipv4: ip.to_string(),
-            ipv6: String::new(),
+            ipv4: checkpoint::address_fields(*ip).0,
+            ipv6: checkpoint::address_fields(*ip).1,
             allocation_timestamp: now,
             metadata: checkpoint::Metadata::default(),
         });
     }
-    entries.sort_by(|a, b| a.ipv4.cmp(&b.ipv4));
+    entries.sort_by(|a, b| (&a.ipv4, &a.ipv6).cmp(&(&b.ipv4, &b.ipv6)));
     let path = &cfg.backing_store;
     if path.exists() {
         let kept = std::path::PathBuf::from(format!(
@@ -274,10 +274,59 @@ pub async fn recover(cfg: &Config) -> anyhow::Result<String> {
 pub struct CloudSetup {
     pub primary_mac: String,
     pub primary_ip: Ipv4Addr,
+    /// An IPv6 node's (ENABLE_IPv6) IPv6 side.
+    pub ipv6: Option<NodeIpv6>,
     pub ec2: Arc<Guarded<SdkEc2>>,
     pub imds: Arc<Imds>,
     pub node: CloudNode,
     pub az: String,
+}
+
+/// An IPv6 node: the primary ENI's address and its one /80, the VPC's IPv6 CIDRs.
+#[derive(Debug, Clone)]
+pub struct NodeIpv6 {
+    pub primary_ip: Option<std::net::Ipv6Addr>,
+    pub prefix: ipnet::Ipv6Net,
+    pub vpc_cidrs: Vec<ipnet::Ipv6Net>,
+}
+
+/// The primary ENI's IPv6 /80: the one EC2 lists, else one assigned now (with provisioning
+/// on), as upstream. More than one listed: the first serves, the others are left alone.
+async fn ipv6_prefix(
+    cfg: &Config,
+    ec2: &Guarded<SdkEc2>,
+    primary: &crate::cloud::EniInfo,
+) -> anyhow::Result<ipnet::Ipv6Net> {
+    if let Some(p) = primary.ipv6_prefixes.first() {
+        if primary.ipv6_prefixes.len() > 1 {
+            info!(eni = %primary.id, prefixes = ?primary.ipv6_prefixes, using = %p, "primary ENI has several IPv6 prefixes; pods get addresses from the first");
+        }
+        return Ok(*p);
+    }
+    if !cfg.provisioning {
+        bail!(
+            "the primary ENI {} has no IPv6 prefix and ipamd may not assign one (DISABLE_NETWORK_RESOURCE_PROVISIONING or ENABLE_IMDS_ONLY_MODE): assign an IPv6 /80 prefix to it",
+            primary.id
+        );
+    }
+    let got = patiently("AssignIpv6Addresses", || {
+        ec2.assign_ipv6_prefixes(&primary.id, 1)
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "assign an IPv6 /80 prefix to the primary ENI {} (its subnet needs an IPv6 CIDR)",
+            primary.id
+        )
+    })?;
+    let p = got.first().copied().with_context(|| {
+        format!(
+            "AssignIpv6Addresses on {} succeeded but returned no prefix",
+            primary.id
+        )
+    })?;
+    info!(eni = %primary.id, prefix = %p, "IPv6 prefix assigned to the primary ENI");
+    Ok(p)
 }
 
 /// How long start-up keeps retrying an EC2 call that is throttled or fails transiently. A fleet
@@ -421,6 +470,42 @@ async fn cloud_node(cfg: &Config) -> anyhow::Result<(NodeInfo, InstanceLimits, C
             meta.instance_id
         );
     };
+    let ipv6 = if cfg.ipv6 {
+        let primary_info = described
+            .iter()
+            .find(|i| {
+                i.attachment
+                    .as_ref()
+                    .is_some_and(|a| a.device_index == 0 && a.network_card == 0)
+            })
+            .context("EC2 lists no primary ENI")?;
+        let v6 = imds
+            .ipv6_of(&meta.primary_mac)
+            .await
+            .context("read the primary ENI's IPv6 keys from IMDS")?;
+        let mut primary_info = primary_info.clone();
+        if cfg.imds_only {
+            // No EC2 call in this mode: IMDS's view of the prefix is all there is.
+            primary_info.ipv6_prefixes = v6.prefixes.clone();
+        }
+        let prefix = ipv6_prefix(cfg, &ec2, &primary_info).await?;
+        // Upstream: in IPv6 only the primary ENI serves pods, from its one /80, and ipamd
+        // attaches no other ENI; the IPv4 addresses ENIs hold are not the pods'.
+        enis.retain(|e| e.primary);
+        for e in &mut enis {
+            e.ips.clear();
+            e.prefixes.clear();
+            e.ipv6_prefixes = vec![prefix];
+            e.primary_ipv6 = e.primary_ipv6.or(v6.addresses.first().copied());
+        }
+        Some(NodeIpv6 {
+            primary_ip: enis.first().and_then(|e| e.primary_ipv6),
+            prefix,
+            vpc_cidrs: v6.vpc_cidrs,
+        })
+    } else {
+        None
+    };
     let node = NodeInfo {
         instance_id: meta.instance_id.clone(),
         region: meta.region.clone(),
@@ -434,6 +519,7 @@ async fn cloud_node(cfg: &Config) -> anyhow::Result<(NodeInfo, InstanceLimits, C
         CloudSetup {
             primary_mac: meta.primary_mac.clone(),
             primary_ip,
+            ipv6,
             ec2,
             imds: Arc::new(imds),
             node: cloud,
@@ -443,6 +529,9 @@ async fn cloud_node(cfg: &Config) -> anyhow::Result<(NodeInfo, InstanceLimits, C
 }
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    if cfg.ipv6 && cfg.node_file.is_some() {
+        bail!("IPAMD_NODE_FILE describes IPv4 ENIs only: unset it or ENABLE_IPv6");
+    }
     let started = std::time::Instant::now();
     let init = crate::metrics::InProgress::start("nodeInit");
     let found = match &cfg.node_file {
@@ -470,7 +559,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         warn!(r#type = %node.instance_type, "prefix delegation needs a Nitro instance; using secondary IPs");
     }
     let custom = cfg.kube.custom_networking;
-    let max_pods = maxpods::node_max_pods(limits, cfg.max_eni, prefix_delegation, custom) as usize;
+    // IPv6: upstream's prefix-delegation figure (the /80 itself is never the limit).
+    let max_pods = if cfg.ipv6 {
+        maxpods::node_max_pods(limits, cfg.max_eni, true, false) as usize
+    } else {
+        maxpods::node_max_pods(limits, cfg.max_eni, prefix_delegation, custom) as usize
+    };
     // Every ENI the node may have: under custom networking the primary is one of them even
     // though it hosts no pods.
     let enis_allowed = maxpods::pod_enis(limits, cfg.max_eni, false);
@@ -512,14 +606,21 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let gen = ds.lock().await.generation();
     committer.commit(gen).await?;
 
-    let shared = Arc::new(Pool::new(
+    let node_ipv6 = cloud.as_ref().and_then(|c| c.ipv6.clone());
+    let mut pool = Pool::new(
         ds,
         committer,
         node.vpc_cidrs.clone(),
         cfg.external_snat,
         capacity,
-        cloud.is_some(),
-    ));
+        // IPv6 keeps no warm pool: nothing refills, an ADD never waits for a refill.
+        cloud.is_some() && !cfg.ipv6,
+    );
+    pool.vpc_v6_cidrs = node_ipv6
+        .as_ref()
+        .map(|v| v.vpc_cidrs.clone())
+        .unwrap_or_default();
+    let shared = Arc::new(pool);
     // Before the first request: releases DELs recorded while ipamd was away, and pods the host
     // shows no trace of.
     sweep_once(&shared, &links, &cfg, true).await;
@@ -619,9 +720,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("find the primary ENI's link (MAC {})", c.primary_mac))?,
         );
-        net.setup_host(&node.vpc_cidrs)
-            .await
-            .context("set up node networking (rules, SNAT)")?;
+        if cfg.ipv6 {
+            net.setup_host_ipv6()
+                .await
+                .context("set up node networking (IPv6 node)")?;
+        } else {
+            net.setup_host(&node.vpc_cidrs)
+                .await
+                .context("set up node networking (rules, SNAT)")?;
+            if cfg.v6_egress {
+                net.block_node_local(true)
+                    .await
+                    .context("block pods' node-local IPv6 egress addresses (ENABLE_V6_EGRESS)")?;
+            }
+        }
         let secondary: Vec<Eni> = shared
             .ds
             .lock()
@@ -691,7 +803,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         mgr.manage_cordoned = cfg.manage_enis_non_schedulable;
         mgr.manage_untagged = cfg.manage_untagged_enis || cfg.imds_only;
         mgr.imds_only = cfg.imds_only;
-        tasks.spawn("pool manager", mgr.run());
+        if let Some(v6) = &node_ipv6 {
+            // Upstream attaches no ENI and keeps no warm pool in IPv6: the /80 is the pool.
+            info!(prefix = %v6.prefix, "IPv6 pods: addresses from the primary ENI's prefix; no pool manager");
+        } else {
+            tasks.spawn("pool manager", mgr.run());
+        }
     }
 
     // On SIGTERM the server stops taking connections and finishes what is in flight; a client
@@ -710,6 +827,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .iter()
             .find(|e| e.primary)
             .map(|e| e.primary_ip.to_string())
+            .unwrap_or_default(),
+        node_ipv6: node_ipv6
+            .as_ref()
+            .and_then(|v| v.primary_ip)
+            .map(|ip| ip.to_string())
             .unwrap_or_default(),
         instance_id: node.instance_id.clone(),
         region: node.region.clone(),

@@ -30,6 +30,34 @@ pub struct EntryConfig {
     pub bandwidth: bool,
     /// DISABLE_POD_V6: `tuning` chained last, turning IPv6 off in the pod's namespace.
     pub disable_pod_v6: bool,
+    pub egress: Egress,
+}
+
+/// egress-cni's entry, as upstream's entrypoint fills it: an IPv6 node gives its pods IPv4
+/// egress (ENABLE_V4_EGRESS, on by default), an IPv4 node IPv6 egress (ENABLE_V6_EGRESS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Egress {
+    pub enabled: bool,
+    /// The egress addresses are IPv6 (an IPv4 node's pods reaching IPv6).
+    pub v6: bool,
+    /// The node's primary address of the egress family (from IMDS), the SNAT source.
+    pub node_ip: String,
+    pub log_file: String,
+}
+
+impl Egress {
+    /// (range, route destination, host-local data dir): upstream's values.
+    pub fn ipam(&self) -> (&'static str, &'static str, &'static str) {
+        if self.v6 {
+            ("fd00::ac:00/118", "::/0", "/run/cni/v4pd/egress-v6-ipam")
+        } else {
+            (
+                "169.254.172.0/22",
+                "0.0.0.0/0",
+                "/run/cni/v6pd/egress-v4-ipam",
+            )
+        }
+    }
 }
 
 fn err(var: &'static str, value: &str, why: &str) -> ConfigError {
@@ -78,6 +106,27 @@ impl EntryConfig {
         let randomize_snat = get("AWS_VPC_K8S_CNI_RANDOMIZESNAT", "prng");
         let bandwidth = crate::config::bool_var(&lenient, "ENABLE_BANDWIDTH_PLUGIN", false)?;
         let disable_pod_v6 = crate::config::bool_var(&lenient, "DISABLE_POD_V6", false)?;
+        let egress = if cfg.ipv6 {
+            Egress {
+                enabled: cfg.v4_egress,
+                v6: false,
+                node_ip: String::new(),
+                log_file: get(
+                    "AWS_VPC_K8S_EGRESS_V4_PLUGIN_LOG_FILE",
+                    "/var/log/aws-routed-eni/egress-v4-plugin.log",
+                ),
+            }
+        } else {
+            Egress {
+                enabled: cfg.v6_egress,
+                v6: true,
+                node_ip: String::new(),
+                log_file: get(
+                    "AWS_VPC_K8S_EGRESS_V6_PLUGIN_LOG_FILE",
+                    "/var/log/aws-routed-eni/egress-v6-plugin.log",
+                ),
+            }
+        };
         cfg.warnings.extend(lenient.warnings());
         Ok((
             EntryConfig {
@@ -94,6 +143,7 @@ impl EntryConfig {
                 randomize_snat,
                 bandwidth,
                 disable_pod_v6,
+                egress,
             },
             cfg,
         ))
@@ -113,23 +163,36 @@ impl EntryConfig {
 
     /// The same from `template` (upstream's chart can mount its own at /app/10-aws.conflist).
     pub fn render_conflist_from(&self, template: &str) -> anyhow::Result<String> {
+        let (subnet, dst, data_dir) = self.egress.ipam();
         let out = template
             .replace("__VETHPREFIX__", &self.veth_prefix)
             .replace("__MTU__", &self.pod_mtu.to_string())
             .replace("__PODSGENFORCINGMODE__", &self.sg_mode)
             .replace("__PLUGINLOGFILE__", &self.plugin_log_file)
             .replace("__PLUGINLOGLEVEL__", &self.plugin_log_level)
-            .replace("__RANDOMIZESNAT__", &self.randomize_snat);
+            .replace("__RANDOMIZESNAT__", &self.randomize_snat)
+            .replace("__EGRESSPLUGINENABLED__", &self.egress.enabled.to_string())
+            .replace("__EGRESSPLUGINIPAMSUBNET__", subnet)
+            .replace("__EGRESSPLUGINIPAMDST__", dst)
+            .replace("__EGRESSPLUGINIPAMDATADIR__", data_dir)
+            .replace("__EGRESSPLUGINLOGFILE__", &self.egress.log_file)
+            .replace("__NODEIP__", &self.egress.node_ip);
         let mut v: serde_json::Value =
             serde_json::from_str(&out).context("rendered conflist is not JSON")?;
-        if !self.bandwidth && !self.disable_pod_v6 {
+        let has_egress = out.contains("\"egress-cni\"");
+        if !self.bandwidth && !self.disable_pod_v6 && (self.egress.enabled || !has_egress) {
             return Ok(out);
         }
-        // Upstream's chaining: appended after portmap, bandwidth first.
         let plugins = v
             .get_mut("plugins")
             .and_then(|p| p.as_array_mut())
             .context("conflist template has no plugins list")?;
+        // Upstream chains egress-cni switched off ("enabled": "false"); left out instead, it
+        // costs no exec at every ADD and DEL and does the same (nothing).
+        if !self.egress.enabled {
+            plugins.retain(|p| p.get("type").and_then(|t| t.as_str()) != Some("egress-cni"));
+        }
+        // Upstream's chaining: appended after portmap, bandwidth first.
         if self.bandwidth {
             plugins.push(
                 serde_json::json!({"type": "bandwidth", "capabilities": {"bandwidth": true}}),
@@ -284,6 +347,41 @@ mod tests {
             v["plugins"][3]["sysctl"]["net.ipv6.conf.all.disable_ipv6"],
             "1"
         );
+    }
+
+    #[test]
+    fn egress_entry_as_upstream_fills_it() {
+        // IPv6 node: IPv4 egress on by default, upstream's range and data dir, SNAT to the
+        // node's IPv4.
+        let (mut e, _) = EntryConfig::from_env(&with(&[
+            ("ENABLE_IPv4", "false"),
+            ("ENABLE_IPv6", "true"),
+            ("ENABLE_PREFIX_DELEGATION", "true"),
+        ]))
+        .unwrap();
+        assert!(e.egress.enabled && !e.egress.v6);
+        e.egress.node_ip = "10.0.1.4".into();
+        let v: serde_json::Value = serde_json::from_str(&e.render_conflist().unwrap()).unwrap();
+        let p = &v["plugins"][1];
+        assert_eq!(p["type"], "egress-cni");
+        assert_eq!(p["enabled"], "true");
+        assert_eq!(p["nodeIP"], "10.0.1.4");
+        assert_eq!(p["ipam"]["ranges"][0][0]["subnet"], "169.254.172.0/22");
+        assert_eq!(p["ipam"]["dataDir"], "/run/cni/v6pd/egress-v4-ipam");
+        assert_eq!(
+            p["pluginLogFile"],
+            "/var/log/aws-routed-eni/egress-v4-plugin.log"
+        );
+        // IPv4 node with ENABLE_V6_EGRESS: the IPv6 range.
+        let (e, _) = EntryConfig::from_env(&with(&[("ENABLE_V6_EGRESS", "true")])).unwrap();
+        assert!(e.egress.enabled && e.egress.v6);
+        let v: serde_json::Value = serde_json::from_str(&e.render_conflist().unwrap()).unwrap();
+        assert_eq!(
+            v["plugins"][1]["ipam"]["ranges"][0][0]["subnet"],
+            "fd00::ac:00/118"
+        );
+        assert_eq!(v["plugins"][1]["ipam"]["routes"][0]["dst"], "::/0");
+        // Off (an IPv4 node's default): left out of the chain.
         let (plain, _) = EntryConfig::from_env(&with(&[])).unwrap();
         let v: serde_json::Value = serde_json::from_str(&plain.render_conflist().unwrap()).unwrap();
         assert_eq!(v["plugins"].as_array().unwrap().len(), 2);

@@ -22,6 +22,8 @@ pub struct PolicyConfig {
     /// `NETWORK_POLICY_ENFORCING_MODE` as given; empty: the plugin does not call the agent.
     pub mode: String,
     pub node_ipv4: String,
+    /// The primary ENI's IPv6 address (IPv6 nodes), for the network policy agent.
+    pub node_ipv6: String,
     pub instance_id: String,
     pub region: String,
 }
@@ -47,7 +49,7 @@ impl ConfigServerBackend for ConfigServer {
             // ENABLE_MULTI_NIC=true is refused at start.
             multi_nic_enabled: false,
             node_i_pv4: p.node_ipv4.clone(),
-            node_i_pv6: String::new(),
+            node_i_pv6: p.node_ipv6.clone(),
             instance_id: p.instance_id.clone(),
             region: p.region.clone(),
         }))
@@ -68,9 +70,10 @@ fn check_client(version: &str, rpc: &str) {
 }
 
 fn ip_msg(a: &crate::pool::datastore::Allocation) -> IpAllocationMetadata {
+    let (v4, v6) = crate::pool::checkpoint::address_fields(a.ip);
     IpAllocationMetadata {
-        i_pv4_addr: a.ip.to_string(),
-        i_pv6_addr: String::new(),
+        i_pv4_addr: v4,
+        i_pv6_addr: v6,
         device_number: a.device_number as i32,
         route_table_id: a.route_table as i32,
     }
@@ -181,6 +184,7 @@ impl CniBackend for Backend {
                 ip_allocation_metadata: vec![ip_msg(&alloc)],
                 use_external_snat: s.external_snat,
                 vp_cv4_cid_rs: s.vpc_cidrs().iter().map(|c| c.to_string()).collect(),
+                vp_cv6_cid_rs: s.vpc_v6_cidrs.iter().map(|c| c.to_string()).collect(),
                 network_policy_mode: self.policy_mode.clone(),
                 ..Default::default()
             }))

@@ -50,20 +50,31 @@ fn go_time(t: Option<SystemTime>) -> String {
 }
 
 /// Go's net.IPNet as JSON: IP as text, Mask as base64 of its bytes.
-fn ipnet(ip: std::net::Ipv4Addr, len: u32) -> Value {
-    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+fn ipnet(ip: std::net::IpAddr, len: u32) -> Value {
     use base64::Engine;
-    let s = base64::engine::general_purpose::STANDARD.encode(mask.to_be_bytes());
+    let mask: Vec<u8> = match ip {
+        std::net::IpAddr::V4(_) => u32::MAX
+            .checked_shl(32 - len)
+            .unwrap_or(0)
+            .to_be_bytes()
+            .to_vec(),
+        std::net::IpAddr::V6(_) => u128::MAX
+            .checked_shl(128 - len)
+            .unwrap_or(0)
+            .to_be_bytes()
+            .to_vec(),
+    };
+    let s = base64::engine::general_purpose::STANDARD.encode(mask);
     json!({"IP": ip.to_string(), "Mask": s})
 }
 
 /// Upstream's /v1/enis: per network card, ENIInfos with every address; ContainerID and IfName
 /// scrubbed (they are what a forged DelNetwork would need).
 pub fn enis_json(ds: &Datastore) -> Value {
-    let allocs: BTreeMap<std::net::Ipv4Addr, &crate::pool::datastore::Allocation> =
+    let allocs: BTreeMap<std::net::IpAddr, &crate::pool::datastore::Allocation> =
         ds.allocations().map(|a| (a.ip, a)).collect();
-    let cooling: BTreeMap<std::net::Ipv4Addr, SystemTime> = ds.cooldowns().collect();
-    let addr = |ip: std::net::Ipv4Addr| -> Value {
+    let cooling: BTreeMap<std::net::IpAddr, SystemTime> = ds.cooldowns().collect();
+    let addr = |ip: std::net::IpAddr| -> Value {
         let a = allocs.get(&ip);
         json!({
             "Address": ip.to_string(),
@@ -88,8 +99,8 @@ pub fn enis_json(ds: &Datastore) -> Value {
             cidrs.insert(
                 format!("{ip}/32"),
                 json!({
-                    "Cidr": ipnet(*ip, 32),
-                    "IPAddresses": {ip.to_string(): addr(*ip)},
+                    "Cidr": ipnet((*ip).into(), 32),
+                    "IPAddresses": {ip.to_string(): addr((*ip).into())},
                     "IsPrefix": false,
                     "AddressFamily": "4",
                 }),
@@ -98,11 +109,23 @@ pub fn enis_json(ds: &Datastore) -> Value {
         for p in &e.prefixes {
             let mut addrs = Map::new();
             for ip in p.addresses() {
-                addrs.insert(ip.to_string(), addr(ip));
+                addrs.insert(ip.to_string(), addr(ip.into()));
             }
             cidrs.insert(
                 format!("{}/28", p.0),
-                json!({"Cidr": ipnet(p.0, 28), "IPAddresses": addrs, "IsPrefix": true, "AddressFamily": "4"}),
+                json!({"Cidr": ipnet(p.0.into(), 28), "IPAddresses": addrs, "IsPrefix": true, "AddressFamily": "4"}),
+            );
+        }
+        // An /80's addresses are listed once handed out (assigned or cooling), as upstream's.
+        let mut v6 = Map::new();
+        for p in &e.ipv6_prefixes {
+            let mut addrs = Map::new();
+            for ip in ds.handed_out_in(&e.id, p) {
+                addrs.insert(ip.to_string(), addr(ip.into()));
+            }
+            v6.insert(
+                p.to_string(),
+                json!({"Cidr": ipnet(p.network().into(), u32::from(p.prefix_len())), "IPAddresses": addrs, "IsPrefix": true, "AddressFamily": "6"}),
             );
         }
         enis.insert(
@@ -115,7 +138,7 @@ pub fn enis_json(ds: &Datastore) -> Value {
                 "IsEFA": false,
                 "DeviceNumber": e.device_number,
                 "AvailableIPv4Cidrs": cidrs,
-                "IPv6Cidrs": {},
+                "IPv6Cidrs": v6,
                 "IsExcludedForPodIPs": false,
                 "RouteTableID": e.route_table(),
                 "SubnetID": e.subnet_id,
@@ -173,10 +196,19 @@ fn refresh_gauges_from(ds: &Datastore) {
             .and_then(|e| {
                 e.prefixes
                     .iter()
-                    .find(|p| p.addresses().any(|x| x == a.ip))
+                    .find(|p| p.addresses().any(|x| std::net::IpAddr::V4(x) == a.ip))
                     .map(|p| format!("{}/28", p.0))
+                    .or_else(|| {
+                        let std::net::IpAddr::V6(v6) = a.ip else {
+                            return None;
+                        };
+                        e.ipv6_prefixes
+                            .iter()
+                            .find(|p| p.contains(&v6))
+                            .map(|p| p.to_string())
+                    })
             })
-            .unwrap_or_else(|| format!("{}/32", a.ip));
+            .unwrap_or_else(|| format!("{}/{}", a.ip, if a.ip.is_ipv4() { 32 } else { 128 }));
         m.assigned_ip_per_cidr.with_label_values(&[&cidr]).inc();
     }
 }
@@ -412,8 +444,8 @@ mod tests {
     #[test]
     fn masks_as_go_encodes_them() {
         let ip = std::net::Ipv4Addr::new(10, 0, 1, 16);
-        assert_eq!(ipnet(ip, 32)["Mask"], "/////w==");
-        assert_eq!(ipnet(ip, 28)["Mask"], "////8A==");
-        assert_eq!(ipnet(ip, 24)["Mask"], "////AA==");
+        assert_eq!(ipnet(ip.into(), 32)["Mask"], "/////w==");
+        assert_eq!(ipnet(ip.into(), 28)["Mask"], "////8A==");
+        assert_eq!(ipnet(ip.into(), 24)["Mask"], "////AA==");
     }
 }

@@ -168,8 +168,39 @@ fn init() -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// egress-cni's SNAT source, from IMDS as upstream's entrypoint reads it. An IPv4 node without
+/// an IPv6 address gets no IPv6 egress (said, as upstream); an IPv6 node must have an IPv4.
+fn egress_node_ip(entry: &mut EntryConfig) -> Result<(), String> {
+    if !entry.egress.enabled {
+        return Ok(());
+    }
+    let v6 = entry.egress.v6;
+    let found = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("start a runtime for IMDS: {e}"))?
+        .block_on(ipamd::cloud::imds::Imds::new().primary_address(v6));
+    match (found, v6) {
+        (Ok(Some(ip)), _) => {
+            entry.egress.node_ip = ip.to_string();
+            Ok(())
+        }
+        (other, true) => {
+            let why = match other {
+                Err(e) => e.to_string(),
+                _ => "IMDS lists no IPv6 address (meta-data/ipv6)".into(),
+            };
+            eprintln!("aws-vpc-cni: ENABLE_V6_EGRESS=true but the node has no global IPv6 address ({why}); IPv6 egress stays off, as upstream");
+            entry.egress.enabled = false;
+            Ok(())
+        }
+        (Err(e), false) => Err(format!("read the node's IPv4 address for egress-cni: {e}")),
+        (Ok(None), false) => Err("IMDS lists no local-ipv4: an IPv6 node needs one for its pods' IPv4 egress (ENABLE_V4_EGRESS)".into()),
+    }
+}
+
 fn run() -> ExitCode {
-    let (entry, cfg) = match EntryConfig::from_env(&env) {
+    let (mut entry, cfg) = match EntryConfig::from_env(&env) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("aws-vpc-cni: invalid configuration: {e}");
@@ -178,6 +209,10 @@ fn run() -> ExitCode {
     };
     for w in &cfg.warnings {
         eprintln!("aws-vpc-cni: {w}");
+    }
+    if let Err(e) = egress_node_ip(&mut entry) {
+        eprintln!("aws-vpc-cni: {e}");
+        return ExitCode::FAILURE;
     }
     let dir = match entrypoint::exe_dir() {
         Ok(d) => d,
@@ -194,14 +229,26 @@ fn run() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-    if let Err(e) =
-        entrypoint::install_plugins(&dir, &entry.host_cni_bin, &["aws-cni"], &["aws-cni"])
-    {
-        eprintln!("aws-vpc-cni: installing aws-cni: {e:#}");
-        return ExitCode::FAILURE;
-    }
+    let required: &[&str] = if entry.egress.enabled {
+        &["aws-cni", "egress-cni"]
+    } else {
+        &["aws-cni"]
+    };
+    let installed = match entrypoint::install_plugins(
+        &dir,
+        &entry.host_cni_bin,
+        &["aws-cni", "egress-cni"],
+        required,
+    ) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("aws-vpc-cni: installing plugins: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     println!(
-        "aws-vpc-cni: installed aws-cni into {}",
+        "aws-vpc-cni: installed {} into {}",
+        installed.join(", "),
         entry.host_cni_bin.display()
     );
     let mut child = match std::process::Command::new(dir.join("ipamd")).spawn() {

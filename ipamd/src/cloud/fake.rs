@@ -286,6 +286,25 @@ impl Ec2 for FakeEc2 {
         self.lock().call("UnassignPrivateIpAddresses")
     }
 
+    async fn assign_ipv6_prefixes(
+        &self,
+        eni_id: &str,
+        count: u32,
+    ) -> Result<Vec<ipnet::Ipv6Net>, CloudError> {
+        let mut st = self.lock();
+        st.call("AssignIpv6Addresses")?;
+        let eni = st.eni("AssignIpv6Addresses", eni_id)?;
+        let base = eni.ipv6_prefixes.len() as u128;
+        let new: Vec<ipnet::Ipv6Net> = (0..u128::from(count))
+            .filter_map(|i| {
+                let net = 0x2600_1f14_0000_0001_0000_0000_0000_0000u128 | ((base + i + 1) << 48);
+                ipnet::Ipv6Net::new(std::net::Ipv6Addr::from(net), 80).ok()
+            })
+            .collect();
+        eni.ipv6_prefixes.extend(new.iter().copied());
+        Ok(new)
+    }
+
     async fn describe_subnets(&self, f: SubnetFilter) -> Result<Vec<SubnetInfo>, CloudError> {
         let mut st = self.lock();
         st.call("DescribeSubnets")?;

@@ -276,6 +276,16 @@ impl<E: Ec2> Ec2 for Guarded<E> {
         })
         .await
     }
+    async fn assign_ipv6_prefixes(
+        &self,
+        eni: &str,
+        n: u32,
+    ) -> Result<Vec<ipnet::Ipv6Net>, CloudError> {
+        self.call("AssignIpv6Addresses", || {
+            self.inner.assign_ipv6_prefixes(eni, n)
+        })
+        .await
+    }
     async fn describe_subnets(&self, f: SubnetFilter) -> Result<Vec<SubnetInfo>, CloudError> {
         self.call("DescribeSubnets", || self.inner.describe_subnets(f.clone()))
             .await

@@ -215,6 +215,78 @@ impl Imds {
     }
 }
 
+/// What IMDS says of an interface's IPv6 side (IPv6 clusters read it for the primary only).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImdsIpv6 {
+    pub addresses: Vec<std::net::Ipv6Addr>,
+    pub prefixes: Vec<ipnet::Ipv6Net>,
+    pub subnet_cidrs: Vec<ipnet::Ipv6Net>,
+    pub vpc_cidrs: Vec<ipnet::Ipv6Net>,
+}
+
+impl Imds {
+    /// The instance's primary address of one family (`local-ipv4`, or `ipv6`), if it has one.
+    pub async fn primary_address(
+        &self,
+        v6: bool,
+    ) -> Result<Option<std::net::IpAddr>, MetadataError> {
+        let key = if v6 { "ipv6" } else { "local-ipv4" };
+        Ok(self
+            .get_opt(key)
+            .await?
+            .and_then(|s| s.trim().parse::<std::net::IpAddr>().ok())
+            .filter(|ip| ip.is_ipv6() == v6))
+    }
+
+    /// The IPv6 keys of one interface; each is absent (404) where the interface, subnet or
+    /// VPC has no IPv6.
+    pub async fn ipv6_of(&self, mac: &str) -> Result<ImdsIpv6, MetadataError> {
+        let list = |s: Option<String>| -> Vec<String> {
+            s.unwrap_or_default()
+                .lines()
+                .map(|l| l.trim().to_string())
+                .filter(|l| !l.is_empty())
+                .collect()
+        };
+        let base = format!("network/interfaces/macs/{mac}");
+        let nets = |v: Vec<String>, what: &str| -> Vec<ipnet::Ipv6Net> {
+            v.iter()
+                .filter_map(|c| {
+                    let n = c.parse::<ipnet::Ipv6Net>().ok();
+                    if n.is_none() {
+                        tracing::warn!(cidr = %c, what, "IMDS lists an IPv6 CIDR it cannot be; ignored");
+                    }
+                    n
+                })
+                .collect()
+        };
+        Ok(ImdsIpv6 {
+            addresses: list(self.get_opt(&format!("{base}/ipv6s")).await?)
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect(),
+            prefixes: nets(
+                list(self.get_opt(&format!("{base}/ipv6-prefix")).await?),
+                "prefix",
+            ),
+            subnet_cidrs: nets(
+                list(
+                    self.get_opt(&format!("{base}/subnet-ipv6-cidr-blocks"))
+                        .await?,
+                ),
+                "subnet",
+            ),
+            vpc_cidrs: nets(
+                list(
+                    self.get_opt(&format!("{base}/vpc-ipv6-cidr-blocks"))
+                        .await?,
+                ),
+                "VPC",
+            ),
+        })
+    }
+}
+
 impl Default for Imds {
     fn default() -> Self {
         Self::new()

@@ -36,6 +36,8 @@ pub struct EniInfo {
     pub primary_ip: Option<Ipv4Addr>,
     pub secondary_ips: Vec<Ipv4Addr>,
     pub prefixes: Vec<Prefix>,
+    pub ipv6_addresses: Vec<std::net::Ipv6Addr>,
+    pub ipv6_prefixes: Vec<ipnet::Ipv6Net>,
     pub tags: BTreeMap<String, String>,
     pub attachment: Option<Attachment>,
     /// EC2's InterfaceType: "interface" (or empty) for an ordinary ENI; "trunk", "efa",
@@ -259,6 +261,12 @@ pub trait Ec2: Send + Sync + 'static {
     async fn assign_prefixes(&self, eni_id: &str, count: u32) -> Result<Vec<Prefix>, CloudError>;
     async fn unassign_ips(&self, eni_id: &str, ips: &[Ipv4Addr]) -> Result<(), CloudError>;
     async fn unassign_prefixes(&self, eni_id: &str, prefixes: &[Prefix]) -> Result<(), CloudError>;
+    /// AssignIpv6Addresses with a prefix count: the newly assigned IPv6 prefixes (/80s).
+    async fn assign_ipv6_prefixes(
+        &self,
+        eni_id: &str,
+        count: u32,
+    ) -> Result<Vec<ipnet::Ipv6Net>, CloudError>;
     async fn describe_subnets(&self, filter: SubnetFilter) -> Result<Vec<SubnetInfo>, CloudError>;
     /// (max ENIs on card 0, IPv4 addresses per ENI, Nitro?) for a type missing from the table.
     async fn describe_instance_type(

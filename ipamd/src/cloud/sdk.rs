@@ -125,6 +125,16 @@ fn eni_info(n: &NetworkInterface) -> EniInfo {
             .iter()
             .filter_map(|p| p.ipv4_prefix().and_then(super::parse_prefix))
             .collect(),
+        ipv6_addresses: n
+            .ipv6_addresses()
+            .iter()
+            .filter_map(|a| a.ipv6_address().and_then(|s| s.parse().ok()))
+            .collect(),
+        ipv6_prefixes: n
+            .ipv6_prefixes()
+            .iter()
+            .filter_map(|p| p.ipv6_prefix().and_then(|s| s.parse().ok()))
+            .collect(),
         tags: n
             .tag_set()
             .iter()
@@ -314,6 +324,26 @@ impl Ec2 for SdkEc2 {
             .assigned_ipv4_prefixes()
             .iter()
             .filter_map(|p| p.ipv4_prefix().and_then(super::parse_prefix))
+            .collect())
+    }
+
+    async fn assign_ipv6_prefixes(
+        &self,
+        eni_id: &str,
+        count: u32,
+    ) -> Result<Vec<ipnet::Ipv6Net>, CloudError> {
+        let resp = self
+            .client
+            .assign_ipv6_addresses()
+            .network_interface_id(eni_id)
+            .ipv6_prefix_count(count as i32)
+            .send()
+            .await
+            .map_err(|e| cloud_err("AssignIpv6Addresses", e))?;
+        Ok(resp
+            .assigned_ipv6_prefixes()
+            .iter()
+            .filter_map(|p| p.parse().ok())
             .collect())
     }
 

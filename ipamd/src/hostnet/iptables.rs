@@ -342,7 +342,65 @@ fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String, Ipta
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Upstream's rule keeping pods off other pods' node-local egress addresses (egress-cni's
+/// range: 169.254.172.0/22, or fd00::ac:00/118 for IPv6 egress): new connections forwarded
+/// there are rejected. Its comment is upstream's, so a node switched from upstream keeps one.
+pub fn node_local_block_rule(v6: bool) -> Vec<String> {
+    let (cidr, family) = if v6 {
+        ("fd00::ac:0/118", "v6")
+    } else {
+        ("169.254.172.0/22", "v4")
+    };
+    [
+        "-d",
+        cidr,
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "NEW",
+        "-m",
+        "comment",
+        "--comment",
+        &format!("Block Node Local Pod access via IP{family}"),
+        "-j",
+        "REJECT",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 impl Iptables {
+    /// The rule-at-a-time front-end of this back-end, for `v6` ip6tables.
+    fn cli(&self, v6: bool) -> String {
+        let base = self.save.trim_end_matches("-save");
+        if v6 {
+            base.replacen("iptables", "ip6tables", 1)
+        } else {
+            base.to_string()
+        }
+    }
+
+    /// Insert `rule` first in `table`/`chain` unless it is there already; whether it was added.
+    pub fn ensure_first(
+        &self,
+        v6: bool,
+        table: &str,
+        chain: &str,
+        rule: &[String],
+    ) -> Result<bool, IptablesError> {
+        let cli = self.cli(v6);
+        let mut check = vec!["-w", "-t", table, "-C", chain];
+        check.extend(rule.iter().map(String::as_str));
+        if run(&cli, &check, None).is_ok() {
+            return Ok(false);
+        }
+        let mut insert = vec!["-w", "-t", table, "-I", chain, "1"];
+        insert.extend(rule.iter().map(String::as_str));
+        run(&cli, &insert, None)?;
+        Ok(true)
+    }
+
     /// Bring `table` to `want`; returns whether anything changed.
     pub fn apply(&self, table: &str, want: &TableRules) -> Result<bool, IptablesError> {
         let saved = run(&self.save, &["-t", table], None)?;

@@ -133,11 +133,11 @@ impl Links {
             .ok_or_else(|| LinkError::NoLink(format!("index {index}")))
     }
 
-    /// Every link name and every /32 host route of the main table, in one look. Any error
-    /// is returned as such: the caller must not read a failed look as an empty host.
+    /// Every link name and every host route (/32, /128) of the main table, in one look. Any
+    /// error is returned as such: the caller must not read a failed look as an empty host.
     pub async fn host_view(&self) -> Result<crate::pool::sweep::HostView, LinkError> {
         let links = self.all_links().await?;
-        let routes: Vec<RouteMessage> = self
+        let mut routes: Vec<RouteMessage> = self
             .handle
             .route()
             .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
@@ -145,6 +145,15 @@ impl Links {
             .try_collect()
             .await
             .map_err(nl("list routes"))?;
+        let v6: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<std::net::Ipv6Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("list IPv6 routes"))?;
+        routes.extend(v6);
         let names: std::collections::HashMap<u32, String> = links
             .iter()
             .map(|l| (l.header.index, link_name(l)))
@@ -155,7 +164,7 @@ impl Links {
         };
         for r in routes {
             let table = cni_common::netlink::route_table(&r);
-            if table != MAIN_TABLE || r.header.destination_prefix_length != 32 {
+            if table != MAIN_TABLE {
                 continue;
             }
             let oif = r.attributes.iter().find_map(|a| match a {
@@ -165,7 +174,10 @@ impl Links {
             let dst = r.attributes.iter().find_map(|a| match a {
                 RouteAttribute::Destination(netlink_packet_route::route::RouteAddress::Inet(
                     ip,
-                )) => Some(*ip),
+                )) if r.header.destination_prefix_length == 32 => Some(IpAddr::V4(*ip)),
+                RouteAttribute::Destination(netlink_packet_route::route::RouteAddress::Inet6(
+                    ip,
+                )) if r.header.destination_prefix_length == 128 => Some(IpAddr::V6(*ip)),
                 _ => None,
             });
             if let (Some(ip), Some(oif)) = (dst, oif) {
@@ -373,7 +385,7 @@ impl Links {
             priority: ENI_RULE_PRIORITY,
             table: e.table,
             dst: None,
-            src: Some((e.primary_ip, 32)),
+            src: Some((IpAddr::V4(e.primary_ip), 32)),
             fwmark: None,
         };
         for r in self.rules().await? {
@@ -391,7 +403,7 @@ impl Links {
     /// Undo `setup_eni`: the ENI's rule and table (the link goes with the detach).
     pub async fn teardown_eni(&self, primary_ip: Ipv4Addr, table: u32) -> Result<(), LinkError> {
         for r in self.rules().await? {
-            if r.priority == ENI_RULE_PRIORITY && r.src == Some((primary_ip, 32)) {
+            if r.priority == ENI_RULE_PRIORITY && r.src == Some((IpAddr::V4(primary_ip), 32)) {
                 self.del_rule(&r).await?;
             }
         }

@@ -54,9 +54,9 @@ impl Default for NetConfig {
 /// How long to wait for an attached ENI's link to show up on the node.
 pub const LINK_WAIT: Duration = Duration::from_secs(30);
 
-fn cidr_tuple(c: &str) -> Option<(Ipv4Addr, u8)> {
+fn cidr_tuple(c: &str) -> Option<(std::net::IpAddr, u8)> {
     let n = crate::cidr::parse_v4(c)?;
-    Some((n.network(), n.prefix_len()))
+    Some((n.network().into(), n.prefix_len()))
 }
 
 pub struct NodeNetwork {
@@ -189,6 +189,38 @@ impl NodeNetwork {
                 external_snat = self.cfg.external_snat,
                 ?vpc_cidrs,
                 "iptables rules updated"
+            );
+        }
+        Ok(())
+    }
+
+    /// An IPv6 node's host side, as upstream's: the primary ENI's MTU and the rule that keeps
+    /// pods off other pods' node-local IPv4 egress addresses. No SNAT or connmark: pods'
+    /// IPv6 addresses are the VPC's own and leave by the ENI they came in by.
+    pub async fn setup_host_ipv6(&self) -> anyhow::Result<()> {
+        if let Some((idx, _)) = self.links.link_by_mac(&self.primary_mac).await? {
+            self.links.set_mtu_up(idx, self.cfg.mtu).await?;
+        }
+        self.block_node_local(false).await
+    }
+
+    /// Upstream's REJECT of new connections to egress-cni's node-local range (`v6`: the IPv6
+    /// one, for an IPv4 node with ENABLE_V6_EGRESS).
+    pub async fn block_node_local(&self, v6: bool) -> anyhow::Result<()> {
+        let ipt = self.iptables.clone();
+        let added = tokio::task::spawn_blocking(move || {
+            ipt.ensure_first(
+                v6,
+                "filter",
+                "FORWARD",
+                &iptables::node_local_block_rule(v6),
+            )
+        })
+        .await??;
+        if added {
+            info!(
+                ipv6 = v6,
+                "rule blocking pods' node-local egress addresses added"
             );
         }
         Ok(())

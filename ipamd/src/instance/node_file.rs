@@ -82,6 +82,8 @@ pub fn load_node_file(path: &Path) -> Result<NodeInfo, NodeError> {
             primary_ip: e.primary_ip,
             ips: e.ips,
             prefixes,
+            primary_ipv6: None,
+            ipv6_prefixes: Vec::new(),
             attached_at: SystemTime::now(),
         });
     }

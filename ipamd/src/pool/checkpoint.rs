@@ -6,7 +6,7 @@
 //! is in flight share the next one, so a burst costs a few fsyncs rather than one per pod.
 
 use std::fs;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -79,7 +79,10 @@ fn is_zero(n: &u32) -> bool {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CooldownEntry {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub ipv4: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ipv6: String,
     /// Unix nanoseconds when the address was released.
     #[serde(rename = "releasedAt")]
     pub released_at: i64,
@@ -103,8 +106,8 @@ pub fn snapshot(ds: &Datastore) -> Checkpoint {
             network_name: a.key.network_name.clone(),
             container_id: a.key.container_id.clone(),
             if_name: a.key.ifname.clone(),
-            ipv4: a.ip.to_string(),
-            ipv6: String::new(),
+            ipv4: family_text(a.ip, true),
+            ipv6: family_text(a.ip, false),
             allocation_timestamp: to_nanos(a.allocated_at),
             metadata: Metadata {
                 k8s_pod_namespace: a.pod.namespace.clone(),
@@ -114,19 +117,49 @@ pub fn snapshot(ds: &Datastore) -> Checkpoint {
             },
         })
         .collect();
-    allocations.sort_by(|a, b| a.ipv4.cmp(&b.ipv4));
+    allocations.sort_by(|a, b| (&a.ipv4, &a.ipv6).cmp(&(&b.ipv4, &b.ipv6)));
     let mut cooldowns: Vec<CooldownEntry> = ds
         .cooldowns()
         .map(|(ip, t)| CooldownEntry {
-            ipv4: ip.to_string(),
+            ipv4: family_text(ip, true),
+            ipv6: family_text(ip, false),
             released_at: to_nanos(t),
         })
         .collect();
-    cooldowns.sort_by(|a, b| a.ipv4.cmp(&b.ipv4));
+    cooldowns.sort_by(|a, b| (&a.ipv4, &a.ipv6).cmp(&(&b.ipv4, &b.ipv6)));
     Checkpoint {
         version: FORMAT_VERSION.into(),
         allocations,
         cooldowns,
+    }
+}
+
+/// `ip` as an entry's (ipv4, ipv6) fields: text in its family's, empty in the other.
+pub fn address_fields(ip: IpAddr) -> (String, String) {
+    (family_text(ip, true), family_text(ip, false))
+}
+
+fn family_text(ip: IpAddr, v4: bool) -> String {
+    if ip.is_ipv4() == v4 {
+        ip.to_string()
+    } else {
+        String::new()
+    }
+}
+
+/// The one address of an entry or cooldown: `ipv4` or `ipv6`, never both (no AWS VPC CNI
+/// gives a pod one of each yet; a file that does is not one we wrote).
+fn one_address(ipv4: &str, ipv6: &str) -> Option<IpAddr> {
+    match (ipv4.is_empty(), ipv6.is_empty()) {
+        (false, true) => ipv4.parse::<Ipv4Addr>().ok().map(IpAddr::V4),
+        (true, false) => ipv6.parse::<Ipv6Addr>().ok().map(IpAddr::V6),
+        _ => None,
+    }
+}
+
+impl CooldownEntry {
+    pub fn address(&self) -> Option<IpAddr> {
+        one_address(&self.ipv4, &self.ipv6)
     }
 }
 
@@ -159,19 +192,21 @@ pub enum Corrupt {
     Json(String),
     #[error("version {0:?}, expected {FORMAT_VERSION:?}")]
     Version(String),
-    #[error("allocation {index} ({container:?}) has no valid IPv4 address {value:?}")]
+    #[error(
+        "allocation {index} ({container:?}) has no valid address (one of ipv4, ipv6): {value:?}"
+    )]
     Address {
         index: usize,
         container: String,
         value: String,
     },
     #[error("allocation {index} ({ip}) has no containerID or ifName")]
-    Key { index: usize, ip: Ipv4Addr },
+    Key { index: usize, ip: IpAddr },
     #[error("address {0} is allocated twice")]
-    AddressTwice(Ipv4Addr),
+    AddressTwice(IpAddr),
     #[error("attachment {container}/{ifname} holds two addresses")]
     AttachmentTwice { container: String, ifname: String },
-    #[error("cooldown entry has no valid IPv4 address {0:?}")]
+    #[error("cooldown entry has no valid address (one of ipv4, ipv6): {0:?}")]
     Cooldown(String),
 }
 
@@ -210,7 +245,7 @@ pub fn parse(data: &[u8]) -> Result<Loaded, Corrupt> {
             return Err(Corrupt::Address {
                 index,
                 container: e.container_id.clone(),
-                value: e.ipv4.clone(),
+                value: format!("{}{}", e.ipv4, e.ipv6),
             });
         };
         if key.container_id.is_empty() || key.ifname.is_empty() {
@@ -226,12 +261,8 @@ pub fn parse(data: &[u8]) -> Result<Loaded, Corrupt> {
             });
         }
     }
-    if let Some(c) = f
-        .cooldowns
-        .iter()
-        .find(|c| c.ipv4.parse::<Ipv4Addr>().is_err())
-    {
-        return Err(Corrupt::Cooldown(c.ipv4.clone()));
+    if let Some(c) = f.cooldowns.iter().find(|c| c.address().is_none()) {
+        return Err(Corrupt::Cooldown(format!("{}{}", c.ipv4, c.ipv6)));
     }
     Ok(Loaded {
         entries: f.allocations,
@@ -367,8 +398,8 @@ impl Committer {
 }
 
 /// Turn checkpoint entries back into datastore keys and metadata.
-pub fn entry_key(e: &Entry) -> Option<(Key, Ipv4Addr, PodMeta, SystemTime)> {
-    let ip: Ipv4Addr = e.ipv4.parse().ok()?;
+pub fn entry_key(e: &Entry) -> Option<(Key, IpAddr, PodMeta, SystemTime)> {
+    let ip = one_address(&e.ipv4, &e.ipv6)?;
     Some((
         Key {
             network_name: e.network_name.clone(),

@@ -5,9 +5,13 @@
 //! and released ones in a cooldown queue ordered by release time (the cooldown is the same for
 //! all, so release order is expiry order). An address leaves the queues lazily: a queue entry
 //! whose address is no longer in that state (its ENI went away, say) is skipped when popped.
+//!
+//! Both families go through the same states and queues. An IPv6 /80 holds 2^48 addresses, so
+//! its addresses exist here only once handed out: a cursor per /80 yields fresh ones after the
+//! free queue (addresses back from cooldown) is empty.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, SystemTime};
 
 pub use cni_common::netlink::MAIN_TABLE;
@@ -30,7 +34,7 @@ pub struct PodMeta {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Allocation {
     pub key: Key,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub eni_id: String,
     pub device_number: u32,
     pub route_table: u32,
@@ -63,6 +67,10 @@ pub struct Eni {
     pub primary_ip: Ipv4Addr,
     pub ips: Vec<Ipv4Addr>,
     pub prefixes: Vec<Prefix>,
+    /// The ENI's own IPv6 address (IPv6 clusters); never handed to a pod.
+    pub primary_ipv6: Option<Ipv6Addr>,
+    /// IPv6 /80 prefixes (IPv6 clusters: one, on the primary ENI).
+    pub ipv6_prefixes: Vec<ipnet::Ipv6Net>,
     pub attached_at: SystemTime,
 }
 
@@ -82,6 +90,41 @@ enum AddrState {
     Free,
     Assigned,
     Cooldown(SystemTime),
+}
+
+/// Fresh addresses of one IPv6 prefix not handed out yet: offsets `next..end` of `prefix`.
+#[derive(Debug, Clone)]
+struct V6Cursor {
+    eni: String,
+    prefix: ipnet::Ipv6Net,
+    next: u128,
+    end: u128,
+}
+
+impl V6Cursor {
+    fn new(eni: &str, prefix: ipnet::Ipv6Net) -> V6Cursor {
+        let host_bits = 128 - u32::from(prefix.prefix_len());
+        let end = if host_bits >= 128 {
+            u128::MAX
+        } else {
+            1u128 << host_bits
+        };
+        // Offset 0 is the prefix's own address, which may be a subnet-router anycast one.
+        V6Cursor {
+            eni: eni.to_string(),
+            prefix: prefix.trunc(),
+            next: 1,
+            end,
+        }
+    }
+
+    fn remaining(&self) -> u128 {
+        self.end.saturating_sub(self.next)
+    }
+
+    fn at(&self, offset: u128) -> Ipv6Addr {
+        Ipv6Addr::from(u128::from(self.prefix.network()) | offset)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -115,7 +158,9 @@ pub enum EniError {
     #[error("ENI {0} is not known")]
     Unknown(String),
     #[error("address {0} is already in the pool")]
-    DuplicateAddress(Ipv4Addr),
+    DuplicateAddress(IpAddr),
+    #[error("IPv6 prefix {0} overlaps one already in the pool")]
+    DuplicatePrefix(ipnet::Ipv6Net),
     #[error("ENI {0} still has {1} assigned address(es)")]
     InUse(String, usize),
 }
@@ -123,9 +168,10 @@ pub enum EniError {
 #[derive(Debug)]
 pub struct Datastore {
     enis: BTreeMap<String, Eni>,
-    addrs: HashMap<Ipv4Addr, Addr>,
-    free: VecDeque<(Ipv4Addr, u64)>,
-    cooldown: VecDeque<(Ipv4Addr, u64, SystemTime)>,
+    addrs: HashMap<IpAddr, Addr>,
+    free: VecDeque<(IpAddr, u64)>,
+    cooldown: VecDeque<(IpAddr, u64, SystemTime)>,
+    v6_fresh: Vec<V6Cursor>,
     allocations: HashMap<Key, Allocation>,
     assigned: usize,
     cooling: usize,
@@ -141,6 +187,7 @@ impl Datastore {
             addrs: HashMap::new(),
             free: VecDeque::new(),
             cooldown: VecDeque::new(),
+            v6_fresh: Vec::new(),
             allocations: HashMap::new(),
             assigned: 0,
             cooling: 0,
@@ -175,6 +222,7 @@ impl Datastore {
         }
         let ips = std::mem::take(&mut eni.ips);
         let prefixes = std::mem::take(&mut eni.prefixes);
+        let v6 = std::mem::take(&mut eni.ipv6_prefixes);
         let id = eni.id.clone();
         self.enis.insert(id.clone(), eni);
         for ip in ips {
@@ -183,7 +231,94 @@ impl Datastore {
         for p in prefixes {
             self.add_prefix(&id, p)?;
         }
+        for p in v6 {
+            self.add_ipv6_prefix(&id, p)?;
+        }
         Ok(())
+    }
+
+    /// Add an IPv6 prefix to an ENI: its addresses become available without being listed.
+    pub fn add_ipv6_prefix(&mut self, eni_id: &str, p: ipnet::Ipv6Net) -> Result<(), EniError> {
+        let eni = self
+            .enis
+            .get_mut(eni_id)
+            .ok_or_else(|| EniError::Unknown(eni_id.to_string()))?;
+        let p = p.trunc();
+        if self
+            .v6_fresh
+            .iter()
+            .any(|c| c.prefix.contains(&p) || p.contains(&c.prefix))
+        {
+            return Err(EniError::DuplicatePrefix(p));
+        }
+        eni.ipv6_prefixes.push(p);
+        self.v6_fresh.push(V6Cursor::new(eni_id, p));
+        self.gen();
+        Ok(())
+    }
+
+    /// The IPv6 prefix (and its ENI) holding `ip`, if any.
+    fn v6_home(&self, ip: IpAddr) -> Option<usize> {
+        let IpAddr::V6(v6) = ip else { return None };
+        self.v6_fresh.iter().position(|c| c.prefix.contains(&v6))
+    }
+
+    /// A fresh IPv6 address from the first prefix that has one, entered as free.
+    fn next_fresh_v6(&mut self) -> Option<IpAddr> {
+        for i in 0..self.v6_fresh.len() {
+            loop {
+                let c = &mut self.v6_fresh[i];
+                if c.next >= c.end {
+                    break;
+                }
+                let ip = IpAddr::V6(c.at(c.next));
+                c.next += 1;
+                // Restored from the checkpoint ahead of the cursor: already known.
+                if self.addrs.contains_key(&ip) {
+                    continue;
+                }
+                let eni = self.v6_fresh[i].eni.clone();
+                let gen = self.gen();
+                self.addrs.insert(
+                    ip,
+                    Addr {
+                        eni,
+                        state: AddrState::Free,
+                        gen,
+                    },
+                );
+                return Some(ip);
+            }
+        }
+        None
+    }
+
+    /// Enter an IPv6 address of a known prefix as free (a checkpoint names it).
+    fn materialize(&mut self, ip: IpAddr) {
+        if self.addrs.contains_key(&ip) {
+            return;
+        }
+        let Some(i) = self.v6_home(ip) else { return };
+        let eni = self.v6_fresh[i].eni.clone();
+        let gen = self.gen();
+        self.addrs.insert(
+            ip,
+            Addr {
+                eni,
+                state: AddrState::Free,
+                gen,
+            },
+        );
+    }
+
+    fn v6_fresh_count(&self, eni: Option<&str>) -> usize {
+        let n: u128 = self
+            .v6_fresh
+            .iter()
+            .filter(|c| eni.is_none_or(|e| c.eni == e))
+            .map(V6Cursor::remaining)
+            .sum();
+        usize::try_from(n).unwrap_or(usize::MAX)
     }
 
     pub fn add_ip(&mut self, eni_id: &str, ip: Ipv4Addr) -> Result<(), EniError> {
@@ -194,11 +329,11 @@ impl Datastore {
         if ip == eni.primary_ip {
             return Ok(());
         }
-        if self.addrs.contains_key(&ip) {
-            return Err(EniError::DuplicateAddress(ip));
+        if self.addrs.contains_key(&IpAddr::V4(ip)) {
+            return Err(EniError::DuplicateAddress(ip.into()));
         }
         eni.ips.push(ip);
-        self.insert_free(eni_id, ip);
+        self.insert_free(eni_id, ip.into());
         Ok(())
     }
 
@@ -207,17 +342,20 @@ impl Datastore {
             .enis
             .get_mut(eni_id)
             .ok_or_else(|| EniError::Unknown(eni_id.to_string()))?;
-        if let Some(dup) = p.addresses().find(|a| self.addrs.contains_key(a)) {
-            return Err(EniError::DuplicateAddress(dup));
+        if let Some(dup) = p
+            .addresses()
+            .find(|a| self.addrs.contains_key(&IpAddr::V4(*a)))
+        {
+            return Err(EniError::DuplicateAddress(dup.into()));
         }
         eni.prefixes.push(p);
         for ip in p.addresses() {
-            self.insert_free(eni_id, ip);
+            self.insert_free(eni_id, ip.into());
         }
         Ok(())
     }
 
-    fn insert_free(&mut self, eni: &str, ip: Ipv4Addr) {
+    fn insert_free(&mut self, eni: &str, ip: IpAddr) {
         let gen = self.gen();
         self.addrs.insert(
             ip,
@@ -233,11 +371,12 @@ impl Datastore {
     /// Drop a free secondary IP from its ENI (it is being unassigned in EC2). Refused while
     /// the address is assigned or cooling down.
     pub fn remove_ip(&mut self, ip: Ipv4Addr) -> bool {
-        let Some(a) = self.addrs.get(&ip).filter(|a| a.state == AddrState::Free) else {
+        let key = IpAddr::V4(ip);
+        let Some(a) = self.addrs.get(&key).filter(|a| a.state == AddrState::Free) else {
             return false;
         };
         let eni = a.eni.clone();
-        self.addrs.remove(&ip);
+        self.addrs.remove(&key);
         self.gen();
         if let Some(e) = self.enis.get_mut(&eni) {
             e.ips.retain(|x| *x != ip);
@@ -247,14 +386,14 @@ impl Datastore {
 
     /// Drop a prefix whose 16 addresses are all free.
     pub fn remove_prefix(&mut self, eni_id: &str, p: Prefix) -> bool {
-        let all_free = p
-            .addresses()
-            .all(|a| matches!(self.addrs.get(&a), Some(x) if x.state == AddrState::Free && x.eni == eni_id));
+        let all_free = p.addresses().all(|a| {
+            matches!(self.addrs.get(&IpAddr::V4(a)), Some(x) if x.state == AddrState::Free && x.eni == eni_id)
+        });
         if !all_free {
             return false;
         }
         for a in p.addresses() {
-            self.addrs.remove(&a);
+            self.addrs.remove(&IpAddr::V4(a));
         }
         if let Some(e) = self.enis.get_mut(eni_id) {
             e.prefixes.retain(|x| *x != p);
@@ -268,12 +407,11 @@ impl Datastore {
             .enis
             .get(eni_id)
             .ok_or_else(|| EniError::Unknown(eni_id.to_string()))?;
-        let busy = self.eni_addresses(eni).filter(|a| {
-            self.addrs
-                .get(a)
-                .is_some_and(|x| x.state != AddrState::Free)
-        });
-        let n = busy.count();
+        let n = self
+            .addrs
+            .values()
+            .filter(|x| x.eni == eni.id && x.state != AddrState::Free)
+            .count();
         if n > 0 {
             return Err(EniError::InUse(eni_id.to_string(), n));
         }
@@ -281,17 +419,9 @@ impl Datastore {
             .enis
             .remove(eni_id)
             .ok_or_else(|| EniError::Unknown(eni_id.to_string()))?;
-        for a in self.eni_addresses(&eni).collect::<Vec<_>>() {
-            self.addrs.remove(&a);
-        }
+        self.addrs.retain(|_, a| a.eni != eni.id);
+        self.v6_fresh.retain(|c| c.eni != eni.id);
         Ok(eni)
-    }
-
-    fn eni_addresses<'a>(&self, eni: &'a Eni) -> impl Iterator<Item = Ipv4Addr> + 'a {
-        eni.ips
-            .iter()
-            .copied()
-            .chain(eni.prefixes.iter().flat_map(|p| p.addresses()))
     }
 
     /// Move every address whose cooldown has run out back to the free queue.
@@ -331,10 +461,15 @@ impl Datastore {
         self.expire_cooldowns(now);
         let ip = loop {
             let Some((ip, gen)) = self.free.pop_front() else {
-                return Err(AssignError::PoolEmpty {
-                    assigned: self.assigned,
-                    cooldown: self.cooling,
-                });
+                match self.next_fresh_v6() {
+                    Some(ip) => break ip,
+                    None => {
+                        return Err(AssignError::PoolEmpty {
+                            assigned: self.assigned,
+                            cooldown: self.cooling,
+                        })
+                    }
+                }
             };
             if matches!(self.addrs.get(&ip), Some(a) if a.gen == gen && a.state == AddrState::Free)
             {
@@ -344,13 +479,7 @@ impl Datastore {
         Ok(self.mark_assigned(ip, key, pod, now))
     }
 
-    fn mark_assigned(
-        &mut self,
-        ip: Ipv4Addr,
-        key: Key,
-        pod: PodMeta,
-        at: SystemTime,
-    ) -> Allocation {
+    fn mark_assigned(&mut self, ip: IpAddr, key: Key, pod: PodMeta, at: SystemTime) -> Allocation {
         let gen = self.gen();
         let addr = self.addrs.get_mut(&ip);
         let eni_id = match addr {
@@ -382,10 +511,11 @@ impl Datastore {
 
     /// Put back an allocation found in the checkpoint. Fails if the address is not on a known
     /// ENI or is not free (never hand one address to two pods).
-    pub fn restore(&mut self, key: Key, ip: Ipv4Addr, pod: PodMeta, at: SystemTime) -> bool {
+    pub fn restore(&mut self, key: Key, ip: IpAddr, pod: PodMeta, at: SystemTime) -> bool {
         if self.allocations.contains_key(&key) {
             return false;
         }
+        self.materialize(ip);
         match self.addrs.get(&ip) {
             Some(a) if a.state == AddrState::Free => {}
             _ => return false,
@@ -395,7 +525,8 @@ impl Datastore {
     }
 
     /// Put an address back into cooldown at `at` (restoring the checkpoint's cooldowns).
-    pub fn restore_cooldown(&mut self, ip: Ipv4Addr, at: SystemTime) -> bool {
+    pub fn restore_cooldown(&mut self, ip: IpAddr, at: SystemTime) -> bool {
+        self.materialize(ip);
         match self.addrs.get(&ip) {
             Some(a) if a.state == AddrState::Free => {}
             _ => return false,
@@ -404,7 +535,7 @@ impl Datastore {
         true
     }
 
-    fn start_cooldown(&mut self, ip: Ipv4Addr, at: SystemTime) {
+    fn start_cooldown(&mut self, ip: IpAddr, at: SystemTime) {
         let gen = self.gen();
         if let Some(a) = self.addrs.get_mut(&ip) {
             a.state = AddrState::Cooldown(at);
@@ -441,7 +572,7 @@ impl Datastore {
     }
 
     /// (address, released at) of every address cooling down.
-    pub fn cooldowns(&self) -> impl Iterator<Item = (Ipv4Addr, SystemTime)> + '_ {
+    pub fn cooldowns(&self) -> impl Iterator<Item = (IpAddr, SystemTime)> + '_ {
         self.addrs.iter().filter_map(|(ip, a)| match a.state {
             AddrState::Cooldown(t) => Some((*ip, t)),
             _ => None,
@@ -453,7 +584,7 @@ impl Datastore {
     }
 
     pub fn stats(&self) -> Stats {
-        let total = self.addrs.len();
+        let total = self.addrs.len().saturating_add(self.v6_fresh_count(None));
         Stats {
             total,
             assigned: self.assigned,
@@ -464,16 +595,19 @@ impl Datastore {
 
     /// Per-ENI statistics, for the pool manager and introspection.
     pub fn eni_stats(&self, id: &str) -> Option<Stats> {
-        let eni = self.enis.get(id)?;
+        self.enis.get(id)?;
         let mut s = Stats::default();
-        for a in self.eni_addresses(eni) {
+        for a in self.addrs.values().filter(|a| a.eni == id) {
             s.total += 1;
-            match self.addrs.get(&a).map(|x| x.state) {
-                Some(AddrState::Assigned) => s.assigned += 1,
-                Some(AddrState::Cooldown(_)) => s.cooldown += 1,
-                _ => s.available += 1,
+            match a.state {
+                AddrState::Assigned => s.assigned += 1,
+                AddrState::Cooldown(_) => s.cooldown += 1,
+                AddrState::Free => s.available += 1,
             }
         }
+        let fresh = self.v6_fresh_count(Some(id));
+        s.total = s.total.saturating_add(fresh);
+        s.available = s.available.saturating_add(fresh);
         Some(s)
     }
 
@@ -489,7 +623,7 @@ impl Datastore {
         eni.ips
             .iter()
             .copied()
-            .filter(|a| matches!(self.addrs.get(a), Some(x) if x.state == AddrState::Free))
+            .filter(|a| matches!(self.addrs.get(&IpAddr::V4(*a)), Some(x) if x.state == AddrState::Free))
             .collect()
     }
 
@@ -502,8 +636,9 @@ impl Datastore {
             .iter()
             .copied()
             .filter(|p| {
-                p.addresses()
-                    .all(|a| matches!(self.addrs.get(&a), Some(x) if x.state == AddrState::Free))
+                p.addresses().all(|a| {
+                    matches!(self.addrs.get(&IpAddr::V4(a)), Some(x) if x.state == AddrState::Free)
+                })
             })
             .collect()
     }
@@ -523,13 +658,33 @@ impl Datastore {
             .min()
     }
 
+    /// Addresses of `prefix` (an IPv6 prefix of `eni_id`) that were handed out and not yet
+    /// back from cooldown, sorted.
+    pub fn handed_out_in(&self, eni_id: &str, prefix: &ipnet::Ipv6Net) -> Vec<Ipv6Addr> {
+        let mut v: Vec<Ipv6Addr> = self
+            .addrs
+            .iter()
+            .filter(|(_, a)| a.eni == eni_id && a.state != AddrState::Free)
+            .filter_map(|(ip, _)| match ip {
+                IpAddr::V6(v6) if prefix.contains(v6) => Some(*v6),
+                _ => None,
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
     /// Is `ip` assigned, cooling, free or unknown? For tests and introspection.
-    pub fn address_state(&self, ip: Ipv4Addr) -> Option<&'static str> {
-        self.addrs.get(&ip).map(|a| match a.state {
-            AddrState::Free => "free",
-            AddrState::Assigned => "assigned",
-            AddrState::Cooldown(_) => "cooldown",
-        })
+    pub fn address_state(&self, ip: IpAddr) -> Option<&'static str> {
+        match self.addrs.get(&ip) {
+            Some(a) => Some(match a.state {
+                AddrState::Free => "free",
+                AddrState::Assigned => "assigned",
+                AddrState::Cooldown(_) => "cooldown",
+            }),
+            // Inside a known IPv6 prefix and never handed out.
+            None => self.v6_home(ip).map(|_| "free"),
+        }
     }
 }
 
@@ -548,6 +703,8 @@ pub(crate) fn one_eni_store(last: u8) -> Datastore {
         primary_ip: Ipv4Addr::new(10, 0, 1, 10),
         ips: (11..=last).map(|i| Ipv4Addr::new(10, 0, 1, i)).collect(),
         prefixes: vec![],
+        primary_ipv6: None,
+        ipv6_prefixes: vec![],
         attached_at: SystemTime::UNIX_EPOCH,
     });
     assert!(added.is_ok(), "{added:?}");
@@ -578,6 +735,8 @@ mod tests {
             primary_ip: Ipv4Addr::new(10, 0, 0, dev as u8 + 200),
             ips: ips.iter().map(|o| Ipv4Addr::from(*o)).collect(),
             prefixes: vec![],
+            primary_ipv6: None,
+            ipv6_prefixes: vec![],
             attached_at: SystemTime::UNIX_EPOCH,
         }
     }
@@ -720,7 +879,9 @@ mod tests {
         assert_eq!(ds.stats().total, 1);
         assert_eq!(
             ds.add_ip("eni-0", Ipv4Addr::new(10, 0, 0, 1)),
-            Err(EniError::DuplicateAddress(Ipv4Addr::new(10, 0, 0, 1)))
+            Err(EniError::DuplicateAddress(
+                Ipv4Addr::new(10, 0, 0, 1).into()
+            ))
         );
         assert!(ds.add_eni(eni("eni-0", 0, &[])).is_err());
     }
@@ -730,7 +891,7 @@ mod tests {
         let mut ds = Datastore::new(Duration::from_secs(30), 100);
         ds.add_eni(eni("eni-1", 1, &[[10, 0, 0, 1], [10, 0, 0, 2]]))
             .unwrap();
-        let ip = Ipv4Addr::new(10, 0, 0, 2);
+        let ip = Ipv4Addr::new(10, 0, 0, 2).into();
         assert!(ds.restore(key("a"), ip, PodMeta::default(), t(0)));
         assert!(
             !ds.restore(key("b"), ip, PodMeta::default(), t(0)),
@@ -738,11 +899,11 @@ mod tests {
         );
         assert!(!ds.restore(
             key("c"),
-            Ipv4Addr::new(10, 9, 9, 9),
+            Ipv4Addr::new(10, 9, 9, 9).into(),
             PodMeta::default(),
             t(0)
         ));
-        assert!(ds.restore_cooldown(Ipv4Addr::new(10, 0, 0, 1), t(0)));
+        assert!(ds.restore_cooldown(Ipv4Addr::new(10, 0, 0, 1).into(), t(0)));
         assert_eq!(
             ds.stats(),
             Stats {
@@ -752,6 +913,62 @@ mod tests {
                 available: 0
             }
         );
+    }
+
+    fn v6_eni(prefix: &str) -> Eni {
+        let mut e = eni("eni-0", 0, &[]);
+        e.ipv6_prefixes = vec![prefix.parse().unwrap()];
+        e
+    }
+
+    #[test]
+    fn ipv6_prefix_hands_out_fresh_addresses_then_reuses_after_cooldown() {
+        let mut ds = Datastore::new(Duration::from_secs(30), 250);
+        ds.add_eni(v6_eni("2600:1f14::1:0:0:0/80")).unwrap();
+        let s = ds.stats();
+        assert_eq!((s.total, s.available), ((1 << 48) - 1, (1 << 48) - 1));
+        let a = ds.assign(key("a"), PodMeta::default(), t(0)).unwrap();
+        assert_eq!(a.ip, "2600:1f14::1:0:0:1".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            ds.assign(key("a"), PodMeta::default(), t(1)).unwrap().ip,
+            a.ip
+        );
+        let b = ds.assign(key("b"), PodMeta::default(), t(1)).unwrap();
+        assert_eq!(b.ip, "2600:1f14::1:0:0:2".parse::<IpAddr>().unwrap());
+        ds.release(&key("a"), t(2));
+        assert_eq!(ds.address_state(a.ip), Some("cooldown"));
+        assert_eq!(
+            ds.handed_out_in("eni-0", &"2600:1f14::1:0:0:0/80".parse().unwrap())
+                .len(),
+            2
+        );
+        // Cooling addresses are not handed out; fresh ones are.
+        let c = ds.assign(key("c"), PodMeta::default(), t(3)).unwrap();
+        assert_eq!(c.ip, "2600:1f14::1:0:0:3".parse::<IpAddr>().unwrap());
+        // Once cooled, an address comes back before fresh ones.
+        let d = ds.assign(key("d"), PodMeta::default(), t(40)).unwrap();
+        assert_eq!(d.ip, a.ip);
+        assert_eq!(ds.stats().assigned, 3);
+        assert!(ds
+            .add_ipv6_prefix("eni-0", "2600:1f14::1:0:0:0/96".parse().unwrap())
+            .is_err());
+    }
+
+    #[test]
+    fn ipv6_restore_materialises_and_the_cursor_skips_restored() {
+        let mut ds = Datastore::new(Duration::from_secs(30), 250);
+        ds.add_eni(v6_eni("2600:1f14::1:0:0:0/80")).unwrap();
+        let first: IpAddr = "2600:1f14::1:0:0:1".parse().unwrap();
+        let outside: IpAddr = "2600:1f14::2:0:0:1".parse().unwrap();
+        assert_eq!(ds.address_state(first), Some("free"));
+        assert_eq!(ds.address_state(outside), None);
+        assert!(ds.restore(key("a"), first, PodMeta::default(), t(0)));
+        assert!(!ds.restore(key("b"), first, PodMeta::default(), t(0)));
+        assert!(!ds.restore(key("c"), outside, PodMeta::default(), t(0)));
+        assert!(ds.restore_cooldown("2600:1f14::1:0:0:2".parse().unwrap(), t(0)));
+        let n = ds.assign(key("n"), PodMeta::default(), t(1)).unwrap();
+        assert_eq!(n.ip, "2600:1f14::1:0:0:3".parse::<IpAddr>().unwrap());
+        assert!(ds.remove_eni("eni-0").is_err());
     }
 
     #[derive(Debug, Clone)]
@@ -779,9 +996,13 @@ mod tests {
             ds.add_eni(eni("eni-1", 1, &ips)).unwrap();
             let ips2: Vec<[u8; 4]> = (1..=12).map(|i| [10, 0, 2, i]).collect();
             ds.add_eni(eni("eni-2", 2, &ips2)).unwrap();
+            // A small IPv6 prefix (15 fresh addresses) beside them: both families, one queue.
+            let mut e3 = eni("eni-3", 3, &[]);
+            e3.ipv6_prefixes = vec!["2600:1f14::10/124".parse().unwrap()];
+            ds.add_eni(e3).unwrap();
             let mut now = 0u64;
-            let mut released_at: HashMap<Ipv4Addr, u64> = HashMap::new();
-            let mut holders: HashMap<Ipv4Addr, String> = HashMap::new();
+            let mut released_at: HashMap<IpAddr, u64> = HashMap::new();
+            let mut holders: HashMap<IpAddr, String> = HashMap::new();
             for o in ops {
                 match o {
                     Op::Assign(c) => {
@@ -804,7 +1025,7 @@ mod tests {
                     Op::Tick(s) => now += s as u64,
                     Op::RemoveFree(i) => {
                         let ip = Ipv4Addr::new(10, 0, 1 + i / 12, 1 + i % 12);
-                        let was_free = ds.address_state(ip) == Some("free");
+                        let was_free = ds.address_state(ip.into()) == Some("free");
                         prop_assert_eq!(ds.remove_ip(ip), was_free);
                     }
                 }

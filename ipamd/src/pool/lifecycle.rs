@@ -52,7 +52,8 @@ impl NodeNetworking for NodeNetwork {
 }
 
 /// The pool's record of an attached ENI, from EC2's description of it. `None` when EC2 lists
-/// no primary address (an ENI being created): nothing on the node can use it yet.
+/// no primary address (an ENI being created): nothing on the node can use it yet. IPv6
+/// prefixes are left out: only an IPv6 node's start puts its one /80 in the pool.
 pub fn from_ec2(info: &EniInfo, device_index: u32, subnet_cidr: ipnet::Ipv4Net) -> Option<Eni> {
     Some(Eni {
         id: info.id.clone(),
@@ -64,6 +65,8 @@ pub fn from_ec2(info: &EniInfo, device_index: u32, subnet_cidr: ipnet::Ipv4Net) 
         primary_ip: info.primary_ip?,
         ips: info.secondary_ips.clone(),
         prefixes: info.prefixes.clone(),
+        primary_ipv6: info.ipv6_addresses.first().copied(),
+        ipv6_prefixes: Vec::new(),
         attached_at: SystemTime::now(),
     })
 }

@@ -31,6 +31,8 @@ pub struct Pool {
     pub committer: Arc<Committer>,
     /// The VPC's CIDRs, refreshed by the reconcile when the VPC gains or loses one.
     pub vpc_cidrs: std::sync::RwLock<Vec<ipnet::Ipv4Net>>,
+    /// The VPC's IPv6 CIDRs (IPv6 nodes), for replies' VPCv6CIDRs.
+    pub vpc_v6_cidrs: Vec<ipnet::Ipv6Net>,
     pub external_snat: bool,
     /// Words for "the instance's limit", e.g. "t3.medium: 3 ENIs x 5 IPv4 addresses".
     pub capacity: String,
@@ -69,6 +71,7 @@ impl Pool {
             ds,
             committer,
             vpc_cidrs: std::sync::RwLock::new(vpc_cidrs),
+            vpc_v6_cidrs: Vec::new(),
             external_snat,
             capacity,
             initialised: AtomicBool::new(false),

@@ -10,7 +10,7 @@
 //! Pure over a [`HostView`] and a record reader, so every rule is a unit test.
 
 use std::collections::{HashMap, HashSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -24,9 +24,9 @@ use crate::pool::datastore::{Allocation, Datastore, Key};
 pub struct HostView {
     /// Every link name.
     pub links: HashSet<String>,
-    /// Destinations of the /32 routes in the main table that point at a link (pods' host
-    /// routes, as the plugin installs them), with that link's name.
-    pub host_routes: HashMap<Ipv4Addr, String>,
+    /// Destinations of the /32 and /128 routes in the main table that point at a link (pods'
+    /// host routes, as the plugin installs them), with that link's name.
+    pub host_routes: HashMap<IpAddr, String>,
 }
 
 /// Why an allocation is kept or may go.
@@ -92,7 +92,7 @@ pub fn candidates(
     veth_prefix: &str,
     now: SystemTime,
     grace: Duration,
-) -> Vec<(Key, Ipv4Addr)> {
+) -> Vec<(Key, IpAddr)> {
     let no_record = |_: &Key| Ok(None);
     ds.allocations()
         .filter(|a| now.duration_since(a.allocated_at).unwrap_or_default() >= grace)
@@ -104,10 +104,10 @@ pub fn candidates(
 /// Second half, without the lock: keep out every candidate whose plugin record names a veth
 /// that exists, or whose record cannot be read.
 pub fn confirm(
-    candidates: Vec<(Key, Ipv4Addr)>,
+    candidates: Vec<(Key, IpAddr)>,
     host: &HostView,
     recorded_veth: &RecordedVeth,
-) -> Vec<(Key, Ipv4Addr)> {
+) -> Vec<(Key, IpAddr)> {
     candidates
         .into_iter()
         .filter(|(k, _)| match recorded_veth(k) {

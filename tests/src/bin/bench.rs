@@ -149,15 +149,15 @@ fn burst(c: &CniClient, node: &Netns, pods: &[Netns], tag: &str) -> (Vec<f64>, V
 /// two pod routes, the neighbour, the host route and the rule. (Deleting the veth is not timed.)
 fn floor(node: &Netns, pod: &Netns, n: usize) -> Vec<f64> {
     use aws_cni::netlink::{gateway_route, host_route, Netlink, Rule, MAIN_TABLE};
-    use std::net::Ipv4Addr;
+    use std::net::{IpAddr, Ipv4Addr};
     let rt = rt();
     rt.block_on(async {
         let host_ns = std::fs::File::open(node.path()).expect("node ns");
         let pod_ns = std::fs::File::open(pod.path()).expect("pod ns");
         let host = Netlink::in_netns(&host_ns).await.expect("host netlink");
         let inner = Netlink::in_netns(&pod_ns).await.expect("pod netlink");
-        let ip = Ipv4Addr::new(10, 99, 0, 5);
-        let gw = Ipv4Addr::new(169, 254, 1, 1);
+        let ip: IpAddr = Ipv4Addr::new(10, 99, 0, 5).into();
+        let gw: IpAddr = Ipv4Addr::new(169, 254, 1, 1).into();
         let mut out = Vec::new();
         for _ in 0..n {
             let t = Instant::now();
