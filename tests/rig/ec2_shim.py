@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """EC2 shim: moto's EC2 API in-process, behind a middleware that enforces what
 real EC2 enforces and moto does not (instance type limits, deterministic subnet
-address accounting, /28 prefixes, InUse checks), plus fault injection and JSON
+address accounting, /28 and IPv6 /80 prefixes, InUse checks), plus fault injection and JSON
 state views for the test rig. See README.md next to this file.
 
     python ec2_shim.py --port 0 --ready-file /tmp/shim.port [--latency-ms 5]
@@ -33,6 +33,7 @@ from moto.core import DEFAULT_ACCOUNT_ID
 from moto.ec2.exceptions import EC2ClientError
 from moto.ec2.models.elastic_network_interfaces import NetworkInterface, NetworkInterfaceBackend
 from moto.ec2.models.instance_types import INSTANCE_TYPES
+from moto.ec2.models import vpcs as moto_vpcs
 from moto.ec2.models.subnets import Subnet
 from moto.moto_api._internal.models import moto_api_backend
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
@@ -41,6 +42,10 @@ EC2_NS = "http://ec2.amazonaws.com/doc/2016-11-15/"
 UNATTACHED_ENI_MAX_ADDRESSES = 50  # real EC2 has no per-type limit before attach; keep it bounded
 PREFIX_LEN = 28
 PREFIX_SIZE = 16
+IPV6_PREFIX_LEN = 80  # what EC2 assigns for Ipv6PrefixCount
+IPV6_SUBNET_LEN = 64  # every IPv6 subnet CIDR is a /64
+# Amazon-provided VPC /56s come from here, one per VPC (see Shim.next_vpc_ipv6_cidr).
+IPV6_POOL = ipaddress.IPv6Network("2600:1f14::/32")
 # CreateNetworkInterface's InterfaceType values (the API lists efa, efa-only, branch and trunk;
 # "interface" is the default, and RunInstances' spec documents passing it explicitly).
 INTERFACE_TYPES = ("interface", "efa", "efa-only", "trunk", "branch")
@@ -196,6 +201,133 @@ class SubnetPlan:
         return [f"{ipaddress.IPv4Address(s)}/{PREFIX_LEN}" for s in picked]
 
 
+def canonical_ipv6(ip: str) -> str:
+    """EC2 prints IPv6 addresses compressed; a caller may write them any valid way."""
+    try:
+        return str(ipaddress.IPv6Address(ip))
+    except ValueError:
+        raise ShimError("InvalidParameterValue", f"Invalid IPv6 address {ip}")
+
+
+def canonical_ipv6_prefix(cidr: str) -> str:
+    try:
+        return str(ipaddress.IPv6Network(cidr))
+    except ValueError:
+        raise ShimError("InvalidParameterValue", f"The prefix '{cidr}' is not a valid /80 IPv6 CIDR block.")
+
+
+def subnet_ipv6_cidrs(subnet) -> list[str]:
+    return [a["ipv6CidrBlock"] for a in subnet.ipv6_cidr_block_associations.values()
+            if a["ipv6CidrBlockState"].get("State") == "associated"]
+
+
+def subnet_ipv6_cidr(subnet) -> str:
+    """The subnet's /64 (EC2 allows one); refused as EC2 refuses IPv6 in an IPv4-only subnet."""
+    cidrs = subnet_ipv6_cidrs(subnet)
+    if not cidrs:
+        raise ShimError("InvalidParameterValue",
+                        f"The subnet '{subnet.id}' has no IPv6 CIDR block: "
+                        "IPv6 addresses and prefixes cannot be assigned in it.")
+    return cidrs[0]
+
+
+def vpc_ipv6_cidrs(vpc) -> list[str]:
+    return [a["cidr_block"] for a in vpc.get_cidr_block_association_set(ipv6=True)
+            if a.get("cidr_block_state", {}).get("state") == "associated"]
+
+
+class Ipv6Plan:
+    """The IPv6 side of one subnet's /64: ENI addresses, /80 prefixes and AWS's
+    reserved addresses (the first four and the last, as for IPv4). A /64 cannot
+    be listed address by address, so a prefix is held as its block number (the
+    /80's index in the /64) and a block is free when no address falls in it.
+    Picks are the lowest free ones: addresses from ::4 up, prefixes from block 1
+    up (block 0 holds the reserved addresses), so tests can name them."""
+
+    BLOCK_BITS = 128 - IPV6_PREFIX_LEN
+
+    def __init__(self, shim: "Shim", backend, subnet):
+        self.subnet = subnet
+        self.net = ipaddress.IPv6Network(subnet_ipv6_cidr(subnet))
+        first, last = int(self.net.network_address), int(self.net.broadcast_address)
+        self.first, self.last = first, last
+        self.used = {first, first + 1, first + 2, first + 3, last}
+        self.blocks: set[int] = set()  # /80s held as prefixes
+        for eni in list(backend.enis.values()):
+            if eni.subnet.id != subnet.id:
+                continue
+            for ip in eni.ipv6_addresses:
+                self.used.add(int(ipaddress.IPv6Address(ip)))
+            for cidr in shim.ipv6_prefixes.get(eni.id, []):
+                self.blocks.add(self._block(int(ipaddress.IPv6Network(cidr).network_address)))
+
+    def _block(self, value: int) -> int:
+        return (value - self.first) >> self.BLOCK_BITS
+
+    def _block_start(self, block: int) -> int:
+        return self.first + (block << self.BLOCK_BITS)
+
+    def take_ip(self, ip: str) -> str:
+        value = int(ipaddress.IPv6Address(canonical_ipv6(ip)))
+        if not self.first <= value <= self.last:
+            raise ShimError("InvalidParameterValue",
+                            f"Address {ip} does not fall within the subnet's IPv6 address range")
+        if value in self.used or self._block(value) in self.blocks:
+            raise ShimError("InvalidIPAddress.InUse", f"The specified address {ip} is already in use.")
+        self.used.add(value)
+        return str(ipaddress.IPv6Address(value))
+
+    def take_ips(self, count: int) -> list[str]:
+        picked = []
+        value = self.first
+        while len(picked) < count and value <= self.last:
+            if self._block(value) in self.blocks:
+                value = self._block_start(self._block(value) + 1)
+                continue
+            if value not in self.used:
+                picked.append(value)
+                self.used.add(value)
+            value += 1
+        if len(picked) < count:
+            self.used.difference_update(picked)
+            raise ShimError("InsufficientFreeAddressesInSubnet",
+                            f"There are not enough free IPv6 addresses in subnet '{self.subnet.id}'.")
+        return [str(ipaddress.IPv6Address(v)) for v in picked]
+
+    def _block_free(self, block: int) -> bool:
+        if block in self.blocks:
+            return False
+        start = self._block_start(block)
+        end = start + (1 << self.BLOCK_BITS)
+        return not any(start <= v < end for v in self.used)
+
+    def take_prefix(self, cidr: str) -> str:
+        net = ipaddress.IPv6Network(canonical_ipv6_prefix(cidr))
+        if net.prefixlen != IPV6_PREFIX_LEN or not net.subnet_of(self.net):
+            raise ShimError("InvalidParameterValue",
+                            f"The prefix '{cidr}' is not a /80 inside subnet '{self.subnet.id}'.")
+        block = self._block(int(net.network_address))
+        if not self._block_free(block):
+            raise ShimError("InvalidParameterValue", f"The prefix '{cidr}' overlaps addresses in use.")
+        self.blocks.add(block)
+        return str(net)
+
+    def take_prefixes(self, count: int) -> list[str]:
+        # The used addresses' blocks once, not per candidate: a /64 has 65536 blocks.
+        taken = self.blocks | {self._block(v) for v in self.used}
+        picked = []
+        block = 0
+        while len(picked) < count and block < (1 << (IPV6_PREFIX_LEN - IPV6_SUBNET_LEN)):
+            if block not in taken:
+                picked.append(block)
+            block += 1
+        if len(picked) < count:
+            raise ShimError("InsufficientCidrBlocks",
+                            "The specified subnet does not have enough free cidr blocks to satisfy the request.")
+        self.blocks.update(picked)
+        return [f"{ipaddress.IPv6Address(self._block_start(b))}/{IPV6_PREFIX_LEN}" for b in picked]
+
+
 class Shim:
     def __init__(self, latency_ms: int = 0, region: str = "us-west-2"):
         self.moto = DomainDispatcherApplication(create_backend_app)
@@ -220,10 +352,19 @@ class Shim:
             self.account_limits: dict | None = None
             self.buckets: dict[str, list[float]] = {}
         self.prefixes: dict[str, list[str]] = {}  # ENI id -> /28s, in assignment order
+        self.ipv6_prefixes: dict[str, list[str]] = {}  # ENI id -> /80s, in assignment order
+        self.vpc_ipv6_count = 0  # Amazon-provided /56s handed out since the last reset
         # What CreateNetworkInterface decided for the ENI moto is about to create.
         self.pending_eni: dict | None = None
         self.mac_counter = 0
         self.regions = {self.default_region}
+
+    def next_vpc_ipv6_cidr(self) -> str:
+        """The next VPC's Amazon-provided /56: 2600:1f14:0:100::/56, then :200::, ... (the
+        counter fills the 24 bits between the pool's /32 and the /56)."""
+        self.vpc_ipv6_count += 1
+        base = int(IPV6_POOL.network_address) + (self.vpc_ipv6_count << (128 - 56))
+        return str(ipaddress.IPv6Network((base, 56)))
 
     def _reset_calls(self):
         self.calls = {"total": 0, "by_action": {}, "throttled": 0}
@@ -244,6 +385,25 @@ class Shim:
             return [{"Ipv4Prefix": c} for c in cidrs] if cidrs else None
         NetworkInterface.ipv4_prefixes = property(ipv4_prefixes)
 
+        # Likewise <ipv6PrefixSet><item><ipv6Prefix>.
+        def ipv6_prefixes(eni):
+            cidrs = shim.ipv6_prefixes.get(eni.id)
+            return [{"Ipv6Prefix": c} for c in cidrs] if cidrs else None
+        NetworkInterface.ipv6_prefixes = property(ipv6_prefixes)
+
+        # moto's Amazon-provided /56 is random; a counter makes it reproducible and unique
+        # across every VPC of this shim (CreateVpc, AssociateVpcCidrBlock and the admin API).
+        moto_vpcs.random_ipv6_cidr = shim.next_vpc_ipv6_cidr
+
+        # moto nests the state one level too deep ({"state": {"State": ...}}), which
+        # DescribeSubnets renders as the text "{'State': 'associated'}".
+        def subnet_ipv6_association_set(subnet):
+            return [{"ipv6CidrBlock": a["ipv6CidrBlock"], "associationId": a["associationId"],
+                     "ipv6CidrBlockState": {"State": a["ipv6CidrBlockState"].get("State")}}
+                    for a in subnet.ipv6_cidr_block_associations.values()
+                    if a["ipv6CidrBlockState"].get("State") == "associated"]
+        Subnet.ipv6_cidr_block_association_set = property(subnet_ipv6_association_set)
+
         original_create = NetworkInterfaceBackend.create_network_interface
 
         def create_network_interface(backend, *args, **kwargs):
@@ -256,10 +416,24 @@ class Shim:
             if pending:
                 if pending["prefixes"]:
                     shim.prefixes[eni.id] = pending["prefixes"]
+                eni.ipv6_addresses = list(pending["ipv6_addresses"])
+                if pending["ipv6_prefixes"]:
+                    shim.ipv6_prefixes[eni.id] = pending["ipv6_prefixes"]
                 eni.interface_type = pending["interface_type"]  # moto ignores InterfaceType
                 if eni.interface_type == "efa-only":
                     # moto gives every ENI an address; an EFA-only interface has none.
                     eni.private_ip_address, eni.private_ip_addresses = None, []
+            else:
+                # An ENI RunInstances creates: moto's IPv6 addresses are random picks.
+                count = int(kwargs.get("ipv6_address_count") or 0)
+                eni.ipv6_addresses = []
+                if not count and eni.subnet.assign_ipv6_address_on_creation and subnet_ipv6_cidrs(eni.subnet):
+                    count = 1  # what EC2 does in a subnet with AssignIpv6AddressOnCreation
+                if count:
+                    try:
+                        eni.ipv6_addresses = Ipv6Plan(shim, backend, eni.subnet).take_ips(count)
+                    except ShimError as e:
+                        raise EC2ClientError(e.code, e.message)
             return eni
         NetworkInterfaceBackend.create_network_interface = create_network_interface
 
@@ -455,12 +629,22 @@ class Shim:
         if wanted_prefixes and prefix_count:
             raise ShimError("InvalidParameterCombination",
                             "You cannot specify both Ipv4Prefixes and Ipv4PrefixCount.")
-        if interface_type == "efa-only" and (primary or secondaries or count or wanted_prefixes or prefix_count):
+        v6 = self._ipv6_request(params, nested=True)
+        if interface_type == "efa-only" and (primary or secondaries or count or wanted_prefixes or prefix_count
+                                             or any(v6)):
             raise ShimError("InvalidParameterCombination", "EFA-only network interfaces do not support IP addresses.")
         slots = 1 + len(secondaries) + count + len(wanted_prefixes) + prefix_count
         if slots > UNATTACHED_ENI_MAX_ADDRESSES:
             raise ShimError("PrivateIpAddressLimitExceeded",
                             f"Number of private addresses will exceed limit of {UNATTACHED_ENI_MAX_ADDRESSES}.")
+        v6_ips, v6_count, v6_prefixes, v6_prefix_count = v6
+        if not (v6_ips or v6_count) and interface_type != "efa-only" and subnet.assign_ipv6_address_on_creation \
+                and subnet_ipv6_cidrs(subnet):
+            v6_count = 1  # AssignIpv6AddressOnCreation covers CreateNetworkInterface too
+        v6_slots = len(v6_ips) + v6_count + len(v6_prefixes) + v6_prefix_count
+        if v6_slots > UNATTACHED_ENI_MAX_ADDRESSES:
+            raise ShimError("InvalidParameterValue", "Number of IPv6 addresses and prefixes will exceed "
+                            f"limit of {UNATTACHED_ENI_MAX_ADDRESSES}.")
         plan = SubnetPlan(self, backend, subnet)
         for ip in ([primary] if primary else []) + secondaries:
             plan.take_ip(ip)
@@ -469,15 +653,22 @@ class Shim:
             primary = plan.take_ips(1)[0]
         secondaries += plan.take_ips(count)
         prefixes += plan.take_prefixes(prefix_count)
+        new_v6, new_v6_prefixes = [], []
+        if v6_slots:
+            plan6 = Ipv6Plan(self, backend, subnet)
+            new_v6 = [plan6.take_ip(ip) for ip in v6_ips] + plan6.take_ips(v6_count)
+            new_v6_prefixes = [plan6.take_prefix(p) for p in v6_prefixes] + plan6.take_prefixes(v6_prefix_count)
 
         # Explicit addresses only, so moto's random allocator never runs.
         rewritten = {k: v for k, v in params.items()
                      if not re.match(r"(PrivateIpAddress$|PrivateIpAddresses\.|SecondaryPrivateIpAddressCount$"
-                                     r"|Ipv4Prefix\.|Ipv4PrefixCount$)", k)}
+                                     r"|Ipv4Prefix\.|Ipv4PrefixCount$|Ipv6Addresses\.|Ipv6AddressCount$"
+                                     r"|Ipv6Prefix\.|Ipv6PrefixCount$)", k)}
         for i, ip in enumerate(([primary] if primary else []) + secondaries, start=1):
             rewritten[f"PrivateIpAddresses.{i}.PrivateIpAddress"] = ip
             rewritten[f"PrivateIpAddresses.{i}.Primary"] = "true" if i == 1 else "false"
-        self.pending_eni = {"prefixes": prefixes, "interface_type": interface_type}
+        self.pending_eni = {"prefixes": prefixes, "interface_type": interface_type,
+                            "ipv6_addresses": new_v6, "ipv6_prefixes": new_v6_prefixes}
         try:
             return self.call_moto(environ, rewritten)
         finally:
@@ -577,6 +768,105 @@ class Shim:
                 self.prefixes.pop(eni.id, None)
         return ec2_result("UnassignPrivateIpAddresses", "<return>true</return>")
 
+    @staticmethod
+    def _ipv6_request(params, nested: bool):
+        """(addresses, address count, prefixes, prefix count) asked for. CreateNetworkInterface
+        nests each item (`Ipv6Addresses.N.Ipv6Address`); Assign/Unassign do not."""
+        ips = indexed(params, "Ipv6Addresses", "Ipv6Address" if nested else "")
+        prefixes = indexed(params, "Ipv6Prefix", "Ipv6Prefix" if nested else "")
+        count = int_param(params, "Ipv6AddressCount")
+        prefix_count = int_param(params, "Ipv6PrefixCount")
+        if ips and count:
+            raise ShimError("InvalidParameterCombination",
+                            "IPv6 addresses and IPv6 address count may not be specified on the same request")
+        if prefixes and prefix_count:
+            raise ShimError("InvalidParameterCombination",
+                            "You cannot specify both Ipv6Prefixes and Ipv6PrefixCount.")
+        return ips, count, prefixes, prefix_count
+
+    def _ipv6_limit(self, eni) -> tuple[int, str]:
+        if eni.instance is not None:
+            info = type_network_info(eni.instance.instance_type)
+            if info:
+                limit = info.get("Ipv6AddressesPerInterface", 0) if info.get("Ipv6Supported") else 0
+                return limit, eni.instance.instance_type
+        return UNATTACHED_ENI_MAX_ADDRESSES, "an unattached interface"
+
+    def _ec2_AssignIpv6Addresses(self, environ, backend, params):
+        eni = self._eni(backend, params.get("NetworkInterfaceId"))
+        if eni is None:
+            return self.call_moto(environ, params)
+        if is_true(params.get("DryRun")):
+            raise ShimError("DryRunOperation", "Request would have succeeded, but DryRun flag is set.", 412)
+        if eni.interface_type == "efa-only":
+            raise ShimError("InvalidParameterCombination", "EFA-only network interfaces do not support IP addresses.")
+        wanted_ips, count, wanted_prefixes, prefix_count = self._ipv6_request(params, nested=False)
+        if not (wanted_ips or count or wanted_prefixes or prefix_count):
+            raise ShimError("MissingParameter",
+                            "Either Ipv6Addresses, Ipv6AddressCount, Ipv6Prefix or Ipv6PrefixCount must be specified.")
+        have = list(eni.ipv6_addresses)
+        current_prefixes = self.ipv6_prefixes.get(eni.id, [])
+        wanted_ips = [ip for ip in dict.fromkeys(map(canonical_ipv6, wanted_ips)) if ip not in have]
+        wanted_prefixes = [p for p in dict.fromkeys(map(canonical_ipv6_prefix, wanted_prefixes))
+                           if p not in current_prefixes]
+
+        # As for IPv4, a prefix takes one of the interface's IPv6 address slots.
+        limit, what = self._ipv6_limit(eni)
+        after = len(have) + len(current_prefixes) + len(wanted_ips) + count + len(wanted_prefixes) + prefix_count
+        if after > limit:
+            raise ShimError("InvalidParameterValue",
+                            f"Number of IPv6 addresses and prefixes will exceed limit of {limit} for {what} "
+                            f"(network interface '{eni.id}' would have {after}).")
+        plan = Ipv6Plan(self, backend, eni.subnet)
+        new_ips = [plan.take_ip(ip) for ip in wanted_ips] + plan.take_ips(count)
+        new_prefixes = [plan.take_prefix(p) for p in wanted_prefixes] + plan.take_prefixes(prefix_count)
+
+        # Everything is checked: only now change state, so a refusal changes nothing.
+        eni.ipv6_addresses.extend(new_ips)
+        if new_prefixes:
+            self.ipv6_prefixes[eni.id] = current_prefixes + new_prefixes
+        inner = ""
+        if new_ips:
+            inner += "<assignedIpv6Addresses>" + "".join(
+                f"<item>{ip}</item>" for ip in new_ips) + "</assignedIpv6Addresses>"
+        if new_prefixes:
+            inner += "<assignedIpv6PrefixSet>" + "".join(
+                f"<item>{p}</item>" for p in new_prefixes) + "</assignedIpv6PrefixSet>"
+        inner += f"<networkInterfaceId>{eni.id}</networkInterfaceId>"
+        return ec2_result("AssignIpv6Addresses", inner)
+
+    def _ec2_UnassignIpv6Addresses(self, environ, backend, params):
+        eni = self._eni(backend, params.get("NetworkInterfaceId"))
+        if eni is None:
+            return self.call_moto(environ, params)
+        if is_true(params.get("DryRun")):
+            raise ShimError("DryRunOperation", "Request would have succeeded, but DryRun flag is set.", 412)
+        ips = [canonical_ipv6(ip) for ip in indexed(params, "Ipv6Addresses")]
+        prefixes = [canonical_ipv6_prefix(p) for p in indexed(params, "Ipv6Prefix")]
+        if not ips and not prefixes:
+            raise ShimError("MissingParameter", "Either Ipv6Addresses or Ipv6Prefix must be specified.")
+        if not set(ips) <= set(eni.ipv6_addresses):
+            raise ShimError("InvalidParameterValue",
+                            f"Some of the specified IPv6 addresses are not assigned to interface {eni.id}")
+        current = self.ipv6_prefixes.get(eni.id, [])
+        if not set(prefixes) <= set(current):
+            raise ShimError("InvalidParameterValue",
+                            f"Some of the specified IPv6 prefixes are not assigned to interface {eni.id}")
+        eni.ipv6_addresses = [ip for ip in eni.ipv6_addresses if ip not in ips]
+        remaining = [p for p in current if p not in prefixes]
+        if remaining:
+            self.ipv6_prefixes[eni.id] = remaining
+        else:
+            self.ipv6_prefixes.pop(eni.id, None)
+        inner = f"<networkInterfaceId>{eni.id}</networkInterfaceId>"
+        if ips:
+            inner += "<unassignedIpv6Addresses>" + "".join(
+                f"<item>{ip}</item>" for ip in dict.fromkeys(ips)) + "</unassignedIpv6Addresses>"
+        if prefixes:
+            inner += "<unassignedIpv6PrefixSet>" + "".join(
+                f"<item>{p}</item>" for p in dict.fromkeys(prefixes)) + "</unassignedIpv6PrefixSet>"
+        return ec2_result("UnassignIpv6Addresses", inner)
+
     def _ec2_AttachNetworkInterface(self, environ, backend, params):
         eni = self._eni(backend, params.get("NetworkInterfaceId"))
         instance = self._instance(backend, params.get("InstanceId"))
@@ -643,6 +933,8 @@ class Shim:
     def _ec2_RunInstances(self, environ, backend, params):
         subnet_id = params.get("SubnetId") or params.get("NetworkInterface.1.SubnetId")
         if subnet_id in self._subnet_ids(backend):
+            if int_param(params, "Ipv6AddressCount"):
+                subnet_ipv6_cidr(backend.get_subnet(subnet_id))
             free = SubnetPlan(self, backend, backend.get_subnet(subnet_id)).free_count()
             if free < max(1, int_param(params, "MinCount")):
                 raise ShimError("InsufficientFreeAddressesInSubnet",
@@ -684,8 +976,9 @@ class Shim:
         return resp
 
     def _forget_deleted_enis(self, backend):
-        for eni_id in [e for e in self.prefixes if e not in backend.enis]:
-            del self.prefixes[eni_id]
+        for held in (self.prefixes, self.ipv6_prefixes):
+            for eni_id in [e for e in held if e not in backend.enis]:
+                del held[eni_id]
 
     def _instance(self, backend, instance_id):
         if not instance_id:
@@ -828,6 +1121,8 @@ class Shim:
                 az = subnet.availability_zone
             else:
                 subnet = backend.create_subnet(vpc.id, body.get("subnet_cidr", "10.0.1.0/24"), availability_zone=az)
+            if body.get("ipv6"):
+                self._enable_ipv6(backend, vpc, subnet)  # before RunInstances: its ENI takes an IPv6 address
             group = self._security_group(backend, vpc.id, "shim-node", "ec2-shim test node")
             images = backend.describe_images(owners=["amazon"]) or list(backend.amis.values())
             text = self._moto_query(region, {
@@ -836,9 +1131,30 @@ class Shim:
             })
             instance = self._instance(backend, re.search(r"<instanceId>(i-[0-9a-f]+)</instanceId>", text).group(1))
             eni = instance.nics[0]
-            return {"instance_id": instance.id, "instance_type": instance_type, "vpc_id": vpc.id,
-                    "subnet_id": subnet.id, "security_group_ids": [group.id], "primary_eni": eni.id,
-                    "primary_ip": eni.private_ip_address, "mac": eni.mac_address, "az": az, "region": region}
+            reply = {"instance_id": instance.id, "instance_type": instance_type, "vpc_id": vpc.id,
+                     "subnet_id": subnet.id, "security_group_ids": [group.id], "primary_eni": eni.id,
+                     "primary_ip": eni.private_ip_address, "mac": eni.mac_address, "az": az, "region": region}
+            if subnet_ipv6_cidrs(subnet):
+                reply.update(ipv6=eni.ipv6_addresses[0] if eni.ipv6_addresses else None,
+                             subnet_ipv6_cidr=subnet_ipv6_cidrs(subnet)[0],
+                             vpc_ipv6_cidr=vpc_ipv6_cidrs(vpc)[0])
+            return reply
+
+    def _enable_ipv6(self, backend, vpc, subnet):
+        """What an EKS IPv6 cluster's VPC looks like: an Amazon-provided /56 on the VPC, the
+        subnet's /64 the lowest one no other subnet of the VPC holds, and
+        AssignIpv6AddressOnCreation on. Keeps what is already there."""
+        if not vpc_ipv6_cidrs(vpc):
+            backend.associate_vpc_cidr_block(vpc.id, None, True)
+        if not subnet_ipv6_cidrs(subnet):
+            taken = {c for s in backend.describe_subnets(filters={"vpc-id": vpc.id}) for c in subnet_ipv6_cidrs(s)}
+            pool = ipaddress.IPv6Network(vpc_ipv6_cidrs(vpc)[0])
+            free = (n for n in pool.subnets(new_prefix=IPV6_SUBNET_LEN) if str(n) not in taken)
+            cidr = next(free, None)
+            if cidr is None:
+                raise ShimError("InvalidSubnet.Conflict", f"Every /64 of {pool} is taken by a subnet.")
+            backend.associate_subnet_cidr_block(subnet.id, str(cidr))
+        subnet.assign_ipv6_address_on_creation = True
 
     def _find_vpc(self, vpc_id):
         for region in sorted(self.regions):
@@ -874,8 +1190,13 @@ class Shim:
                                 f"Subnets can currently only be created in: {', '.join(zones)}.")
             subnet = backend.create_subnet(vpc.id, body["cidr"], availability_zone=az)
             subnet.add_tags({str(k): str(v) for k, v in (body.get("tags") or {}).items()})
-            return {"subnet_id": subnet.id, "cidr": subnet.cidr_block, "az": subnet.availability_zone,
-                    "vpc_id": vpc.id, "vpc_cidrs": self._vpc_cidrs(vpc)}
+            if body.get("ipv6"):
+                self._enable_ipv6(backend, vpc, subnet)
+            reply = {"subnet_id": subnet.id, "cidr": subnet.cidr_block, "az": subnet.availability_zone,
+                     "vpc_id": vpc.id, "vpc_cidrs": self._vpc_cidrs(vpc)}
+            if subnet_ipv6_cidrs(subnet):
+                reply.update(ipv6_cidr=subnet_ipv6_cidrs(subnet)[0], vpc_ipv6_cidrs=vpc_ipv6_cidrs(vpc))
+            return reply
 
     def admin_security_group(self, body):
         with self.ec2_lock:
@@ -898,9 +1219,14 @@ class Shim:
     @staticmethod
     def _eni_network(eni, backend) -> dict:
         """What an ENI shows of its own network (custom networking makes it differ from the instance's)."""
+        vpc = backend.get_vpc(eni.vpc_id)
         return {"subnet_id": eni.subnet.id, "subnet_cidr": eni.subnet.cidr_block, "vpc_id": eni.vpc_id,
-                "vpc_cidrs": Shim._vpc_cidrs(backend.get_vpc(eni.vpc_id)),
+                "vpc_cidrs": Shim._vpc_cidrs(vpc), "subnet_ipv6_cidrs": subnet_ipv6_cidrs(eni.subnet),
+                "vpc_ipv6_cidrs": vpc_ipv6_cidrs(vpc),
                 "security_group_ids": [g.id for g in eni._group_set], "interface_type": eni.interface_type}
+
+    def _eni_ipv6(self, eni) -> dict:
+        return {"ipv6s": list(eni.ipv6_addresses), "ipv6_prefixes": list(self.ipv6_prefixes.get(eni.id, []))}
 
     def imds_view(self, instance_id):
         with self.ec2_lock:
@@ -918,11 +1244,13 @@ class Shim:
                     "mac": eni.mac_address, "device_number": device, "network_card": 0, "interface_id": eni.id,
                     **self._eni_network(eni, backend),
                     "local_ipv4s": ([primary] if primary else []) + secondaries, "ipv4_prefixes": prefixes,
+                    **self._eni_ipv6(eni),
                 })
             primary_eni = instance.nics.get(0)
             return {"instance_id": instance.id, "instance_type": instance.instance_type,
                     "az": instance.availability_zone, "region": region,
                     "local_ipv4": primary_eni.private_ip_address if primary_eni else None,
+                    "ipv6": primary_eni.ipv6_addresses[0] if primary_eni and primary_eni.ipv6_addresses else None,
                     "mac": primary_eni.mac_address if primary_eni else None,
                     "state": instance._state.name, "interfaces": interfaces}
 
@@ -939,6 +1267,7 @@ class Shim:
                         "instance_id": eni.instance.id if eni.instance else None,
                         "device_index": eni.device_index if eni.instance else None,
                         "primary_ip": primary, "secondary_ips": secondaries, "prefixes": prefixes,
+                        **self._eni_ipv6(eni),
                         "tags": {t["key"]: t["value"] for t in eni.get_tags()},
                         "description": eni.description,
                     })

@@ -442,7 +442,9 @@ class Views(ShimTest):
             "interface_id": eni["NetworkInterfaceId"], "subnet_id": w["subnet_id"], "subnet_cidr": "10.0.1.0/24",
             "vpc_id": w["vpc_id"], "vpc_cidrs": ["10.0.0.0/16", "100.64.0.0/16"],
             "local_ipv4s": ["10.0.1.5", "10.0.1.6", "10.0.1.7"], "ipv4_prefixes": [],
-            "security_group_ids": w["security_group_ids"], "interface_type": "interface"})
+            "security_group_ids": w["security_group_ids"], "interface_type": "interface",
+            "ipv6s": [], "ipv6_prefixes": [], "subnet_ipv6_cidrs": [], "vpc_ipv6_cidrs": []})
+        self.assertIsNone(view["ipv6"])
         admin("POST", "/_shim/vpc-cidr", {"vpc_id": w["vpc_id"], "cidr": "100.65.0.0/16"})
         self.assertEqual(admin("GET", f"/_shim/imds/{w['instance_id']}")["interfaces"][0]["vpc_cidrs"][-1],
                          "100.65.0.0/16")
@@ -468,6 +470,197 @@ class Views(ShimTest):
         w = self.world()
         self.assertEqual(w["primary_ip"], "10.0.1.4")
         self.assertEqual(self.create_eni(w, Ipv4PrefixCount=1)["Ipv4Prefixes"], eni["Ipv4Prefixes"])
+        # the Amazon-provided /56s start over too
+        self.assertEqual(self.world(ipv6=True)["vpc_ipv6_cidr"], "2600:1f14:0:100::/56")
+
+
+class Ipv6(ShimTest):
+    """What an EKS IPv6 cluster asks of EC2: a dual-stack VPC, /80 prefixes on the primary ENI."""
+
+    def v6(self, eni_id):
+        got = self.describe(eni_id)
+        return ([a["Ipv6Address"] for a in got.get("Ipv6Addresses", [])],
+                [p["Ipv6Prefix"] for p in got.get("Ipv6Prefixes", [])])
+
+    def test_vpc_and_subnet_cidrs(self):
+        w = self.world(ipv6=True)
+        self.assertEqual((w["vpc_ipv6_cidr"], w["subnet_ipv6_cidr"], w["ipv6"]),
+                         ("2600:1f14:0:100::/56", "2600:1f14:0:100::/64", "2600:1f14:0:100::4"))
+        vpc = self.ec2.describe_vpcs(VpcIds=[w["vpc_id"]])["Vpcs"][0]
+        self.assertEqual([(a["Ipv6CidrBlock"], a["Ipv6CidrBlockState"]["State"], a["Ipv6Pool"])
+                          for a in vpc["Ipv6CidrBlockAssociationSet"]],
+                         [("2600:1f14:0:100::/56", "associated", "Amazon")])
+        self.assertEqual(vpc["CidrBlock"], "10.0.0.0/16")
+        subnet = self.ec2.describe_subnets(SubnetIds=[w["subnet_id"]])["Subnets"][0]
+        self.assertEqual([(a["Ipv6CidrBlock"], a["Ipv6CidrBlockState"]["State"])
+                          for a in subnet["Ipv6CidrBlockAssociationSet"]],
+                         [("2600:1f14:0:100::/64", "associated")])
+        self.assertTrue(subnet["AssignIpv6AddressOnCreation"])
+        self.assertEqual(subnet["AvailableIpAddressCount"], 250)  # IPv4 accounting is unchanged
+        # the primary ENI's address, in both describes
+        self.assertEqual(self.v6(w["primary_eni"]), (["2600:1f14:0:100::4"], []))
+        instance = self.ec2.describe_instances(InstanceIds=[w["instance_id"]])["Reservations"][0]["Instances"][0]
+        self.assertEqual([a["Ipv6Address"] for a in instance["NetworkInterfaces"][0]["Ipv6Addresses"]],
+                         ["2600:1f14:0:100::4"])
+        # another subnet of the VPC: the next /64; another instance in the subnet: the next address
+        other = admin("POST", "/_shim/subnet", {"vpc_id": w["vpc_id"], "cidr": "10.0.2.0/24", "ipv6": True})
+        self.assertEqual((other["ipv6_cidr"], other["vpc_ipv6_cidrs"]),
+                         ("2600:1f14:0:101::/64", ["2600:1f14:0:100::/56"]))
+        beside = self.world(vpc_id=w["vpc_id"], subnet_id=w["subnet_id"], ipv6=True)
+        self.assertEqual((beside["ipv6"], beside["subnet_ipv6_cidr"]), ("2600:1f14:0:100::5", w["subnet_ipv6_cidr"]))
+        # another VPC: the next /56, also through the EC2 API
+        self.assertEqual(self.world(ipv6=True)["vpc_ipv6_cidr"], "2600:1f14:0:200::/56")
+        api = self.ec2.create_vpc(CidrBlock="10.9.0.0/16", AmazonProvidedIpv6CidrBlock=True)["Vpc"]
+        self.assertEqual(api["Ipv6CidrBlockAssociationSet"][0]["Ipv6CidrBlock"], "2600:1f14:0:300::/56")
+        # IPv4 only unless asked
+        plain = self.world()
+        self.assertNotIn("ipv6", plain)
+        self.assertEqual(self.ec2.describe_subnets(SubnetIds=[plain["subnet_id"]])["Subnets"][0]
+                         .get("Ipv6CidrBlockAssociationSet", []), [])
+
+    def test_prefixes_assign_describe_unassign(self):
+        w = self.world(instance_type="m5.large", ipv6=True)  # 10 IPv6 slots per ENI
+        eni_id = w["primary_eni"]
+        got = self.ec2.assign_ipv6_addresses(NetworkInterfaceId=eni_id, Ipv6PrefixCount=2)
+        prefixes = got["AssignedIpv6Prefixes"]
+        self.assertEqual(prefixes, ["2600:1f14:0:100:1::/80", "2600:1f14:0:100:2::/80"])
+        self.assertNotIn("AssignedIpv6Addresses", got)
+        subnet = ipaddress.ip_network(w["subnet_ipv6_cidr"])
+        nets = [ipaddress.ip_network(p) for p in prefixes]
+        self.assertTrue(all(n.subnet_of(subnet) and n.prefixlen == 80 for n in nets))
+        self.assertFalse(nets[0].overlaps(nets[1]))
+        self.assertFalse(any(ipaddress.ip_address(w["ipv6"]) in n for n in nets))
+        self.assertEqual(self.v6(eni_id), ([w["ipv6"]], prefixes))
+        # the filters ipamd uses still find the ENI
+        found = self.ec2.describe_network_interfaces(
+            Filters=[{"Name": "attachment.instance-id", "Values": [w["instance_id"]]}])["NetworkInterfaces"]
+        self.assertEqual([p["Ipv6Prefix"] for p in found[0]["Ipv6Prefixes"]], prefixes)
+        view = admin("GET", f"/_shim/imds/{w['instance_id']}")
+        self.assertEqual(view["ipv6"], w["ipv6"])
+        iface = view["interfaces"][0]
+        self.assertEqual((iface["ipv6s"], iface["ipv6_prefixes"], iface["subnet_ipv6_cidrs"], iface["vpc_ipv6_cidrs"]),
+                         ([w["ipv6"]], prefixes, [w["subnet_ipv6_cidr"]], [w["vpc_ipv6_cidr"]]))
+        enis = {e["id"]: e for e in admin("GET", "/_shim/enis")}
+        self.assertEqual((enis[eni_id]["ipv6s"], enis[eni_id]["ipv6_prefixes"]), ([w["ipv6"]], prefixes))
+
+        # a second ENI never overlaps the first one's addresses or prefixes
+        eni = self.create_eni(w, Ipv6PrefixCount=1)  # and one address: AssignIpv6AddressOnCreation
+        self.assertEqual(([a["Ipv6Address"] for a in eni["Ipv6Addresses"]], eni["Ipv6Prefixes"]),
+                         (["2600:1f14:0:100::5"], [{"Ipv6Prefix": "2600:1f14:0:100:3::/80"}]))
+        self.attach(w, eni, 1)
+        self.assertEc2Error("InvalidIPAddress.InUse", self.ec2.assign_ipv6_addresses,
+                            NetworkInterfaceId=eni["NetworkInterfaceId"], Ipv6Addresses=["2600:1f14:0:100:1::9"])
+        self.assertEc2Error("InvalidParameterValue", self.ec2.assign_ipv6_addresses,
+                            NetworkInterfaceId=eni["NetworkInterfaceId"], Ipv6Prefixes=["2600:1f14:0:100:2::/80"])
+        self.assertEc2Error("InvalidParameterValue", self.ec2.assign_ipv6_addresses,
+                            NetworkInterfaceId=eni["NetworkInterfaceId"], Ipv6Prefixes=["2600:1f14:0:101::/80"])
+        self.assertEc2Error("InvalidParameterCombination", self.ec2.assign_ipv6_addresses,
+                            NetworkInterfaceId=eni_id, Ipv6Prefixes=["2600:1f14:0:100:9::/80"], Ipv6PrefixCount=1)
+        # addresses: only the new ones in the answer, from outside every prefix
+        got = self.ec2.assign_ipv6_addresses(NetworkInterfaceId=eni_id, Ipv6AddressCount=2)
+        self.assertEqual(got["AssignedIpv6Addresses"], ["2600:1f14:0:100::6", "2600:1f14:0:100::7"])
+        got = self.ec2.assign_ipv6_addresses(NetworkInterfaceId=eni_id, Ipv6Addresses=["2600:1f14:0:100:0:0:0:20"])
+        self.assertEqual(got["AssignedIpv6Addresses"], ["2600:1f14:0:100::20"])
+
+        # unassign a prefix and an address; the freed /80 is the next one handed out
+        got = self.ec2.unassign_ipv6_addresses(NetworkInterfaceId=eni_id, Ipv6Prefixes=[prefixes[0]],
+                                               Ipv6Addresses=["2600:1f14:0:100::6"])
+        self.assertEqual((got["UnassignedIpv6Prefixes"], got["UnassignedIpv6Addresses"]),
+                         ([prefixes[0]], ["2600:1f14:0:100::6"]))
+        self.assertEqual(self.v6(eni_id), ([w["ipv6"], "2600:1f14:0:100::7", "2600:1f14:0:100::20"], [prefixes[1]]))
+        self.assertEqual(admin("GET", f"/_shim/imds/{w['instance_id']}")["interfaces"][0]["ipv6_prefixes"],
+                         [prefixes[1]])
+        self.assertEc2Error("InvalidParameterValue", self.ec2.unassign_ipv6_addresses,
+                            NetworkInterfaceId=eni_id, Ipv6Prefixes=[prefixes[0]])
+        self.assertEc2Error("InvalidParameterValue", self.ec2.unassign_ipv6_addresses,
+                            NetworkInterfaceId=eni_id, Ipv6Addresses=["2600:1f14:0:100::6"])
+        self.assertEqual(self.ec2.assign_ipv6_addresses(NetworkInterfaceId=eni["NetworkInterfaceId"],
+                                                        Ipv6PrefixCount=1)["AssignedIpv6Prefixes"], [prefixes[0]])
+        self.ec2.unassign_ipv6_addresses(NetworkInterfaceId=eni_id, Ipv6Prefixes=[prefixes[1]])
+        self.assertEqual(self.v6(eni_id)[1], [])
+        self.assertNotIn("Ipv6Prefixes", self.describe(eni_id))
+
+    def test_limit_counts_prefixes_and_addresses(self):
+        w = self.world(instance_type="t3.medium", ipv6=True)  # 6 IPv6 slots; the primary address takes one
+        eni_id = w["primary_eni"]
+        self.ec2.assign_ipv6_addresses(NetworkInterfaceId=eni_id, Ipv6PrefixCount=4)
+        before = self.v6(eni_id)
+        err = self.assertEc2Error("InvalidParameterValue", self.ec2.assign_ipv6_addresses,
+                                  NetworkInterfaceId=eni_id, Ipv6PrefixCount=2)
+        self.assertIn("limit of 6", str(err))
+        self.assertEqual(self.v6(eni_id), before)  # a refusal changes nothing
+        self.ec2.assign_ipv6_addresses(NetworkInterfaceId=eni_id, Ipv6AddressCount=1)
+        self.assertEc2Error("InvalidParameterValue", self.ec2.assign_ipv6_addresses,
+                            NetworkInterfaceId=eni_id, Ipv6AddressCount=1)
+        self.assertEc2Error("InvalidParameterValue", self.ec2.assign_ipv6_addresses,
+                            NetworkInterfaceId=eni_id, Ipv6PrefixCount=1)
+        self.assertEqual(len(self.v6(eni_id)[0]) + len(self.v6(eni_id)[1]), 6)
+        # the IPv4 slots are separate
+        self.ec2.assign_private_ip_addresses(NetworkInterfaceId=eni_id, SecondaryPrivateIpAddressCount=5)
+
+    def test_ipv4_only_subnet_refuses(self):
+        w = self.world()
+        for kw in ({"Ipv6PrefixCount": 1}, {"Ipv6AddressCount": 1}, {"Ipv6Addresses": ["2600:1f14:0:100::4"]}):
+            err = self.assertEc2Error("InvalidParameterValue", self.ec2.assign_ipv6_addresses,
+                                      NetworkInterfaceId=w["primary_eni"], **kw)
+            self.assertIn("no IPv6 CIDR block", str(err))
+        self.assertEc2Error("InvalidParameterValue", self.create_eni, w, Ipv6AddressCount=1)
+        self.assertEc2Error("InvalidParameterValue", self.create_eni, w, Ipv6PrefixCount=1)
+        self.assertEqual(len(admin("GET", "/_shim/enis")), 1)
+        self.assertEqual(self.v6(w["primary_eni"]), ([], []))
+        view = admin("GET", f"/_shim/imds/{w['instance_id']}")
+        self.assertIsNone(view["ipv6"])
+        self.assertEqual([view["interfaces"][0][k] for k in ("ipv6s", "ipv6_prefixes", "subnet_ipv6_cidrs",
+                                                              "vpc_ipv6_cidrs")], [[], [], [], []])
+        self.assertEc2Error("MissingParameter", self.ec2.assign_ipv6_addresses, NetworkInterfaceId=w["primary_eni"])
+
+    def test_create_delete_and_terminate_free_what_they_held(self):
+        w = self.world(ipv6=True)
+        eni = self.create_eni(w, Ipv6PrefixCount=1, Ipv6AddressCount=2)
+        self.assertEqual([a["Ipv6Address"] for a in eni["Ipv6Addresses"]], ["2600:1f14:0:100::5", "2600:1f14:0:100::6"])
+        self.assertEqual(eni["Ipv6Prefixes"], [{"Ipv6Prefix": "2600:1f14:0:100:1::/80"}])
+        self.assertEc2Error("InvalidParameterCombination", self.create_eni, w,
+                            Ipv6Addresses=[{"Ipv6Address": "2600:1f14:0:100::9"}], Ipv6AddressCount=1)
+        explicit = self.create_eni(w, Ipv6Addresses=[{"Ipv6Address": "2600:1f14:0:100::9"}])
+        self.assertEqual([a["Ipv6Address"] for a in explicit["Ipv6Addresses"]], ["2600:1f14:0:100::9"])
+        self.ec2.delete_network_interface(NetworkInterfaceId=eni["NetworkInterfaceId"])
+        again = self.create_eni(w, Ipv6PrefixCount=1)
+        self.assertEqual(([a["Ipv6Address"] for a in again["Ipv6Addresses"]], again["Ipv6Prefixes"]),
+                         (["2600:1f14:0:100::5"], [{"Ipv6Prefix": "2600:1f14:0:100:1::/80"}]))
+        self.ec2.assign_ipv6_addresses(NetworkInterfaceId=w["primary_eni"], Ipv6PrefixCount=1)
+        self.ec2.terminate_instances(InstanceIds=[w["instance_id"]])  # its primary ENI goes with it
+        self.assertEqual(self.create_eni(w, Ipv6PrefixCount=1)["Ipv6Prefixes"],
+                         [{"Ipv6Prefix": "2600:1f14:0:100:2::/80"}])
+        image = self.ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+        run = self.ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1, SubnetId=w["subnet_id"],
+                                     InstanceType="t3.medium", Ipv6AddressCount=2)["Instances"][0]
+        self.assertEqual([a["Ipv6Address"] for a in run["NetworkInterfaces"][0]["Ipv6Addresses"]],
+                         ["2600:1f14:0:100::6", "2600:1f14:0:100::7"])  # ::4, ::5 and ::9 are the ENIs'
+        plain = self.world()
+        self.assertEc2Error("InvalidParameterValue", self.ec2.run_instances, ImageId=image, MinCount=1, MaxCount=1,
+                            SubnetId=plain["subnet_id"], InstanceType="t3.medium", Ipv6AddressCount=1)
+
+    def test_calls_and_faults(self):
+        w = self.world(ipv6=True)
+        eni_id = w["primary_eni"]
+        admin("POST", "/_shim/faults", {"action": "AssignIpv6Addresses", "kind": "throttle"})
+        self.assertEc2Error("RequestLimitExceeded", self.ec2.assign_ipv6_addresses,
+                            NetworkInterfaceId=eni_id, Ipv6PrefixCount=1)
+        admin("POST", "/_shim/faults", {"action": "AssignIpv6Addresses", "kind": "noop"})
+        got = self.ec2.assign_ipv6_addresses(NetworkInterfaceId=eni_id, Ipv6PrefixCount=1)
+        self.assertEqual(got.get("AssignedIpv6Prefixes", []), [])
+        self.assertEqual(self.v6(eni_id)[1], [])
+        prefix = self.ec2.assign_ipv6_addresses(NetworkInterfaceId=eni_id, Ipv6PrefixCount=1)["AssignedIpv6Prefixes"]
+        admin("POST", "/_shim/faults", {"action": "UnassignIpv6Addresses", "kind": "error", "code": "InternalError"})
+        err = self.assertEc2Error("InternalError", self.ec2.unassign_ipv6_addresses,
+                                  NetworkInterfaceId=eni_id, Ipv6Prefixes=prefix)
+        self.assertEqual(err.response["ResponseMetadata"]["HTTPStatusCode"], 500)
+        self.assertEqual(self.v6(eni_id)[1], prefix)
+        self.ec2.unassign_ipv6_addresses(NetworkInterfaceId=eni_id, Ipv6Prefixes=prefix)
+        calls = admin("GET", "/_shim/calls")
+        self.assertEqual({k: calls["by_action"][k] for k in ("AssignIpv6Addresses", "UnassignIpv6Addresses")},
+                         {"AssignIpv6Addresses": 3, "UnassignIpv6Addresses": 2})
+        self.assertEqual(calls["throttled"], 1)
 
 
 CNI_TAG = "kubernetes.io/role/cni"

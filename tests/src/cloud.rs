@@ -66,12 +66,19 @@ pub struct Instance {
     pub subnet_id: String,
     pub primary_eni: String,
     pub primary_ip: String,
+    /// The primary ENI's IPv6 address, when the subnet has IPv6 (see `Shim::instance_v6`).
+    pub ipv6: Option<String>,
+    /// The subnet's /64, when it has one.
+    pub subnet_ipv6_cidr: Option<String>,
+    /// The VPC's Amazon-provided /56, when it has one.
+    pub vpc_ipv6_cidr: Option<String>,
     pub raw: Value,
 }
 
 impl Instance {
     fn from_reply(v: Value) -> Instance {
         let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+        let opt = |k: &str| v[k].as_str().map(str::to_string);
         Instance {
             id: s("instance_id"),
             instance_type: s("instance_type"),
@@ -79,6 +86,9 @@ impl Instance {
             subnet_id: s("subnet_id"),
             primary_eni: s("primary_eni"),
             primary_ip: s("primary_ip"),
+            ipv6: opt("ipv6"),
+            subnet_ipv6_cidr: opt("subnet_ipv6_cidr"),
+            vpc_ipv6_cidr: opt("vpc_ipv6_cidr"),
             raw: v,
         }
     }
@@ -195,12 +205,24 @@ impl Shim {
         Instance::from_reply(v)
     }
 
-    /// Another instance in the same VPC and subnet as `other`.
+    /// As `instance`, in a dual-stack VPC: the VPC gets an Amazon-provided /56, the subnet a
+    /// /64 of it with AssignIpv6AddressOnCreation, and the primary ENI one IPv6 address.
+    pub fn instance_v6(&self, instance_type: &str, subnet_cidr: &str) -> Instance {
+        let v = self.post(
+            "/_shim/instance",
+            json!({"instance_type": instance_type, "vpc_cidr": "10.0.0.0/16",
+                   "subnet_cidr": subnet_cidr, "az": "us-west-2a", "ipv6": true}),
+        );
+        Instance::from_reply(v)
+    }
+
+    /// Another instance in the same VPC and subnet as `other` (with IPv6 when `other` has it).
     pub fn instance_beside(&self, instance_type: &str, other: &Instance) -> Instance {
         let v = self.post(
             "/_shim/instance",
             json!({"instance_type": instance_type, "vpc_id": other.vpc_id,
-                   "subnet_id": other.subnet_id, "az": "us-west-2a"}),
+                   "subnet_id": other.subnet_id, "az": "us-west-2a",
+                   "ipv6": other.subnet_ipv6_cidr.is_some()}),
         );
         Instance::from_reply(v)
     }
@@ -285,6 +307,26 @@ impl Shim {
             .map(|e| e["prefixes"].as_array().map_or(0, Vec::len))
             .sum();
         (enis.len(), ips, prefixes)
+    }
+
+    /// IPv6 addresses and /80 prefixes held by the instance's ENIs, by device index.
+    pub fn ipv6(&self, instance: &str) -> (Vec<String>, Vec<String>) {
+        let strings = |e: &Value, k: &str| -> Vec<String> {
+            e[k].as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let enis = self.attached(instance);
+        (
+            enis.iter().flat_map(|e| strings(e, "ipv6s")).collect(),
+            enis.iter()
+                .flat_map(|e| strings(e, "ipv6_prefixes"))
+                .collect(),
+        )
     }
 
     pub fn calls(&self) -> Value {

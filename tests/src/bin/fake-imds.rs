@@ -134,6 +134,8 @@ fn render(view: &Value, path: &str) -> Response<Full<Bytes>> {
         "instance-type" => return ok(s(view, "instance_type")),
         "mac" => return ok(s(view, "mac")),
         "local-ipv4" => return ok(s(view, "local_ipv4")),
+        // Real IMDS has no such key on an instance without an IPv6 address.
+        "ipv6" => return present(s(view, "ipv6")),
         "placement/availability-zone" => return ok(s(view, "az")),
         "placement/region" => return ok(s(view, "region")),
         "iam/security-credentials" | "iam/security-credentials/" => return ok(ROLE),
@@ -165,9 +167,7 @@ fn render(view: &Value, path: &str) -> Response<Full<Bytes>> {
         return not_found();
     };
     match field {
-        "" => ok(
-            "device-number\ninterface-id\nipv4-prefix\nlocal-ipv4s\nmac\nnetwork-card\nsecurity-group-ids\nsubnet-id\nsubnet-ipv4-cidr-block\nvpc-id\nvpc-ipv4-cidr-blocks",
-        ),
+        "" => ok(mac_keys(i).join("\n")),
         "device-number" => ok(s(i, "device_number")),
         "network-card" => ok(s(i, "network_card")),
         "interface-id" => ok(s(i, "interface_id")),
@@ -175,16 +175,63 @@ fn render(view: &Value, path: &str) -> Response<Full<Bytes>> {
         "subnet-id" => ok(s(i, "subnet_id")),
         "subnet-ipv4-cidr-block" => ok(s(i, "subnet_cidr")),
         "vpc-id" => ok(s(i, "vpc_id")),
-        "vpc-ipv4-cidr-block" => ok(lines(i, "vpc_cidrs").lines().next().unwrap_or("").to_string()),
+        "vpc-ipv4-cidr-block" => ok(lines(i, "vpc_cidrs")
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string()),
         "vpc-ipv4-cidr-blocks" => ok(lines(i, "vpc_cidrs")),
         "local-ipv4s" => ok(lines(i, "local_ipv4s")),
         "security-group-ids" => ok(lines(i, "security_group_ids")),
-        // Real IMDS has no such key when the ENI holds no prefix.
-        "ipv4-prefix" => match lines(i, "ipv4_prefixes") {
-            p if p.is_empty() => not_found(),
-            p => ok(p),
+        // Real IMDS has no such key when the ENI holds no prefix (or, for the IPv6 keys, when
+        // the ENI, its subnet or its VPC has no IPv6).
+        key => match OPTIONAL_MAC_KEYS.iter().find(|(k, _)| *k == key) {
+            Some((_, field)) => present(lines(i, field)),
+            None => not_found(),
         },
-        _ => not_found(),
+    }
+}
+
+/// The keys of a MAC's directory that exist only when their list is not empty, with the
+/// shim view's field behind each.
+const OPTIONAL_MAC_KEYS: [(&str, &str); 5] = [
+    ("ipv4-prefix", "ipv4_prefixes"),
+    ("ipv6-prefix", "ipv6_prefixes"),
+    ("ipv6s", "ipv6s"),
+    ("subnet-ipv6-cidr-blocks", "subnet_ipv6_cidrs"),
+    ("vpc-ipv6-cidr-blocks", "vpc_ipv6_cidrs"),
+];
+
+/// A MAC's directory listing as real IMDS gives it: sorted, naming only the keys there are.
+fn mac_keys(iface: &Value) -> Vec<&'static str> {
+    let mut keys = vec![
+        "device-number",
+        "interface-id",
+        "local-ipv4s",
+        "mac",
+        "network-card",
+        "security-group-ids",
+        "subnet-id",
+        "subnet-ipv4-cidr-block",
+        "vpc-id",
+        "vpc-ipv4-cidr-blocks",
+    ];
+    keys.extend(
+        OPTIONAL_MAC_KEYS
+            .iter()
+            .filter(|(_, field)| !lines(iface, field).is_empty())
+            .map(|(k, _)| *k),
+    );
+    keys.sort_unstable();
+    keys
+}
+
+/// 200 with `body`, or 404 when it is empty: a key IMDS leaves out rather than serves empty.
+fn present(body: String) -> Response<Full<Bytes>> {
+    if body.is_empty() {
+        not_found()
+    } else {
+        ok(body)
     }
 }
 
@@ -435,5 +482,114 @@ async fn main() -> anyhow::Result<()> {
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn get(view: &Value, path: &str) -> (StatusCode, String) {
+        let r = render(view, path);
+        let status = r.status();
+        let body = body_text(r);
+        (status, body)
+    }
+
+    fn body_text(r: Response<Full<Bytes>>) -> String {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let bytes = rt
+            .block_on(r.into_body().collect())
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    fn iface(mac: &str, v6: bool) -> Value {
+        let list = |v: &[&str]| if v6 { json!(v) } else { json!([]) };
+        json!({
+            "mac": mac, "device_number": 0, "network_card": 0, "interface_id": "eni-1",
+            "subnet_id": "subnet-1", "subnet_cidr": "10.0.1.0/24", "vpc_id": "vpc-1",
+            "vpc_cidrs": ["10.0.0.0/16"], "security_group_ids": ["sg-1"], "interface_type": "interface",
+            "local_ipv4s": ["10.0.1.4"], "ipv4_prefixes": [],
+            "ipv6s": list(&["2600:1f14:0:100::4", "2600:1f14:0:100::5"]),
+            "ipv6_prefixes": list(&["2600:1f14:0:100:1::/80"]),
+            "subnet_ipv6_cidrs": list(&["2600:1f14:0:100::/64"]),
+            "vpc_ipv6_cidrs": list(&["2600:1f14:0:100::/56"]),
+        })
+    }
+
+    #[test]
+    fn ipv6_keys_as_real_imds_serves_them() {
+        let view = json!({"instance_id": "i-1", "ipv6": "2600:1f14:0:100::4",
+                          "interfaces": [iface("02:00:00:00:00:01", true)]});
+        let mac = "network/interfaces/macs/02:00:00:00:00:01";
+        assert_eq!(
+            get(&view, "ipv6"),
+            (StatusCode::OK, "2600:1f14:0:100::4".into())
+        );
+        assert_eq!(
+            get(&view, &format!("{mac}/ipv6s")),
+            (
+                StatusCode::OK,
+                "2600:1f14:0:100::4\n2600:1f14:0:100::5".into()
+            )
+        );
+        for (key, want) in [
+            ("ipv6-prefix", "2600:1f14:0:100:1::/80"),
+            ("subnet-ipv6-cidr-blocks", "2600:1f14:0:100::/64"),
+            ("vpc-ipv6-cidr-blocks", "2600:1f14:0:100::/56"),
+        ] {
+            assert_eq!(
+                get(&view, &format!("{mac}/{key}")),
+                (StatusCode::OK, want.into())
+            );
+        }
+        let (_, listing) = get(&view, mac);
+        let keys: Vec<&str> = listing.lines().collect();
+        let mut sorted = keys.clone();
+        sorted.sort_unstable();
+        assert_eq!(keys, sorted);
+        for key in [
+            "ipv6-prefix",
+            "ipv6s",
+            "subnet-ipv6-cidr-blocks",
+            "vpc-ipv6-cidr-blocks",
+            "local-ipv4s",
+        ] {
+            assert!(keys.contains(&key), "{key} missing from {keys:?}");
+        }
+        assert!(!keys.contains(&"ipv4-prefix"), "{keys:?}");
+    }
+
+    #[test]
+    fn ipv4_only_leaves_the_ipv6_keys_out() {
+        let view = json!({"instance_id": "i-1", "ipv6": null,
+                          "interfaces": [iface("02:00:00:00:00:01", false)]});
+        let mac = "network/interfaces/macs/02:00:00:00:00:01";
+        assert_eq!(get(&view, "ipv6").0, StatusCode::NOT_FOUND);
+        for key in [
+            "ipv6s",
+            "ipv6-prefix",
+            "subnet-ipv6-cidr-blocks",
+            "vpc-ipv6-cidr-blocks",
+            "ipv4-prefix",
+        ] {
+            assert_eq!(
+                get(&view, &format!("{mac}/{key}")).0,
+                StatusCode::NOT_FOUND,
+                "{key}"
+            );
+        }
+        let (status, listing) = get(&view, mac);
+        assert_eq!(status, StatusCode::OK);
+        assert!(!listing.contains("ipv6"), "{listing}");
+        assert_eq!(
+            get(&view, &format!("{mac}/local-ipv4s")),
+            (StatusCode::OK, "10.0.1.4".into())
+        );
     }
 }
