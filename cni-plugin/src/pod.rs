@@ -95,12 +95,12 @@ pub async fn setup(host: &Netlink, pod: &Netlink, ns: &File, p: &PodNet) -> Resu
 
     // A veth end cannot be created up (ENOTCONN), so both come up afterwards.
     let host_side = async {
-        host.set_up_with_alias(hidx, &p.owner)
-            .await
-            .map_err(|e| netlink("set host veth up", e))?;
         if p.ip.is_ipv6() {
             host_veth_ipv6_sysctls(&p.host_veth)?;
         }
+        host.set_up_with_alias(hidx, &p.owner)
+            .await
+            .map_err(|e| netlink("set host veth up", e))?;
         host.replace_route(host_route(p.ip, hidx, MAIN_TABLE))
             .await
             .map_err(|e| netlink(&format!("add host route to {}", p.ip), e))?;
@@ -118,11 +118,15 @@ pub async fn setup(host: &Netlink, pod: &Netlink, ns: &File, p: &PodNet) -> Resu
     let len = cni_common::netlink::host_len(p.ip);
     let pod_side = async {
         if p.ip.is_ipv6() {
-            // As upstream: a runtime may create namespaces with IPv6 off.
+            // As upstream: a runtime may create namespaces with IPv6 off. And no duplicate
+            // address detection on the interface's link-local address (the host veth's is off
+            // too): only the two ends are on the link, and while it runs, for a second, the
+            // pod's first packets wait.
             crate::netlink::sysctls_in_netns(
                 ns,
                 vec![
                     (format!("net/ipv6/conf/{}/disable_ipv6", p.ifname), "0"),
+                    (format!("net/ipv6/conf/{}/accept_dad", p.ifname), "0"),
                     ("net/ipv6/conf/lo/disable_ipv6".to_string(), "0"),
                 ],
             )
@@ -157,9 +161,13 @@ pub async fn setup(host: &Netlink, pod: &Netlink, ns: &File, p: &PodNet) -> Resu
 }
 
 /// Upstream's host veth settings for an IPv6 pod: the veth takes no router advertisements
-/// (the pod is not a router), accepts redirects, and does not act as a router itself.
+/// (the pod is not a router), accepts redirects, and does not act as a router itself. Ours
+/// besides: no duplicate address detection on the veth's link-local address, set before it
+/// comes up: until DAD ends (a second) the node cannot resolve the pod, and nothing else is on
+/// a veth to collide with.
 fn host_veth_ipv6_sysctls(veth: &str) -> Result<()> {
     for (key, value) in [
+        ("accept_dad", "0"),
         ("accept_ra", "0"),
         ("accept_redirects", "1"),
         ("forwarding", "0"),

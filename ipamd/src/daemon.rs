@@ -729,6 +729,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 .await
                 .context("set up node networking (rules, SNAT)")?;
             if cfg.v6_egress {
+                net.ipv6_forwarding()
+                    .await
+                    .context("IPv6 forwarding for IPv6 egress (ENABLE_V6_EGRESS)")?;
                 net.block_node_local(true)
                     .await
                     .context("block pods' node-local IPv6 egress addresses (ENABLE_V6_EGRESS)")?;

@@ -67,6 +67,41 @@ impl CniClient {
         std::fs::write(&self.conflist, cl.to_string()).expect("write");
     }
 
+    /// Chain `egress-cni` after `aws-cni` as the entrypoint writes it (upstream's entry):
+    /// egress of the other family for every pod, SNAT to `node_ip` (its family picks the
+    /// direction), node-local addresses kept under `dir`.
+    pub fn chain_egress(&self, dir: &Path, node_ip: &str) {
+        let link = self.bindir.join("egress-cni");
+        if !link.exists() {
+            std::os::unix::fs::symlink(crate::bin("egress-cni"), link).expect("symlink egress");
+        }
+        let v6 = node_ip.contains(':');
+        let (subnet, dst) = if v6 {
+            ("fd00::ac:00/118", "::/0")
+        } else {
+            ("169.254.172.0/22", "0.0.0.0/0")
+        };
+        let mut cl: Value =
+            serde_json::from_slice(&std::fs::read(&self.conflist).expect("conflist"))
+                .expect("json");
+        if let Some(p) = cl["plugins"].as_array_mut() {
+            p.retain(|e| e["type"] != "egress-cni");
+            p.insert(
+                1,
+                json!({
+                    "name": "egress-cni", "type": "egress-cni", "mtu": "9001", "enabled": "true",
+                    "randomizeSNAT": "prng", "nodeIP": node_ip,
+                    "ipam": {
+                        "type": "host-local", "ranges": [[{"subnet": subnet}]],
+                        "routes": [{"dst": dst}], "dataDir": dir.join("egress-ipam"),
+                    },
+                    "pluginLogFile": dir.join("egress.log"), "pluginLogLevel": "DEBUG",
+                }),
+            );
+        }
+        std::fs::write(&self.conflist, cl.to_string()).expect("write");
+    }
+
     /// Point the chain's `aws-cni` at another build of it (the benchmark measures the shipped,
     /// LTO-built plugin, not the rig's quicker build).
     pub fn use_plugin(&self, plugin: &Path) {

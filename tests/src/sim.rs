@@ -46,6 +46,11 @@ pub enum Mode {
     /// Each node in a /28 subnet of its own; a subnet tagged `kubernetes.io/role/cni=1` (and a
     /// larger untagged one that must not be used) take the ENIs the nodes' subnets cannot.
     SubnetDiscovery,
+    /// An IPv6 cluster: the VPC and subnet have IPv6 CIDRs, every ipamd runs with
+    /// ENABLE_IPv6 (and prefix delegation), pods get IPv6 addresses from their node's /80 and
+    /// IPv4 egress through egress-cni. A node whose spec sets ENABLE_IPv6=false is an IPv4
+    /// node of the same VPC (with ENABLE_V6_EGRESS its pods get IPv6 egress).
+    Ipv6,
 }
 
 /// What a mode made besides the nodes, for the report and the checks.
@@ -170,6 +175,7 @@ impl Sim {
                     &f.vpc_id,
                     &format!("10.0.0.{}/28", 16 * i),
                 ),
+                (Mode::Ipv6, None) => vpc.shim.instance_v6(&spec.instance_type, "10.0.0.0/20"),
                 (_, None) => vpc.shim.instance(&spec.instance_type, "10.0.0.0/20"),
                 (_, Some(f)) => vpc.shim.instance_beside(&spec.instance_type, f),
             };
@@ -189,6 +195,15 @@ impl Sim {
         }
         match mode {
             Mode::Default => {}
+            Mode::Ipv6 => {
+                for (k, v) in [
+                    ("ENABLE_IPv6", "true"),
+                    ("ENABLE_IPv4", "false"),
+                    ("ENABLE_PREFIX_DELEGATION", "true"),
+                ] {
+                    mode_env.push((k.into(), v.into()));
+                }
+            }
             Mode::CustomNetworking => {
                 vpc.start_kube(dir);
                 let group = vpc.shim.security_group(&vpc_id, "pods");
@@ -240,6 +255,20 @@ impl Sim {
                 all.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
             node.start_ipamd(&ndir, &env);
             let cni = CniClient::new(&node.ns.name, &ndir, &node.ipamd().socket);
+            // egress-cni as the entrypoint chains it (the last value of a variable counts).
+            let flag = |k: &str| {
+                all.iter()
+                    .rev()
+                    .find(|(n, _)| n == k)
+                    .map(|(_, v)| v == "true")
+            };
+            if flag("ENABLE_IPv6") == Some(true) && flag("ENABLE_V4_EGRESS") != Some(false) {
+                cni.chain_egress(&ndir, &inst.primary_ip);
+            } else if flag("ENABLE_V6_EGRESS") == Some(true) {
+                if let Some(v6) = &inst.ipv6 {
+                    cni.chain_egress(&ndir, v6);
+                }
+            }
             nodes.push(SimNode {
                 pods: Vec::new(),
                 cni,
@@ -364,9 +393,14 @@ impl Sim {
 
     /// The address the internet sees `pod` as (after SNAT), or the error.
     pub fn seen_from_internet(&mut self, pod: (usize, &str)) -> Result<String, String> {
+        self.seen_at(pod, INTERNET_IP)
+    }
+
+    /// The address the internet's `addr` (its IPv4 or IPv6 one) sees `pod` as.
+    pub fn seen_at(&mut self, pod: (usize, &str), addr: &str) -> Result<String, String> {
         self.start_whoami();
         let p = self.pod(pod.0, pod.1);
-        tcp_text(&p.ns.name, INTERNET_IP, WHOAMI_PORT)
+        tcp_text(&p.ns.name, addr, WHOAMI_PORT)
     }
 
     /// The ENIs EC2 shows for a node.
@@ -437,10 +471,12 @@ pub fn tcp_text(ns: &str, ip: &str, port: u16) -> Result<String, String> {
 
 /// A TCP server in `ns` that answers every caller with the address it sees it as.
 pub fn whoami(ns: &str, port: u16) -> std::process::Child {
+    // Both families on one socket; an IPv4 caller shows as ::ffff:a.b.c.d, said as a.b.c.d.
     let script = format!(
-        "import socket\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
-         s.bind(('0.0.0.0',{port}));s.listen(64)\n\
-         while True:\n  c,a=s.accept();c.sendall(a[0].encode());c.close()\n"
+        "import socket\ns=socket.socket(socket.AF_INET6);s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+         s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0)\n\
+         s.bind(('::',{port}));s.listen(64)\n\
+         while True:\n  c,a=s.accept();h=a[0];h=h[7:] if h.startswith('::ffff:') else h;c.sendall(h.encode());c.close()\n"
     );
     let c = crate::die_with_parent(&mut std::process::Command::new("ip"))
         .args(["netns", "exec", ns, "python3", "-c", &script])

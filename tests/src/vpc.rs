@@ -22,6 +22,11 @@ use crate::{sh, try_sh};
 /// The "internet" beyond the router.
 pub const INTERNET_IP: &str = "203.0.113.10";
 const INTERNET_GW: &str = "203.0.113.1";
+/// The internet's IPv6 address, and the router's on that link.
+pub const INTERNET_IP6: &str = "2001:db8:ffff::10";
+const INTERNET_GW6: &str = "2001:db8:ffff::1";
+/// The VPC router's IPv6 address on every subnet link, as AWS's (fe80:ec2::1).
+pub const VPC_GW6: &str = "fe80:ec2::1";
 
 /// Where the fabric's links are, per ENI.
 #[derive(Debug, Clone)]
@@ -141,6 +146,17 @@ impl Fabric {
                     "-qw",
                     &format!("net.ipv4.conf.{rif}.proxy_arp=1"),
                 ]);
+                sh(&[
+                    "ip",
+                    "-n",
+                    &self.router,
+                    "addr",
+                    "add",
+                    &format!("{VPC_GW6}/64"),
+                    "dev",
+                    &rif,
+                    "nodad",
+                ]);
                 sh(&["ip", "-n", &self.router, "link", "set", &rif, "up"]);
                 if dev == 0 {
                     // What DHCP does on a booting instance: the primary address and a default route.
@@ -160,6 +176,25 @@ impl Fabric {
                     sh(&[
                         "ip", "-n", node, "route", "add", "default", "via", &gw, "dev", &eth,
                     ]);
+                    // What DHCPv6 and the router's advertisements give an instance in an IPv6
+                    // subnet: its address and a default route via the VPC router.
+                    if let Some(v6) = strs(&e["ipv6s"]).first() {
+                        sh(&[
+                            "ip",
+                            "-n",
+                            node,
+                            "addr",
+                            "add",
+                            &format!("{v6}/128"),
+                            "dev",
+                            &eth,
+                            "nodad",
+                        ]);
+                        sh(&[
+                            "ip", "-n", node, "-6", "route", "add", "default", "via", VPC_GW6,
+                            "dev", &eth,
+                        ]);
+                    }
                 }
                 wired.insert(
                     id.to_string(),
@@ -176,13 +211,24 @@ impl Fabric {
             want.insert(format!("{primary}/32"));
             want.extend(strs(&e["secondary_ips"]).iter().map(|a| format!("{a}/32")));
             want.extend(strs(&e["prefixes"]));
+            let v6s = strs(&e["ipv6s"]);
+            want.extend(v6s.iter().map(|a| format!("{a}/128")));
+            // An IPv6 prefix goes to the ENI's own IPv6 address, as a /28 to its IPv4 one.
+            if v6s.first().is_some() {
+                want.extend(strs(&e["ipv6_prefixes"]));
+            }
             let rif = w.router_if.clone();
             for r in want.difference(&w.routes) {
                 // Like the VPC fabric, the router sends a secondary address's traffic to the
                 // ENI itself (its MAC, learnt through the ENI's own address): the node does not
                 // answer ARP for pod addresses.
-                let route = if *r == format!("{primary}/32") {
+                let route = if *r == format!("{primary}/32") || r.ends_with("/128") {
                     format!("route replace {r} dev {rif}")
+                } else if r.contains(':') {
+                    format!(
+                        "route replace {r} via {} dev {rif} onlink",
+                        v6s.first().map(String::as_str).unwrap_or_default()
+                    )
                 } else {
                     format!("route replace {r} via {primary} dev {rif} onlink")
                 };
@@ -250,6 +296,7 @@ impl Vpc {
             "net.ipv4.ip_forward=1",
             "net.ipv4.conf.all.rp_filter=1",
             "net.ipv4.conf.default.rp_filter=1",
+            "net.ipv6.conf.all.forwarding=1",
         ] {
             sh(&["ip", "netns", "exec", &router.name, "sysctl", "-qw", s]);
         }
@@ -347,6 +394,34 @@ impl Vpc {
             "10.0.0.0/8",
             "via",
             INTERNET_GW,
+        ]);
+        // IPv6 beside it: the VPC's addresses are global, routed (not translated) both ways.
+        for (ns, addr, dev) in [
+            (&self.router.name, INTERNET_GW6, "qinet"),
+            (&inet.name, INTERNET_IP6, "eth0"),
+        ] {
+            sh(&[
+                "ip",
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{addr}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ]);
+        }
+        sh(&[
+            "ip",
+            "-n",
+            &inet.name,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            INTERNET_GW6,
         ]);
         self.internet = Some(inet);
         self.internet.as_ref().expect("just set")

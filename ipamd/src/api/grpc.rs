@@ -177,7 +177,7 @@ impl CniBackend for Backend {
             };
             info!(ip = %alloc.ip, eni = %alloc.eni_id, "assigned");
             if let Some(a) = s.annotator() {
-                a.assigned(&r.k8s_pod_namespace, &r.k8s_pod_name, alloc.ip.into());
+                a.assigned(&r.k8s_pod_namespace, &r.k8s_pod_name, alloc.ip);
             }
             Ok(Response::new(AddNetworkReply {
                 success: true,
@@ -244,7 +244,7 @@ impl CniBackend for Backend {
             };
             info!(ip = %a.ip, "released into cooldown");
             if let Some(an) = s.annotator() {
-                an.released(&a.pod.namespace, &a.pod.name, a.ip.into());
+                an.released(&a.pod.namespace, &a.pod.name, a.ip);
             }
             Ok(Response::new(DelNetworkReply {
                 success: true,

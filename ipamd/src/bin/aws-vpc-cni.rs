@@ -144,6 +144,29 @@ fn init() -> ExitCode {
         eprintln!("aws-vpc-cni init: net.ipv4.ip_forward=1: {e}");
         return ExitCode::FAILURE;
     }
+    // IPv6 as upstream's init: on for an IPv6 node, forwarded for IPv6 pods or IPv6 egress.
+    // (ipamd sets accept_ra=2 on the primary ENI's link, which it finds by MAC.)
+    let flag = |var: &'static str| {
+        ipamd::config::bool_from(var, env(var), false).unwrap_or_else(|e| {
+            eprintln!("aws-vpc-cni init: {e}; using false, as upstream");
+            false
+        })
+    };
+    let (v6, v6_egress) = (flag("ENABLE_IPv6"), flag("ENABLE_V6_EGRESS"));
+    let mut sysctls = Vec::new();
+    if v6 {
+        sysctls.push(("net/ipv6/conf/all/disable_ipv6", "0"));
+    }
+    if v6 || v6_egress {
+        sysctls.push(("net/ipv6/conf/all/forwarding", "1"));
+    }
+    for (key, value) in sysctls {
+        if let Err(e) = std::fs::write(format!("/proc/sys/{key}"), value) {
+            eprintln!("aws-vpc-cni init: {key}={value}: {e}");
+            return ExitCode::FAILURE;
+        }
+        println!("aws-vpc-cni init: {key}={value}");
+    }
     // Upstream's init writes tcp_early_demux either way (1 unless DISABLE_TCP_EARLY_DEMUX),
     // where the kernel has it.
     // A bad value is upstream's default (false), said.

@@ -201,7 +201,27 @@ impl NodeNetwork {
         if let Some((idx, _)) = self.links.link_by_mac(&self.primary_mac).await? {
             self.links.set_mtu_up(idx, self.cfg.mtu).await?;
         }
+        self.ipv6_forwarding().await?;
         self.block_node_local(false).await
+    }
+
+    /// IPv6 forwarding on, and the primary ENI still taking the VPC router's advertisements
+    /// (accept_ra=2: a forwarding interface ignores them otherwise), as upstream's init sets
+    /// them; here too so that a node whose init did not run still works.
+    pub async fn ipv6_forwarding(&self) -> anyhow::Result<()> {
+        use anyhow::Context;
+        for (key, value) in [
+            ("net/ipv6/conf/all/forwarding".to_string(), "1"),
+            (format!("net/ipv6/conf/{}/accept_ra", self.primary_if), "2"),
+        ] {
+            let path = format!("/proc/sys/{key}");
+            let current = std::fs::read_to_string(&path).unwrap_or_default();
+            if current.trim() != value {
+                std::fs::write(&path, value).with_context(|| format!("write {path}={value}"))?;
+                info!(key = %key, value, "IPv6 sysctl set");
+            }
+        }
+        Ok(())
     }
 
     /// Upstream's REJECT of new connections to egress-cni's node-local range (`v6`: the IPv6

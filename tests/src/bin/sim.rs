@@ -9,6 +9,9 @@
 //! Kubernetes API emulator serves the ENIConfigs and the nodes' zone labels); node 2 is then
 //! relabelled to another ENIConfig, and only its new ENIs follow. `--subnet-discovery`: each
 //! node sits in a /28 of its own, and ENIs go to the subnet tagged `kubernetes.io/role/cni`.
+//! `--ipv6`: an IPv6 cluster (ENABLE_IPv6): two nodes whose pods get IPv6 addresses from each
+//! node's /80 and reach IPv4 through egress-cni, and a third, IPv4 node of the same VPC with
+//! ENABLE_V6_EGRESS whose pods reach IPv6 the same way.
 //! `sim down`: remove whatever a run (even a crashed one) left: processes, namespaces, files.
 
 use std::path::PathBuf;
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
                     "--keep" => {}
                     "--custom-networking" if mode == Mode::Default => mode = Mode::CustomNetworking,
                     "--subnet-discovery" if mode == Mode::Default => mode = Mode::SubnetDiscovery,
+                    "--ipv6" if mode == Mode::Default => mode = Mode::Ipv6,
                     other => {
                         eprintln!("sim: unknown or conflicting argument {other:?}");
                         return ExitCode::from(2);
@@ -51,7 +55,14 @@ fn main() -> ExitCode {
             if keep {
                 integration::keep_helpers();
             }
-            match std::panic::catch_unwind(|| run(keep, mode)) {
+            let go = |keep, mode| {
+                if mode == Mode::Ipv6 {
+                    run_ipv6(keep)
+                } else {
+                    run(keep, mode)
+                }
+            };
+            match std::panic::catch_unwind(|| go(keep, mode)) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
                 Err(_) => {
@@ -63,7 +74,7 @@ fn main() -> ExitCode {
         }
         _ => {
             eprintln!(
-                "usage: sim run [--keep] [--custom-networking | --subnet-discovery] | sim down"
+                "usage: sim run [--keep] [--custom-networking | --subnet-discovery | --ipv6] | sim down"
             );
             ExitCode::from(2)
         }
@@ -91,6 +102,7 @@ fn run(keep: bool, mode: Mode) -> bool {
             " (custom networking: ENIConfigs in 100.64.0.0/16, Kubernetes API emulator)"
         }
         Mode::SubnetDiscovery => " (subnet discovery: nodes in /28 subnets, one tagged subnet)",
+        Mode::Ipv6 => " (IPv6)",
     };
     println!("sim: starting the EC2 shim, the VPC router and two t3.medium nodes{what} ...");
     let t0 = std::time::Instant::now();
@@ -183,6 +195,7 @@ fn run(keep: bool, mode: Mode) -> bool {
         Mode::Default => {}
         Mode::CustomNetworking => all_ok &= custom_networking_checks(&mut sim),
         Mode::SubnetDiscovery => all_ok &= subnet_discovery_checks(&sim),
+        Mode::Ipv6 => {}
     }
     if mode != Mode::Default {
         let n = |a: &str| calls["by_action"][a].as_u64().unwrap_or(0);
@@ -425,4 +438,187 @@ fn subnet_discovery_checks(sim: &Sim) -> bool {
         mark(ok)
     );
     ok_all
+}
+
+/// Whether `ip` lies in `cidr` (either family).
+fn in_net(ip: &str, cidr: &str) -> bool {
+    match (ip.parse::<std::net::IpAddr>(), cidr.parse::<ipnet::IpNet>()) {
+        (Ok(ip), Ok(net)) => net.contains(&ip),
+        _ => false,
+    }
+}
+
+/// The IPv6 cluster: two IPv6 nodes and one IPv4 node with IPv6 egress, in one VPC.
+fn run_ipv6(keep: bool) -> bool {
+    use integration::vpc::{INTERNET_IP, INTERNET_IP6};
+    let dir = state_dir();
+    let left = teardown(&dir, PREFIX);
+    if !left.is_empty() {
+        println!("sim: cleared {} leftovers of an earlier run", left.len());
+    }
+    std::fs::create_dir_all(&dir).expect("state dir");
+    println!("sim: starting the EC2 shim, the VPC router (IPv4 and IPv6) and three t3.medium nodes: two with ENABLE_IPv6, one IPv4 node with ENABLE_V6_EGRESS ...");
+    let t0 = std::time::Instant::now();
+    let v6 = || NodeSpec::new("t3.medium", &[]);
+    let v4 = NodeSpec::new(
+        "t3.medium",
+        &[
+            ("ENABLE_IPv6", "false"),
+            ("ENABLE_IPv4", "true"),
+            ("ENABLE_PREFIX_DELEGATION", "false"),
+            ("ENABLE_V6_EGRESS", "true"),
+        ],
+    );
+    let mut sim = Sim::up_in(&dir, PREFIX, &[v6(), v6(), v4], Mode::Ipv6);
+    println!(
+        "sim: all three ipamds serving after {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+    let mut all_ok = true;
+    for (node, name) in [(0, "a"), (0, "b"), (0, "c"), (1, "x"), (1, "y"), (2, "z")] {
+        if let Err(e) = sim.add_pod(node, name, "") {
+            all_ok = false;
+            println!("sim: ADD {name} on node{} failed: {e}", node + 1);
+        }
+    }
+
+    println!();
+    println!("== nodes (EC2's view) ==");
+    let mut prefixes: Vec<Vec<String>> = Vec::new();
+    for (i, n) in sim.nodes.iter().enumerate() {
+        let (addrs, pfx) = sim.vpc.shim.ipv6(&n.inst().id);
+        let family = if i < 2 {
+            "IPv6 pods"
+        } else {
+            "IPv4 pods, ENABLE_V6_EGRESS"
+        };
+        println!(
+            "node{} {} ({family}) primary {} / {}; IPv6 prefixes: {}",
+            i + 1,
+            n.inst().id,
+            n.inst().primary_ip,
+            addrs.join(" "),
+            if pfx.is_empty() {
+                "none".to_string()
+            } else {
+                pfx.join(" ")
+            }
+        );
+        prefixes.push(pfx);
+    }
+    for (i, pfx) in prefixes.iter().enumerate().take(2) {
+        let ok = pfx.len() == 1 && pfx[0].ends_with("/80");
+        all_ok &= ok;
+        println!(
+            "{} node{} holds one /80 on its primary ENI",
+            mark(ok),
+            i + 1
+        );
+    }
+
+    println!();
+    println!("== pods ==");
+    for (i, n) in sim.nodes.iter().enumerate() {
+        for p in &n.pods {
+            let ok = match prefixes[i].first() {
+                Some(pfx) if i < 2 => in_net(&p.ip, pfx),
+                _ => p.ip.parse::<std::net::Ipv4Addr>().is_ok(),
+            };
+            all_ok &= ok;
+            let where_ = if i < 2 { "in the node's /80" } else { "IPv4" };
+            println!(
+                "{} node{}/{:<2} {} ({where_})",
+                mark(ok),
+                i + 1,
+                p.name,
+                p.ip
+            );
+        }
+    }
+
+    println!();
+    println!("== pod to pod across nodes (IPv6) ==");
+    let x = sim.pod(1, "x").ip.clone();
+    for name in ["a", "b", "c"] {
+        let p = sim.pod(0, name);
+        let r = sim.ping(p, &x);
+        all_ok &= r.is_some();
+        println!(
+            "{} node1/{name} ({}) -> node2/x ({x}){}",
+            mark(r.is_some()),
+            p.ip,
+            r.map_or(String::new(), |ms| format!(": {ms} ms"))
+        );
+    }
+    let a = sim.pod(0, "a").ip.clone();
+    let r = sim.ping(sim.pod(1, "y"), &a);
+    all_ok &= r.is_some();
+    println!("{} node2/y -> node1/a ({a})", mark(r.is_some()));
+
+    println!();
+    println!("== pods to the internet ({INTERNET_IP6} and {INTERNET_IP}) ==");
+    for (node, name) in [(0, "a"), (1, "x")] {
+        let pod_ip = sim.pod(node, name).ip.clone();
+        let primary = sim.nodes[node].inst().primary_ip.clone();
+        let seen6 = sim.seen_at((node, name), INTERNET_IP6);
+        let ok6 = seen6.as_deref() == Ok(pod_ip.as_str());
+        all_ok &= ok6;
+        println!(
+            "{} node{}/{name} -> {INTERNET_IP6}: seen as {} (its own address, routed)",
+            mark(ok6),
+            node + 1,
+            seen6.unwrap_or_else(|e| e)
+        );
+        let seen4 = sim.seen_at((node, name), INTERNET_IP);
+        let ok4 = seen4.as_deref() == Ok(primary.as_str());
+        all_ok &= ok4;
+        println!(
+            "{} node{}/{name} -> {INTERNET_IP}: seen as {} (node{} primary IPv4 {primary}: egress-cni + SNAT)",
+            mark(ok4),
+            node + 1,
+            seen4.unwrap_or_else(|e| e),
+            node + 1
+        );
+    }
+    let z_node_v6 = sim.nodes[2].inst().ipv6.clone().unwrap_or_default();
+    let seen = sim.seen_at((2, "z"), INTERNET_IP6);
+    let ok = seen.as_deref() == Ok(z_node_v6.as_str());
+    all_ok &= ok;
+    println!(
+        "{} node3/z ({}) -> {INTERNET_IP6}: seen as {} (node3 IPv6 {z_node_v6}: ENABLE_V6_EGRESS)",
+        mark(ok),
+        sim.pod(2, "z").ip,
+        seen.unwrap_or_else(|e| e)
+    );
+    let primary3 = sim.nodes[2].inst().primary_ip.clone();
+    let seen = sim.seen_at((2, "z"), INTERNET_IP);
+    let ok = seen.as_deref() == Ok(primary3.as_str());
+    all_ok &= ok;
+    println!(
+        "{} node3/z -> {INTERNET_IP}: seen as {} (SNAT to node3 primary {primary3})",
+        mark(ok),
+        seen.unwrap_or_else(|e| e)
+    );
+
+    println!();
+    if keep {
+        println!(
+            "sim: left running (state in {}); `sim down` removes it",
+            dir.display()
+        );
+        std::mem::forget(sim);
+    } else {
+        sim.down();
+        teardown(&dir, PREFIX);
+        println!("sim: torn down");
+    }
+    println!(
+        "sim: {}",
+        if all_ok {
+            "all checks passed"
+        } else {
+            "some checks FAILED"
+        }
+    );
+    all_ok
 }
