@@ -1,6 +1,6 @@
 # Two images from one build, laid out where upstream's DaemonSet looks for things:
 #   aws-node, the default (last) stage:   docker build -t amazon-k8s-cni .
-#     /app: aws-vpc-cni (ENTRYPOINT), ipamd, aws-cni, max-pods, the conflist template, the chained
+#     /app: aws-vpc-cni (ENTRYPOINT), ipamd, aws-cni, egress-cni, max-pods, the conflist template, the chained
 #     plugins (portmap, loopback, bandwidth, tuning, host-local) and grpc-health-probe, a link to
 #     aws-vpc-cni, which answers as upstream's health probe when run under that name.
 #   init:                                 docker build --target init -t amazon-k8s-cni-init .
@@ -13,7 +13,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends protobuf-compil
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked -p ipamd --bins \
-    && cp "$(scripts/build-plugin.sh)" target/release/aws-cni
+    && cp "$(scripts/build-plugin.sh)" target/release/aws-cni \
+    && cp "$(scripts/build-plugin.sh egress-cni)" target/release/egress-cni
 
 FROM debian:bookworm-slim AS plugins
 RUN apt-get update && apt-get install -y --no-install-recommends containernetworking-plugins \
@@ -33,7 +34,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends iptables nftabl
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY --from=build /src/target/release/aws-vpc-cni /src/target/release/ipamd \
-     /src/target/release/aws-cni /src/target/release/max-pods /app/
+     /src/target/release/aws-cni /src/target/release/egress-cni /src/target/release/max-pods /app/
 COPY --from=plugins /usr/lib/cni/portmap /usr/lib/cni/loopback /usr/lib/cni/bandwidth \
      /usr/lib/cni/tuning /usr/lib/cni/host-local /app/
 COPY config/10-aws.conflist /app/10-aws.conflist

@@ -5,10 +5,12 @@
 //!
 //! Small on purpose: the plugin links it, and the plugin stays small.
 
+pub mod command;
 pub mod fsio;
 pub mod grpc;
 pub mod logfile;
 pub mod naming;
 pub mod netlink;
+pub mod netns;
 pub mod state;
 pub mod validate;
