@@ -680,7 +680,11 @@ check(all(resolve(istage, f"{init_dir}/{p}") for p in plugins), f"init image: th
 check(all(resolve(final, f"/app/{p}") for p in plugins), f"aws-node image: the same plugins, for aws-vpc-cni init")
 tmpl = read("config/10-aws.conflist")
 chained = [p["type"] for p in json.loads(re.sub(r"__[A-Z]+__", "x", tmpl))["plugins"]]
-check(set(chained) <= set(plugins) | {"aws-cni"}, f"every plugin the conflist chains ({chained}) is installed on the node")
+# aws-cni and egress-cni come from the aws-node container's entrypoint (as upstream's), the
+# rest from init.
+check(set(chained) <= set(plugins) | {"aws-cni", "egress-cni"}, f"every plugin the conflist chains ({chained}) is installed on the node")
+check(code_has(SRC_ENTRY, '"egress-cni"') and resolve(final, f"/app/egress-cni") is not None,
+      "aws-node image: egress-cni beside the entrypoint, which installs it")
 app_dir = posixpath.dirname(UPSTREAM_AWS_NODE_CMD[0])
 check({"mountPath": f"{app_dir}/10-aws.conflist", "name": "cni-config", "subPath": "10-aws.conflist"} in node["volumeMounts"]
       and resolve(final, f"{app_dir}/10-aws.conflist") is not None,
@@ -692,12 +696,14 @@ for where, dset in [("static manifest", static["DaemonSet"]), ("chart", rendered
         if posixpath.basename(cmd[0]) == "aws-vpc-cni":
             check(code_has(SRC_ENTRY, f'"{cmd[1]}"'), f"{where}: {probe}: aws-vpc-cni takes {cmd[1]!r}")
 
-for ph in ["__VETHPREFIX__", "__MTU__", "__PODSGENFORCINGMODE__", "__PLUGINLOGFILE__", "__PLUGINLOGLEVEL__"]:
+EGRESS_PH = ["__EGRESSPLUGINENABLED__", "__NODEIP__", "__EGRESSPLUGINIPAMSUBNET__", "__EGRESSPLUGINIPAMDST__",
+             "__EGRESSPLUGINIPAMDATADIR__", "__EGRESSPLUGINLOGFILE__"]
+for ph in ["__VETHPREFIX__", "__MTU__", "__PODSGENFORCINGMODE__", "__PLUGINLOGFILE__", "__PLUGINLOGLEVEL__"] + EGRESS_PH:
     check(ph in tmpl, f"conflist template has {ph}")
 sub = tmpl
-for ph in ["__VETHPREFIX__", "__MTU__", "__PODSGENFORCINGMODE__", "__PLUGINLOGFILE__", "__PLUGINLOGLEVEL__", "__RANDOMIZESNAT__"]:
+for ph in ["__VETHPREFIX__", "__MTU__", "__PODSGENFORCINGMODE__", "__PLUGINLOGFILE__", "__PLUGINLOGLEVEL__", "__RANDOMIZESNAT__"] + EGRESS_PH:
     sub = sub.replace(ph, "x")
 conf = json.loads(sub)
-check([p["type"] for p in conf["plugins"]] == ["aws-cni", "portmap"], "conflist: aws-cni then portmap")
+check([p["type"] for p in conf["plugins"]] == ["aws-cni", "egress-cni", "portmap"], "conflist: aws-cni, egress-cni, then portmap, as upstream's")
 
 print(f"manifests: {passed} checks passed")

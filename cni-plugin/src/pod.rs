@@ -363,9 +363,12 @@ pub async fn check(host: &Netlink, pod: &Netlink, p: &PodNet) -> Result<()> {
         .routes_like(p.ip)
         .await
         .map_err(|e| netlink("list pod routes", e))?;
-    let has_gw_link = proutes
-        .iter()
-        .any(|r| r.dst == Some((gw, len)) && r.oif == Some(pidx) && r.scope == RouteScope::Link);
+    // The kernel keeps no scope on IPv6 routes (they all read as universe).
+    let has_gw_link = proutes.iter().any(|r| {
+        r.dst == Some((gw, len))
+            && r.oif == Some(pidx)
+            && (p.ip.is_ipv6() || r.scope == RouteScope::Link)
+    });
     if !has_gw_link {
         return Err(check_failed(format!(
             "pod route {gw}/{len} scope link is missing"

@@ -2,7 +2,7 @@
 //! plugin alone. It hands out addresses from a fixed list and can be told to refuse.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -13,8 +13,10 @@ use tonic::{Request, Response, Status};
 #[derive(Default)]
 pub struct State {
     /// (address, device number) not handed out yet.
-    pub free: Vec<(Ipv4Addr, i32)>,
-    pub assigned: HashMap<(String, String), (Ipv4Addr, i32)>,
+    pub free: Vec<(IpAddr, i32)>,
+    pub assigned: HashMap<(String, String), (IpAddr, i32)>,
+    /// Replace the address text of every reply (a malformed ipamd).
+    pub garble: Option<String>,
     pub refuse: Option<(FailureReason, String)>,
     pub add_calls: u32,
     pub del_calls: u32,
@@ -25,12 +27,16 @@ pub struct State {
 #[derive(Clone)]
 struct Svc(Arc<Mutex<State>>);
 
-fn ip_msg(ip: Ipv4Addr, dev: i32) -> IpAllocationMetadata {
+fn ip_msg(ip: IpAddr, dev: i32) -> IpAllocationMetadata {
+    let (v4, v6) = match ip {
+        IpAddr::V4(_) => (ip.to_string(), String::new()),
+        IpAddr::V6(_) => (String::new(), ip.to_string()),
+    };
     IpAllocationMetadata {
-        i_pv4_addr: ip.to_string(),
+        i_pv4_addr: v4,
+        i_pv6_addr: v6,
         device_number: dev,
         route_table_id: dev + 1,
-        ..Default::default()
     }
 }
 
@@ -69,9 +75,17 @@ impl CniBackend for Svc {
                 a
             }
         };
+        let mut meta = ip_msg(ip, dev);
+        if let Some(g) = &s.garble {
+            for f in [&mut meta.i_pv4_addr, &mut meta.i_pv6_addr] {
+                if !f.is_empty() {
+                    *f = g.clone();
+                }
+            }
+        }
         Ok(Response::new(AddNetworkReply {
             success: true,
-            ip_allocation_metadata: vec![ip_msg(ip, dev)],
+            ip_allocation_metadata: vec![meta],
             vp_cv4_cid_rs: vec!["10.0.0.0/16".into()],
             ..Default::default()
         }))
@@ -160,6 +174,12 @@ pub struct FakeIpamd {
 
 impl FakeIpamd {
     pub fn start(dir: &Path, pool: &[(Ipv4Addr, i32)]) -> FakeIpamd {
+        let any: Vec<(IpAddr, i32)> = pool.iter().map(|(ip, d)| ((*ip).into(), *d)).collect();
+        Self::start_any(dir, &any)
+    }
+
+    /// As `start`, with addresses of either family.
+    pub fn start_any(dir: &Path, pool: &[(IpAddr, i32)]) -> FakeIpamd {
         let socket = dir.join("ipamd.sock");
         let state = Arc::new(Mutex::new(State {
             free: pool.to_vec(),

@@ -260,13 +260,15 @@ fn every_upstream_ipamd_variable_is_taken_or_refused() {
             Takes(json!(true)),
         ),
         ("ENABLE_IMDS_ONLY_MODE", "true", Takes(json!(true))),
+        // One family, as upstream: each alone contradicts the other's default.
         ("ENABLE_IPv4", "false", Refused),
         ("ENABLE_IPv6", "true", Refused),
         ("ENABLE_MULTI_NIC", "true", Refused),
         ("ENABLE_POD_ENI", "true", Refused),
         ("ENABLE_PREFIX_DELEGATION", "true", Refused), // with no warm target, as upstream
         ("ENABLE_SUBNET_DISCOVERY", "false", Takes(json!(false))),
-        ("ENABLE_V6_EGRESS", "true", Refused),
+        ("ENABLE_V4_EGRESS", "false", Takes(json!(false))),
+        ("ENABLE_V6_EGRESS", "true", Takes(json!(true))),
         (
             "ENI_CONFIG_ANNOTATION_DEF",
             "example.com/cfg",

@@ -21,9 +21,15 @@ struct Rig {
 
 impl Rig {
     fn new(pool: &[(Ipv4Addr, i32)]) -> Rig {
+        let any: Vec<(std::net::IpAddr, i32)> =
+            pool.iter().map(|(a, d)| ((*a).into(), *d)).collect();
+        Self::new_any(&any)
+    }
+
+    fn new_any(pool: &[(std::net::IpAddr, i32)]) -> Rig {
         let node = Netns::node("kn");
         let dir = tempfile::tempdir().unwrap();
-        let ipamd = FakeIpamd::start(dir.path(), pool);
+        let ipamd = FakeIpamd::start_any(dir.path(), pool);
         Rig { node, dir, ipamd }
     }
 
@@ -742,4 +748,148 @@ fn new_sandbox_of_same_pod_replaces_stale_veth() {
     rig.run("DEL", Some(&new), &conf).ok();
     assert_clean(&rig, &new, &ip);
     assert!(!has_rule(&rig.node, 512, "dst", "10.0.9.1"));
+}
+
+fn in_ns(ns: &str, args: &[&str]) -> String {
+    let mut full = vec!["ip", "netns", "exec", ns];
+    full.extend_from_slice(args);
+    integration::sh(&full)
+}
+
+#[test]
+fn ipv6_pod_is_wired_as_upstream_checked_and_removed() {
+    let ip = "2600:1f14:0:100:1::7";
+    let rig = Rig::new_any(&[(ip.parse().unwrap(), 0)]);
+    let pod = Pod::new();
+    let mut conf = rig.conf("0.4.0");
+    let res = rig.run("ADD", Some(&pod), &conf).ok().json();
+    assert_eq!(res["ips"][0]["address"], format!("{ip}/128"));
+    assert_eq!(res["ips"][0]["version"], "6");
+    assert_eq!(res["ips"][0]["gateway"], "fe80::1");
+    assert_eq!(res["routes"][0]["dst"], "::/0");
+
+    // Pod side: the /128 usable at once (no DAD), default via fe80::1 answered by the host
+    // veth's MAC.
+    let pns = pod.ns().name.clone();
+    let addrs = integration::ip_json(&pns, &["-6", "addr", "show", "dev", "eth0"]);
+    let a = addrs[0]["addr_info"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["local"] == ip)
+        .unwrap_or_else(|| panic!("{addrs}"))
+        .clone();
+    assert_eq!(a["prefixlen"], 128);
+    assert!(a.get("tentative").is_none(), "{a}");
+    let routes = integration::ip_json(&pns, &["-6", "route", "show"]);
+    assert!(
+        routes
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["dst"] == "default" && r["gateway"] == "fe80::1" && r["dev"] == "eth0"),
+        "{routes}"
+    );
+    let host_mac =
+        integration::ip_json(&rig.node.name, &["link", "show", &pod.veth()])[0]["address"].clone();
+    let neigh = integration::ip_json(&pns, &["-6", "neigh", "show", "dev", "eth0"]);
+    assert!(
+        neigh
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["dst"] == "fe80::1"
+                && n["lladdr"] == host_mac
+                && n["state"][0] == "PERMANENT"),
+        "{neigh}"
+    );
+    // Host side: the /128 routed to the veth, `to <ip> lookup main` at 512, upstream's veth
+    // sysctls (and no DAD on it).
+    let hroutes = integration::ip_json(&rig.node.name, &["-6", "route", "show"]);
+    assert!(
+        hroutes
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["dst"] == ip && r["dev"] == pod.veth().as_str()),
+        "{hroutes}"
+    );
+    let v6_rules = || integration::ip_json(&rig.node.name, &["-6", "rule", "show"]);
+    assert!(
+        v6_rules()
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["priority"] == 512 && r["dst"] == ip && r["table"] == "main"),
+        "{}",
+        v6_rules()
+    );
+    for (key, want) in [
+        ("accept_ra", "0"),
+        ("accept_redirects", "1"),
+        ("forwarding", "0"),
+        ("accept_dad", "0"),
+    ] {
+        let got = in_ns(
+            &rig.node.name,
+            &[
+                "cat",
+                &format!("/proc/sys/net/ipv6/conf/{}/{key}", pod.veth()),
+            ],
+        );
+        assert_eq!(got.trim(), want, "{key}");
+    }
+    // The node reaches the pod over IPv6 at once.
+    assert!(integration::ping(&rig.node.name, ip));
+
+    conf["prevResult"] = res;
+    rig.run("CHECK", Some(&pod), &conf).ok();
+    integration::sh(&["ip", "-n", &pns, "-6", "route", "del", "default"]);
+    let out = rig.run("CHECK", Some(&pod), &conf);
+    assert_eq!(out.err_code(), 101);
+    assert!(out.err_msg().contains("via fe80::1"), "{}", out.err_msg());
+
+    rig.run("DEL", Some(&pod), &conf).ok();
+    assert!(rig.node.links().is_empty(), "{:?}", rig.node.links());
+    assert!(
+        !v6_rules()
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["dst"] == ip),
+        "{}",
+        v6_rules()
+    );
+    let hroutes = integration::ip_json(&rig.node.name, &["-6", "route", "show"]);
+    assert!(
+        !hroutes.as_array().unwrap().iter().any(|r| r["dst"] == ip),
+        "{hroutes}"
+    );
+    assert_eq!(rig.state_files(), 0);
+    assert_eq!(rig.ipamd.state.lock().unwrap().free.len(), 1);
+}
+
+#[test]
+fn a_malformed_address_from_ipamd_gets_the_same_code_in_both_families() {
+    let mut codes = Vec::new();
+    for (ip, garbage) in [
+        ("10.0.1.9", "10.0.1.300"),
+        ("2600:1f14:0:100:1::9", "2600:1f14::zz"),
+    ] {
+        let rig = Rig::new_any(&[(ip.parse().unwrap(), 0)]);
+        rig.ipamd.state.lock().unwrap().garble = Some(garbage.into());
+        let pod = Pod::new();
+        let out = rig.run("ADD", Some(&pod), &rig.conf("1.0.0"));
+        codes.push(out.err_code());
+        assert!(
+            out.err_msg().contains("without an IPv4 or IPv6 address"),
+            "{}",
+            out.err_msg()
+        );
+        // The refused address went back and nothing was made.
+        assert!(rig.ipamd.state.lock().unwrap().assigned.is_empty());
+        assert!(rig.node.links().is_empty());
+        assert!(pod.ns().links().is_empty());
+    }
+    assert_eq!(codes[0], codes[1]);
 }

@@ -264,7 +264,7 @@ impl CniBackend for Backend {
             ready: st.ready,
             reason: st.reason as i32,
             message: st.message,
-            available_addresses: st.available as i32,
+            available_addresses: i32::try_from(st.available).unwrap_or(i32::MAX),
         }))
     }
 

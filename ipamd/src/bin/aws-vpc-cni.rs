@@ -57,9 +57,13 @@ fn main() -> ExitCode {
         None => run(),
         Some("init") => init(),
         Some("conflist") => match EntryConfig::from_env(&env) {
-            Ok((entry, cfg)) => {
+            Ok((mut entry, cfg)) => {
                 for w in &cfg.warnings {
                     eprintln!("aws-vpc-cni: {w}");
+                }
+                if let Err(e) = egress_node_ip(&mut entry) {
+                    eprintln!("aws-vpc-cni: {e}");
+                    return ExitCode::FAILURE;
                 }
                 match entry.render_installed_conflist() {
                     Ok(c) => {
