@@ -4,6 +4,8 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::net::IpAddr;
 
+use crate::sandbox::{host_netlink, open_netns, pod_netlink, refuse_own_netns};
+
 use serde_json::Value;
 use tracing::{info, warn};
 
@@ -55,55 +57,11 @@ pub async fn run(env: &CniEnv, conf: &NetConf) -> Result<Option<String>> {
     }
 }
 
-fn open_netns(path: &str) -> Result<File> {
-    File::open(path).map_err(|e| {
-        CniError::new(
-            Code::UnknownContainer,
-            format!("cannot open network namespace {path}: {e}"),
-        )
-    })
-}
-
-/// The namespace the plugin itself runs in: ADD there would replace the host's own `eth0`
-/// and default route. libcni's plugin skeleton refuses it too.
-fn refuse_own_netns(ns: &File, path: &str) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let own = std::fs::metadata("/proc/self/ns/net").map_err(|e| {
-        CniError::new(
-            Code::Io,
-            format!("read this process's network namespace: {e}"),
-        )
-    })?;
-    let target = ns
-        .metadata()
-        .map_err(|e| CniError::new(Code::Io, format!("stat network namespace {path}: {e}")))?;
-    if own.dev() == target.dev() && own.ino() == target.ino() {
-        return Err(CniError::new(
-            Code::InvalidEnv,
-            format!("CNI_NETNS {path} is the plugin's own network namespace, not a pod's: refusing to rewire the host"),
-        ));
-    }
-    Ok(())
-}
-
 fn lock(store: &StateStore, env: &CniEnv) -> Result<cni_common::fsio::FileLock> {
     store.lock(&env.container_id, &env.ifname).map_err(|e| {
         CniError::new(
             Code::Io,
             format!("lock attachment {}/{}: {e}", env.container_id, env.ifname),
-        )
-    })
-}
-
-fn host_netlink() -> Result<Netlink> {
-    Netlink::current().map_err(|e| CniError::new(Code::Io, format!("open netlink socket: {e}")))
-}
-
-async fn pod_netlink(ns: &File, path: &str) -> Result<Netlink> {
-    Netlink::in_netns(ns).await.map_err(|e| {
-        CniError::new(
-            Code::Io,
-            format!("open netlink socket in network namespace {path}: {e}"),
         )
     })
 }

@@ -15,5 +15,6 @@ pub mod netlink;
 pub mod pod;
 pub mod policy;
 pub mod result;
+pub mod sandbox;
 pub mod state;
 pub mod version;

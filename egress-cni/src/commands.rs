@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use aws_cni::config::{Attachment, CniEnv};
 use aws_cni::error::{CniError, Code, Result};
 use aws_cni::netlink::Netlink;
+use aws_cni::sandbox::{host_netlink, open_netns, pod_netlink, refuse_own_netns};
 use aws_cni::version::Version;
 use cni_common::fsio::FileLock;
 use serde_json::Value;
@@ -31,42 +32,6 @@ pub async fn run(env: &CniEnv, conf: &NetConf) -> Result<Option<String>> {
             format!("CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, STATUS, GC, VERSION"),
         )),
     }
-}
-
-fn open_netns(path: &str) -> Result<File> {
-    File::open(path).map_err(|e| {
-        CniError::new(
-            Code::UnknownContainer,
-            format!("cannot open network namespace {path}: {e}"),
-        )
-    })
-}
-
-fn refuse_own_netns(ns: &File, path: &str) -> Result<()> {
-    match cni_common::netns::is_own_netns(ns) {
-        Ok(false) => Ok(()),
-        Ok(true) => Err(CniError::new(
-            Code::InvalidEnv,
-            format!("CNI_NETNS {path} is the plugin's own network namespace, not a pod's: refusing to rewire the host"),
-        )),
-        Err(e) => Err(CniError::new(
-            Code::Io,
-            format!("compare network namespace {path} with the plugin's own: {e}"),
-        )),
-    }
-}
-
-fn host_netlink() -> Result<Netlink> {
-    Netlink::current().map_err(|e| CniError::new(Code::Io, format!("open netlink socket: {e}")))
-}
-
-async fn pod_netlink(ns: &File, path: &str) -> Result<Netlink> {
-    Netlink::in_netns(ns).await.map_err(|e| {
-        CniError::new(
-            Code::Io,
-            format!("open netlink socket in network namespace {path}: {e}"),
-        )
-    })
 }
 
 /// ADD, DEL, CHECK and GC of one attachment never interleave: a DEL racing the ADD of the same

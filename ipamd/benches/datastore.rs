@@ -24,6 +24,8 @@ fn pool(held: usize) -> (Datastore, Vec<Key>) {
             primary_ip: Ipv4Addr::from(0x0a00_0000 + (e << 8) + 5),
             ips,
             prefixes: vec![],
+            primary_ipv6: None,
+            ipv6_prefixes: vec![],
             attached_at: SystemTime::UNIX_EPOCH,
         })
         .expect("eni");

@@ -214,7 +214,7 @@ impl Fabric {
             let v6s = strs(&e["ipv6s"]);
             want.extend(v6s.iter().map(|a| format!("{a}/128")));
             // An IPv6 prefix goes to the ENI's own IPv6 address, as a /28 to its IPv4 one.
-            if v6s.first().is_some() {
+            if !v6s.is_empty() {
                 want.extend(strs(&e["ipv6_prefixes"]));
             }
             let rif = w.router_if.clone();
