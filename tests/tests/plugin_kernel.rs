@@ -893,3 +893,35 @@ fn a_malformed_address_from_ipamd_gets_the_same_code_in_both_families() {
     }
     assert_eq!(codes[0], codes[1]);
 }
+
+#[test]
+fn gc_removes_ipv6_attachments_not_listed() {
+    let (keep_ip, stale_ip) = ("2600:1f14:0:100:1::a", "2600:1f14:0:100:1::b");
+    let rig = Rig::new_any(&[
+        (keep_ip.parse().unwrap(), 0),
+        (stale_ip.parse().unwrap(), 0),
+    ]);
+    let conf = rig.conf("1.1.0");
+    let keep = Pod::new();
+    let stale = Pod::new();
+    rig.run("ADD", Some(&keep), &conf).ok();
+    rig.run("ADD", Some(&stale), &conf).ok();
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([{ "containerID": keep.cid, "ifname": "eth0" }]);
+    rig.run("GC", None, &gc).ok();
+    assert_eq!(rig.node.links(), vec![keep.veth()]);
+    let v6_rule = |ip: &str| {
+        integration::ip_json(&rig.node.name, &["-6", "rule", "show"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["priority"] == 512 && r["dst"] == ip)
+    };
+    assert!(v6_rule(keep_ip) && !v6_rule(stale_ip));
+    assert_eq!(rig.ipamd.state.lock().unwrap().assigned.len(), 1);
+    assert!(ping_eventually(&rig.node.name, keep_ip));
+    rig.run("DEL", Some(&keep), &conf).ok();
+    assert!(!v6_rule(keep_ip));
+    assert!(rig.node.links().is_empty());
+    assert_eq!(rig.state_files(), 0);
+}
