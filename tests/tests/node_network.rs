@@ -86,6 +86,25 @@ impl Setup {
         ])
     }
 
+    /// `table ip aws-cni` as nft lists it ("" when there is none).
+    fn connmark_table(&self) -> String {
+        String::from_utf8_lossy(
+            &integration::try_sh(&[
+                "ip",
+                "netns",
+                "exec",
+                self.ns(),
+                "nft",
+                "list",
+                "table",
+                "ip",
+                "aws-cni",
+            ])
+            .stdout,
+        )
+        .into_owned()
+    }
+
     fn restart(&mut self, env: &[(&str, &str)]) {
         if let Some(mut d) = self.node.ipamd.take() {
             d.stop();
@@ -179,17 +198,28 @@ fn rules_routes_and_iptables_survive_restart_and_follow_settings() {
     };
     check_rules(&s);
 
+    // This machine's iptables is nf_tables: connections are marked in upstream's nf_tables
+    // table, SNAT stays in iptables, as upstream's layout on such a node.
     let nat = s.iptables("nat");
     let want_nat = vec![
-        "-A PREROUTING -i eni+ -m comment --comment \"AWS, outbound connections\" -j AWS-CONNMARK-CHAIN-0".to_string(),
-        "-A PREROUTING -m comment --comment \"AWS, CONNMARK\" -j CONNMARK --restore-mark --nfmask 0x80 --ctmask 0x80".into(),
-        "-A POSTROUTING -m comment --comment \"AWS SNAT CHAIN\" -j AWS-SNAT-CHAIN-0".into(),
-        "-A AWS-CONNMARK-CHAIN-0 -d 10.0.0.0/16 -m comment --comment \"AWS CONNMARK CHAIN\" -j RETURN".into(),
-        "-A AWS-CONNMARK-CHAIN-0 -m comment --comment \"AWS, CONNMARK\" -j CONNMARK --set-xmark 0x80/0x80".into(),
+        "-A POSTROUTING -m comment --comment \"AWS SNAT CHAIN\" -j AWS-SNAT-CHAIN-0".to_string(),
         "-A AWS-SNAT-CHAIN-0 -d 10.0.0.0/16 -m comment --comment \"AWS SNAT CHAIN\" -j RETURN".into(),
         format!("-A AWS-SNAT-CHAIN-0 ! -o vlan+ -m comment --comment \"AWS, SNAT\" -m addrtype ! --dst-type LOCAL -j SNAT --to-source {primary_ip} --random-fully"),
     ];
     assert_eq!(our_lines(&nat), want_nat, "{nat}");
+    let table = s.connmark_table();
+    for want in [
+        // nft names priority -90 after its hook's base (dstnat, -100).
+        "type nat hook prerouting priority dstnat + 10; policy accept;",
+        "fib daddr type local return",
+        "iifname \"eni*\" counter",
+        "jump snat-mark",
+        "meta mark set ct mark & 0x00000080",
+        "ip daddr 10.0.0.0/16 counter",
+        "ct mark set ct mark | 0x00000080",
+    ] {
+        assert!(table.contains(want), "{want}: {table}");
+    }
     let mangle = s.iptables("mangle");
     assert_eq!(our_lines(&mangle).len(), 3, "{mangle}");
     assert!(mangle.contains("-A PREROUTING -i eth0 -m comment --comment \"AWS, primary ENI\" -m addrtype --dst-type LOCAL --limit-iface-in -j CONNMARK --set-xmark 0x80/0x80"), "{mangle}");
@@ -201,6 +231,7 @@ fn rules_routes_and_iptables_survive_restart_and_follow_settings() {
     check_rules(&s);
     assert_eq!(our_lines(&s.iptables("nat")), want_nat);
     assert_eq!(our_lines(&s.iptables("mangle")).len(), 3);
+    assert_eq!(s.connmark_table().matches("snat-mark").count(), 2);
 
     // The VPC gains a CIDR: the reconcile adds it to both chains.
     s.vpc.shim.post(
@@ -211,10 +242,10 @@ fn rules_routes_and_iptables_survive_restart_and_follow_settings() {
         let nat = s.iptables("nat");
         (nat.contains(
             "-A AWS-SNAT-CHAIN-0 -d 10.1.0.0/16 -m comment --comment \"AWS SNAT CHAIN\" -j RETURN",
-        ) && nat.contains("-A AWS-CONNMARK-CHAIN-0 -d 10.1.0.0/16"))
+        ) && s.connmark_table().contains("ip daddr 10.1.0.0/16"))
         .then_some(())
     });
-    assert_eq!(our_lines(&s.iptables("nat")).len(), 9);
+    assert_eq!(our_lines(&s.iptables("nat")).len(), 4);
 
     // External SNAT: SNAT and connmark go; the NodePort rules stay.
     s.restart(&[
@@ -229,6 +260,7 @@ fn rules_routes_and_iptables_survive_restart_and_follow_settings() {
         !nat.contains("AWS-SNAT-CHAIN") && !nat.contains("AWS-CONNMARK-CHAIN"),
         "{nat}"
     );
+    assert_eq!(s.connmark_table(), "", "the connmark table goes with SNAT");
     assert_eq!(our_lines(&s.iptables("mangle")).len(), 3);
     let r = rules(s.ns());
     assert_eq!(r.iter().filter(|x| x["priority"] == 1024).count(), 1);
@@ -422,7 +454,9 @@ fn earlier_layouts_and_duplicates_are_replaced_and_foreign_rules_kept() {
         "nat",
     ]);
     let ours = our_lines(&nat);
-    assert_eq!(ours.len(), 7, "{nat}");
+    // The POSTROUTING jump and the SNAT chain; connections are marked in nf_tables here.
+    assert_eq!(ours.len(), 3, "{nat}");
+    assert!(!nat.contains("AWS-CONNMARK-CHAIN"), "{nat}");
     assert!(
         !nat.contains("AWS-SNAT-CHAIN-1") && !nat.contains("10.0.9.9"),
         "{nat}"
@@ -491,14 +525,39 @@ fn rules_go_to_the_iptables_backend_the_node_uses() {
         !saved("iptables-nft").contains("AWS-SNAT-CHAIN-0"),
         "rules in both back-ends"
     );
+    // Upstream on a legacy node marks connections in the iptables chain: so does ours.
+    assert!(saved("iptables-legacy").contains("-j AWS-CONNMARK-CHAIN-0"));
+    let tables = in_ns(&ns, &["nft", "list", "tables"]);
+    assert!(!tables.contains("table ip aws-cni"), "{tables}");
 }
 
 /// A node that upstream's ipamd ran on in nf_tables mode keeps its connmark table
-/// (`table ip aws-cni`); ours marks those connections in its iptables chain and removes the
-/// table once its own rules are in, so nothing is marked twice.
+/// (`table ip aws-cni`); ours rewrites that table in upstream's layout and adds no iptables
+/// connmark chain beside it, so nothing is marked twice. Upstream's iptables connmark rules
+/// (its layout on a legacy node, or before it moved to nf_tables) are removed.
 #[test]
 fn upstreams_nftables_connmark_table_is_taken_over() {
     let (_node, ns, _vpc, _dir) = node_prepared(|ns| {
+        // Upstream's iptables connmark chain and jump, as an earlier upstream left them.
+        in_ns(ns, &["iptables", "-t", "nat", "-N", "AWS-CONNMARK-CHAIN-0"]);
+        in_ns(
+            ns,
+            &[
+                "iptables",
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-i",
+                "eni+",
+                "-m",
+                "comment",
+                "--comment",
+                "AWS, outbound connections",
+                "-j",
+                "AWS-CONNMARK-CHAIN-0",
+            ],
+        );
         in_ns(ns, &["nft", "add", "table", "ip", "aws-cni"]);
         in_ns(
             ns,
@@ -513,9 +572,17 @@ fn upstreams_nftables_connmark_table_is_taken_over() {
             ],
         );
     });
-    eventually(30, "our connmark chain and no upstream table", || {
-        let nat = in_ns(&ns, &["iptables-save", "-t", "nat"]);
-        let tables = in_ns(&ns, &["nft", "list", "tables"]);
-        (nat.contains("AWS-CONNMARK-CHAIN-0") && !tables.contains("table ip aws-cni")).then_some(())
-    });
+    eventually(
+        30,
+        "upstream's table in our layout, no iptables connmark chain",
+        || {
+            let nat = in_ns(&ns, &["iptables-save", "-t", "nat"]);
+            let table = in_ns(&ns, &["nft", "list", "table", "ip", "aws-cni"]);
+            (nat.contains("AWS-SNAT-CHAIN-0")
+                && !nat.contains("AWS-CONNMARK-CHAIN-0")
+                && table.contains("chain snat-mark")
+                && table.contains("ct mark set ct mark | 0x00000080"))
+            .then_some(())
+        },
+    );
 }

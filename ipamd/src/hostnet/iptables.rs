@@ -36,6 +36,16 @@ pub struct SnatSpec {
     pub external_snat: bool,
     pub node_port_support: bool,
     pub randomize: Randomize,
+    /// Connections are marked in nf_tables (`table ip aws-cni`, see `nft`), not in the nat
+    /// table's `AWS-CONNMARK-CHAIN-0`: upstream's choice on an nf_tables node.
+    pub connmark_in_nft: bool,
+}
+
+/// Destinations whose connections are not marked: the VPC's CIDRs and the SNAT exclusions.
+pub fn connmark_exempt(s: &SnatSpec) -> Vec<String> {
+    let mut v: Vec<String> = s.vpc_cidrs.iter().map(|c| c.trunc().to_string()).collect();
+    v.extend(cidrs(&s.exclude_cidrs));
+    v
 }
 
 /// Comments that mark a rule in a built-in chain as ours.
@@ -112,9 +122,10 @@ pub fn desired(s: &SnatSpec) -> (TableRules, TableRules) {
             s.primary_ip
         ));
         nat.chains.insert(SNAT_CHAIN.into(), chain);
-
-        // Pod connections to outside the VPC are marked, so their replies (which come back to
-        // the primary address) are routed by the main table, not a secondary ENI's.
+    }
+    // Pod connections to outside the VPC are marked, so their replies (which come back to the
+    // primary address) are routed by the main table, not a secondary ENI's.
+    if !s.external_snat && !s.connmark_in_nft {
         nat.builtin.push(format!(
             "-A PREROUTING -i {}+ -m comment --comment \"AWS, outbound connections\" -j {CONNMARK_CHAIN}",
             s.veth_prefix
@@ -122,9 +133,8 @@ pub fn desired(s: &SnatSpec) -> (TableRules, TableRules) {
         nat.builtin.push(format!(
             "-A PREROUTING -m comment --comment \"AWS, CONNMARK\" -j CONNMARK --restore-mark --nfmask {mark} --ctmask {mark}"
         ));
-        let mut cm: Vec<String> = vpc
+        let mut cm: Vec<String> = connmark_exempt(s)
             .iter()
-            .chain(excl.iter())
             .map(|c| {
                 format!(
                     "-A {CONNMARK_CHAIN} {}-m comment --comment \"AWS CONNMARK CHAIN\" -j RETURN",
@@ -233,22 +243,6 @@ pub enum IptablesError {
     Failed { cmd: String, stderr: String },
 }
 
-/// Upstream's ipamd on an nf_tables node marks pods' outbound connections in a table of its own
-/// (`table ip aws-cni`) instead of the iptables chain ours uses. On a node switched from it,
-/// that table would mark every connection a second time beside our rules: it is removed once
-/// ours are in place (as upstream removes the iptables chain when it moves to its table).
-/// Whether one was removed; an `nft` that cannot be run, or a table that is not there, is not.
-pub fn remove_upstream_nft_connmark() -> Result<bool, IptablesError> {
-    const TABLE: [&str; 2] = ["ip", "aws-cni"];
-    match run("nft", &["list", "table", TABLE[0], TABLE[1]], None) {
-        Ok(_) => {
-            run("nft", &["delete", "table", TABLE[0], TABLE[1]], None)?;
-            Ok(true)
-        }
-        Err(_) => Ok(false),
-    }
-}
-
 /// Which of the kernel's two iptables back-ends the node's rules live in. Rules written to the
 /// other are rules nobody else sees (kube-proxy's, kubelet's), so ours must go where theirs are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -276,6 +270,8 @@ pub fn choose_backend(nft: &str, legacy: &str, nft_rules: usize, legacy_rules: u
 pub struct Iptables {
     pub save: String,
     pub restore: String,
+    /// The front-end writes nf_tables (where upstream marks connections in nf_tables too).
+    pub nft: bool,
 }
 
 impl Iptables {
@@ -286,7 +282,12 @@ impl Iptables {
         let save = |p: &str| run(p, &[], None).ok();
         let (Some(nft), Some(legacy)) = (save("iptables-nft-save"), save("iptables-legacy-save"))
         else {
-            return Iptables::default();
+            // One front-end: its version line names its back-end.
+            let version = run("iptables", &["-V"], None).unwrap_or_default();
+            return Iptables {
+                nft: version.contains("nf_tables"),
+                ..Iptables::default()
+            };
         };
         let rules = |s: &str| s.lines().filter(|l| l.starts_with("-A ")).count();
         let (prefix, backend) = match choose_backend(&nft, &legacy, rules(&nft), rules(&legacy)) {
@@ -297,6 +298,7 @@ impl Iptables {
         Iptables {
             save: format!("{prefix}-save"),
             restore: format!("{prefix}-restore"),
+            nft: backend == "nf_tables",
         }
     }
 }
@@ -306,6 +308,7 @@ impl Default for Iptables {
         Iptables {
             save: "iptables-save".into(),
             restore: "iptables-restore".into(),
+            nft: false,
         }
     }
 }
@@ -427,7 +430,20 @@ mod tests {
             external_snat: false,
             node_port_support: true,
             randomize: Randomize::Fully,
+            connmark_in_nft: false,
         }
+    }
+
+    #[test]
+    fn nf_tables_connmark_leaves_only_snat_in_nat() {
+        let mut s = spec();
+        s.connmark_in_nft = true;
+        let (nat, mangle) = desired(&s);
+        assert!(!nat.chains.contains_key(CONNMARK_CHAIN));
+        assert_eq!(nat.builtin.len(), 1, "{:?}", nat.builtin);
+        assert!(nat.chains.contains_key(SNAT_CHAIN));
+        assert_eq!(mangle, desired(&spec()).1);
+        assert_eq!(connmark_exempt(&s), ["10.0.0.0/16", "172.16.0.0/16"]);
     }
 
     #[test]

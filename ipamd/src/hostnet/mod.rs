@@ -6,6 +6,7 @@
 
 pub mod iptables;
 pub mod links;
+pub mod nft;
 
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
@@ -66,8 +67,10 @@ pub struct NodeNetwork {
     pub primary_mac: String,
     links: Links,
     iptables: Iptables,
-    /// Upstream's nftables connmark table looked for (once, after our rules first went in).
-    upstream_nft_checked: std::sync::atomic::AtomicBool,
+    /// The connmark table as the last write left it (nf_tables nodes), normalized.
+    nft_written: std::sync::Mutex<Option<(nft::Connmark, String)>>,
+    /// The nf_tables connmark table was looked for (iptables connmark nodes: once).
+    nft_cleared: std::sync::atomic::AtomicBool,
 }
 
 impl NodeNetwork {
@@ -103,7 +106,8 @@ impl NodeNetwork {
             iptables: tokio::task::spawn_blocking(Iptables::detect)
                 .await
                 .unwrap_or_default(),
-            upstream_nft_checked: Default::default(),
+            nft_written: Default::default(),
+            nft_cleared: Default::default(),
         })
     }
 
@@ -148,6 +152,7 @@ impl NodeNetwork {
         self.links
             .converge_rules(links::EXTERNAL_SERVICE_RULE_PRIORITY, &ext)
             .await?;
+        let connmark_in_nft = self.iptables.nft && !self.cfg.external_snat;
         let spec = SnatSpec {
             vpc_cidrs: vpc_cidrs.to_vec(),
             exclude_cidrs: self.cfg.exclude_snat_cidrs.clone(),
@@ -158,6 +163,15 @@ impl NodeNetwork {
             external_snat: self.cfg.external_snat,
             node_port_support: self.cfg.node_port_support,
             randomize: self.cfg.randomize,
+            connmark_in_nft,
+        };
+        // Marks move between the back-ends without a gap: the new place is written before the
+        // old one is cleared.
+        let m = crate::metrics::global();
+        let marked = if connmark_in_nft {
+            self.connmark_nft(&spec).await
+        } else {
+            Ok(())
         };
         let (nat, mangle) = iptables::desired(&spec);
         let ipt = self.iptables.clone();
@@ -165,23 +179,39 @@ impl NodeNetwork {
             Ok((ipt.apply("nat", &nat)?, ipt.apply("mangle", &mangle)?))
         })
         .await?;
-        // Upstream's connmark metrics: the backend, and each reconciliation's outcome.
-        let m = crate::metrics::global();
-        m.connmark_backend.with_label_values(&["iptables"]).set(1);
-        m.connmark_reconcile_total
-            .with_label_values(&[if applied.is_ok() { "success" } else { "error" }])
-            .inc();
-        let changed = applied?;
-        if !self
-            .upstream_nft_checked
-            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        let removed = if connmark_in_nft
+            || self
+                .nft_cleared
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
         {
-            match tokio::task::spawn_blocking(iptables::remove_upstream_nft_connmark).await? {
-                Ok(true) => info!("removed upstream's nftables connmark table (table ip aws-cni): our iptables rules mark those connections now"),
-                Ok(false) => {}
-                Err(e) => warn!(error = %e, "upstream's nftables connmark table not removed"),
+            Ok(false)
+        } else {
+            let gone = tokio::task::spawn_blocking(nft::remove).await?;
+            if let Ok(true) = gone {
+                if let Ok(mut w) = self.nft_written.lock() {
+                    *w = None;
+                }
+                info!("removed the nf_tables connmark table (table ip aws-cni): connections are marked by the iptables chain here");
             }
+            gone.map_err(anyhow::Error::from)
+        };
+        // Upstream's connmark metrics: the backend, and each reconciliation's outcome.
+        let (on, off) = if connmark_in_nft {
+            ("nftables", "iptables")
+        } else {
+            ("iptables", "nftables")
+        };
+        m.connmark_backend.with_label_values(&[on]).set(1);
+        m.connmark_backend.with_label_values(&[off]).set(0);
+        let ok = applied.is_ok() && marked.is_ok() && removed.is_ok();
+        m.connmark_reconcile_total
+            .with_label_values(&[if ok { "success" } else { "error" }])
+            .inc();
+        marked?;
+        if let Err(e) = removed {
+            warn!(error = %e, "nf_tables connmark table not removed");
         }
+        let changed = applied?;
         if changed.0 || changed.1 {
             info!(
                 nat = changed.0,
@@ -242,6 +272,35 @@ impl NodeNetwork {
                 ipv6 = v6,
                 "rule blocking pods' node-local egress addresses added"
             );
+        }
+        Ok(())
+    }
+
+    /// Upstream's nf_tables connmark table, written whole when what the kernel lists is not what
+    /// the last write left (first pass, a changed VPC, someone else's edit).
+    async fn connmark_nft(&self, spec: &SnatSpec) -> anyhow::Result<()> {
+        let want = nft::Connmark {
+            veth_prefix: spec.veth_prefix.clone(),
+            mark: spec.mark,
+            exempt: iptables::connmark_exempt(spec),
+        };
+        let last = self
+            .nft_written
+            .lock()
+            .map_err(|_| anyhow::anyhow!("nft state lock poisoned"))?
+            .clone();
+        let now = tokio::task::spawn_blocking(nft::listed).await?;
+        let same_spec = last
+            .as_ref()
+            .is_some_and(|(w, listing)| *w == want && now.as_ref() == Some(listing));
+        if same_spec {
+            return Ok(());
+        }
+        let w2 = want.clone();
+        let listing = tokio::task::spawn_blocking(move || nft::apply(&w2)).await??;
+        info!(exempt = ?want.exempt, "nf_tables connmark table written (table ip aws-cni)");
+        if let Ok(mut w) = self.nft_written.lock() {
+            *w = Some((want, listing));
         }
         Ok(())
     }
