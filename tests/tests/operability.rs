@@ -155,9 +155,14 @@ fn introspection_and_metrics_match_the_pool() {
         "awscni_aws_api_latency_ms_count{api=\"CreateNetworkInterface\",error=\"false\",status=\"200\"} 1"
     ));
     assert!(!m.contains("awscni_aws_api_latency_ms_bucket"));
+    // This machine's iptables is nf_tables: upstream's nf_tables connmark back-end is in use.
+    assert_eq!(
+        metric(&m, "awscni_connmark_backend{backend=\"nftables\"}"),
+        Some(1.0)
+    );
     assert_eq!(
         metric(&m, "awscni_connmark_backend{backend=\"iptables\"}"),
-        Some(1.0)
+        Some(0.0)
     );
     assert!(metric(&m, "awscni_connmark_reconcile_total{result=\"success\"}").unwrap() >= 1.0);
     assert_eq!(
