@@ -323,14 +323,20 @@ fn every_upstream_ipamd_variable_is_taken_or_refused() {
             }
             continue;
         }
-        let d = Ipamd::standalone(&dir, None, "t3.medium", &enis(1, 3), &env);
+        let mut d = Ipamd::standalone(&dir, None, "t3.medium", &enis(1, 3), &env);
         let out = Command::new("curl")
             .args(["-sf", "--unix-socket"])
             .arg(&intro)
             .arg("http://ipamd/v1/settings")
             .output()
             .unwrap();
-        drop(d);
+        d.stop();
+        if intro.exists() {
+            failures.push(format!(
+                "{var}={val}: {} left after ipamd stopped",
+                intro.display()
+            ));
+        }
         let Ok(settings) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
             failures.push(format!("{var}={val}: no /v1/settings on {bind}"));
             continue;

@@ -399,7 +399,24 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> I
 
 enum Listener {
     Tcp(tokio::net::TcpListener),
-    Unix(tokio::net::UnixListener),
+    Unix {
+        listener: tokio::net::UnixListener,
+        _file: SocketFile,
+    },
+}
+
+/// A unix socket path this process bound: removed when the listener goes (ipamd stopping), so
+/// no dead socket is left for a client to connect to and fail.
+struct SocketFile(std::path::PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Ok(m) = std::fs::symlink_metadata(&self.0) {
+            if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
 }
 
 impl Listener {
@@ -424,7 +441,11 @@ impl Listener {
                         std::fs::remove_file(path)?;
                     }
                 }
-                tokio::net::UnixListener::bind(path).map(Listener::Unix)
+                let listener = tokio::net::UnixListener::bind(path)?;
+                Ok(Listener::Unix {
+                    listener,
+                    _file: SocketFile(path.into()),
+                })
             }
         }
     }
@@ -432,7 +453,7 @@ impl Listener {
     async fn accept(&self) -> std::io::Result<Box<dyn Io>> {
         Ok(match self {
             Listener::Tcp(l) => Box::new(l.accept().await?.0),
-            Listener::Unix(l) => Box::new(l.accept().await?.0),
+            Listener::Unix { listener, .. } => Box::new(listener.accept().await?.0),
         })
     }
 }

@@ -454,6 +454,53 @@ fn main() {
         None,
     );
     r.set("sequential", json!({"ours_add": oa, "ours_del": od, "bridge_add": ba, "bridge_del": bd, "floor_add": fl}));
+
+    // IPv6 pods (ENABLE_IPv6) on a node of an IPv6 VPC of their own, same plugin, same calls;
+    // the ratio is against our IPv4 figure above (bridge's is in its column).
+    eprintln!("bench: an IPv6 m5.4xlarge node ...");
+    let v6_dir = top.path().join("ipv6");
+    std::fs::create_dir_all(&v6_dir).expect("dir");
+    let v6_inst = vpc.shim.instance_v6("m5.4xlarge", "10.0.128.0/20");
+    let mut v6_node = vpc.add_node(&v6_dir, &v6_inst, 0);
+    v6_node.start_ipamd(
+        &v6_dir,
+        &[
+            ("ENABLE_IPv6", "true"),
+            ("ENABLE_IPv4", "false"),
+            ("ENABLE_PREFIX_DELEGATION", "true"),
+            ("IP_COOLDOWN_PERIOD", "0"),
+            ("IPAMD_ALLOCATION_GRACE", "3600"),
+        ],
+    );
+    let v6_sock = v6_node.ipamd().socket.clone();
+    eventually(60, "the IPv6 node serving", || {
+        (status(&v6_sock) > 0).then_some(())
+    });
+    let ours6 = CniClient::new(&v6_node.ns.name, &v6_dir, &v6_sock).first_plugin_only(&v6_dir);
+    ours6.use_plugin(&shipped);
+    let pod6 = Netns::new("bn6");
+    let (a6, d6) = sequential(&ours6, &pod6, "v6", n(200, 5));
+    v6_node.ns.links();
+    let (a6, d6) = (pct(a6), pct(d6));
+    r.row(
+        "latency",
+        "IPv6 ADD 1 at a time p50/p90/p99/max ms (ratio: vs our IPv4)",
+        fmt4(a6),
+        Some(fmt4(ba)),
+        Some(a6[0] / oa[0]),
+        None,
+    );
+    r.row(
+        "latency",
+        "IPv6 DEL 1 at a time p50/p90/p99/max ms (ratio: vs our IPv4)",
+        fmt4(d6),
+        Some(fmt4(bd)),
+        Some(d6[0] / od[0]),
+        None,
+    );
+    r.set("sequential_ipv6", json!({"ours_add": a6, "ours_del": d6}));
+    drop(pod6);
+    drop(v6_node);
     for size in [n(30, 3), n(100, 5)] {
         let pods: Vec<Netns> = (0..size).map(|_| Netns::new("bnb")).collect();
         // Three rounds in alternating order, every call's time pooled per side: one round of a
@@ -662,6 +709,36 @@ fn main() {
         json!({"total": attach, "by_action": by}),
     );
     drop(fresh);
+
+    // The same without subnet discovery (upstream's default is on; it adds the DescribeSubnets
+    // that picks the subnet): what an attach itself costs.
+    let ndir = top.path().join("fresh-nodisc");
+    std::fs::create_dir_all(&ndir).expect("dir");
+    let inst = instance(&vpc, "t3.medium");
+    let mut plain = vpc.add_node(&ndir, &inst, 0);
+    plain.start_ipamd(&ndir, &[("ENABLE_SUBNET_DISCOVERY", "false")]);
+    let psock = plain.ipamd().socket.clone();
+    eventually(60, "first address", || (status(&psock) > 0).then_some(()));
+    vpc.shim.reset_calls();
+    grpc_churn(&psock, "grow", 1, true);
+    eventually(30, "a second ENI", || {
+        (vpc.shim.attached(&plain.inst.id).len() == 2).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let (attach_plain, by_plain) = calls(&vpc);
+    r.row(
+        "ec2",
+        "EC2 calls per ENI attach, ENABLE_SUBNET_DISCOVERY=false",
+        attach_plain.to_string(),
+        None,
+        None,
+        None,
+    );
+    r.set(
+        "ec2_per_eni_attach_no_discovery",
+        json!({"total": attach_plain, "by_action": by_plain}),
+    );
+    drop(plain);
 
     for (label, latency) in [("default shim latency", 0u64), ("100 ms per EC2 call", 100)] {
         vpc.shim.post("/_shim/latency", json!({"ms": latency}));
