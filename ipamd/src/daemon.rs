@@ -890,7 +890,9 @@ async fn start_kube(
     };
     let url = client_cfg.cluster_url.to_string();
     let client = kube::Client::try_from(client_cfg).context("build the Kubernetes client")?;
-    let k = crate::k8s::start(client, &cfg.kube, tasks);
+    // The cordon is read from the Node (its name from MY_NODE_NAME, as upstream).
+    let watch_node = !cfg.manage_enis_non_schedulable && cfg.kube.node_name.is_some();
+    let k = crate::k8s::start(client, &cfg.kube, watch_node, tasks);
     info!(%url, custom_networking = cfg.kube.custom_networking, annotate_pod_ip = cfg.kube.annotate_pod_ip, "Kubernetes API client started");
     Ok(Some(k))
 }

@@ -661,3 +661,34 @@ fn without_provisioning_attached_addresses_serve_and_ec2_is_not_asked_to_grow() 
         }
     }
 }
+
+/// MANAGE_UNTAGGED_ENI=false: an attached ENI without ipamd's instance-id tag is left alone
+/// as upstream leaves it (never given addresses, still holding its slot); with the default it
+/// is adopted.
+#[test]
+fn an_untagged_eni_is_left_alone_with_manage_untagged_eni_false() {
+    for (manage, adopted) in [("false", false), ("true", true)] {
+        let mut foreign = String::new();
+        let n = node_with(
+            "t3.medium",
+            "10.0.1.0/24",
+            &[("MANAGE_UNTAGGED_ENI", manage)],
+            |shim, inst| {
+                foreign = create_eni(shim, inst, &[], "another owner");
+                attach_eni(shim, inst, &foreign, 1);
+            },
+        );
+        let ok = (0..15).filter(|i| n.add(&format!("m{i}")).success).count();
+        let enis = n.vpc.shim.attached(&n.node.inst.id);
+        let f = enis.iter().find(|e| e["id"] == foreign.as_str()).unwrap();
+        let held = f["secondary_ips"].as_array().map_or(0, Vec::len);
+        if adopted {
+            assert_eq!(ok, 15, "MANAGE_UNTAGGED_ENI={manage}");
+            assert_eq!(held, 5, "adopted and filled");
+        } else {
+            // The primary and one more ENI: the untagged one keeps the third slot.
+            assert_eq!(ok, 10, "MANAGE_UNTAGGED_ENI={manage}");
+            assert_eq!(held, 0, "never given addresses");
+        }
+    }
+}

@@ -474,3 +474,71 @@ fn in_cluster_config_finds_the_api_through_the_service_account() {
     );
     s.down();
 }
+
+/// A cordoned node (upstream's test: the `node.kubernetes.io/unschedulable:NoSchedule` taint,
+/// as `kubectl cordon` sets it) gets no new ENI with AWS_MANAGE_ENIS_NON_SCHEDULABLE false (the
+/// default), as upstream; uncordoned, it grows again. With the variable true it grows anyway.
+#[test]
+fn a_cordoned_node_holds_its_pool_unless_told_to_manage_it() {
+    for (manage, grows_cordoned) in [("false", false), ("true", true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Sim::up_with(
+            dir.path(),
+            "kc",
+            &[t3(&[("AWS_MANAGE_ENIS_NON_SCHEDULABLE", manage)])],
+            Mode::Default,
+            Opts {
+                wait_serving: true,
+                kube: true,
+            },
+        );
+        // Five pods use the primary's addresses; the warm target then adds a second ENI.
+        for i in 0..5 {
+            s.add_pod(0, &format!("p{i}"), "").unwrap();
+        }
+        eventually(30, "a second ENI", || (s.enis(0).len() == 2).then_some(()));
+        let node = s.nodes[0].inst().id.clone();
+        let taint = r#"{"spec":{"taints":[{"key":"node.kubernetes.io/unschedulable","effect":"NoSchedule"}]}}"#;
+        let kube = s.vpc.kube.as_ref().unwrap();
+        kube.kubectl(
+            &["patch", "node", &node, "--type", "merge", "-p", taint],
+            None,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        // Five more fill the second ENI; the warm target then wants a third.
+        for i in 5..10 {
+            s.add_pod(0, &format!("p{i}"), "").unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_secs(4));
+        let enis = s.enis(0).len();
+        if grows_cordoned {
+            assert_eq!(
+                enis, 3,
+                "AWS_MANAGE_ENIS_NON_SCHEDULABLE=true: grows while cordoned"
+            );
+        } else {
+            assert_eq!(enis, 2, "cordoned: no new ENI");
+            let log = s.nodes[0].node.ipamd().log_text();
+            assert!(log.contains("the node is cordoned"), "says why");
+            let kube = s.vpc.kube.as_ref().unwrap();
+            kube.kubectl(
+                &[
+                    "patch",
+                    "node",
+                    &node,
+                    "--type",
+                    "merge",
+                    "-p",
+                    r#"{"spec":{"taints":[]}}"#,
+                ],
+                None,
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            eventually(30, "a third ENI once uncordoned", || {
+                (s.enis(0).len() == 3).then_some(())
+            });
+        }
+        s.down();
+    }
+}

@@ -86,7 +86,14 @@ impl Kube {
 
 /// Start the watches, the event recorder and (with `ANNOTATE_POD_IP`) the annotator. Returns
 /// at once: nothing here waits for the API server.
-pub fn start(client: kube::Client, s: &Settings, tasks: &mut crate::supervise::Supervisor) -> Kube {
+/// `watch_node`: the Node is watched for its cordon too (AWS_MANAGE_ENIS_NON_SCHEDULABLE false:
+/// a cordoned node's pool is held, as upstream's).
+pub fn start(
+    client: kube::Client,
+    s: &Settings,
+    watch_node: bool,
+    tasks: &mut crate::supervise::Supervisor,
+) -> Kube {
     let node_name = s.node_name.clone().unwrap_or_default();
     let condition = Arc::new(Mutex::new("connecting".to_string()));
     let events =
@@ -95,6 +102,7 @@ pub fn start(client: kube::Client, s: &Settings, tasks: &mut crate::supervise::S
         client.clone(),
         node_name,
         s.custom_networking,
+        watch_node,
         events.clone(),
         condition.clone(),
         tasks,

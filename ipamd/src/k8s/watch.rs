@@ -129,14 +129,16 @@ pub fn start(
     client: kube::Client,
     node_name: String,
     custom_networking: bool,
+    watch_node: bool,
     events: Recorder,
     condition: Arc<Mutex<String>>,
     tasks: &mut crate::supervise::Supervisor,
 ) -> watch::Receiver<View> {
     let (tx, rx) = watch::channel(View::default());
-    if !custom_networking {
+    if !custom_networking && !watch_node {
         if let Ok(mut c) = condition.lock() {
-            *c = "no watches (custom networking is off)".into();
+            *c = "no watches (custom networking is off, AWS_MANAGE_ENIS_NON_SCHEDULABLE is true)"
+                .into();
         }
         return rx;
     }
@@ -186,6 +188,10 @@ pub fn start(
         }
     });
 
+    // ENIConfigs matter to custom networking only.
+    if !custom_networking {
+        return rx;
+    }
     let ar = eniconfig_resource();
     let configs: Api<DynamicObject> = Api::all_with(client, &ar);
     let s = shared;
