@@ -368,6 +368,8 @@ class Shim:
 
     def _reset_calls(self):
         self.calls = {"total": 0, "by_action": {}, "throttled": 0}
+        # The distinct user agents EC2 calls came with (what a client says it is), a few.
+        self.user_agents: list[str] = []
 
     def backend(self, region: str):
         return get_backend("ec2")[DEFAULT_ACCOUNT_ID][region]
@@ -507,6 +509,9 @@ class Shim:
     def _faulted_or_handled(self, environ, region, params):
         action = params["Action"]
         with self.admin_lock:
+            agent = " ".join(filter(None, [environ.get("HTTP_USER_AGENT"), environ.get("HTTP_X_AMZ_USER_AGENT")]))
+            if agent and agent not in self.user_agents and len(self.user_agents) < 16:
+                self.user_agents.append(agent)
             self.calls["total"] += 1
             self.calls["by_action"][action] = self.calls["by_action"].get(action, 0) + 1
             delay_ms = self.latency_ms
@@ -1021,7 +1026,8 @@ class Shim:
                     return json_response(self.account_limits or {})
             if route == ("GET", "/_shim/calls"):
                 with self.admin_lock:
-                    return json_response(json.loads(json.dumps(self.calls)))
+                    return json_response(dict(json.loads(json.dumps(self.calls)),
+                                              user_agents=list(self.user_agents)))
             if route == ("POST", "/_shim/calls/reset"):
                 with self.admin_lock:
                     self._reset_calls()

@@ -412,13 +412,18 @@ class Faults(ShimTest):
 
     def test_call_counting(self):
         self.world()  # setup calls are not counted
-        self.assertEqual(admin("GET", "/_shim/calls"), {"total": 0, "by_action": {}, "throttled": 0})
+        calls = admin("GET", "/_shim/calls")
+        self.assertEqual({k: calls[k] for k in ("total", "by_action", "throttled")},
+                         {"total": 0, "by_action": {}, "throttled": 0})
         admin("POST", "/_shim/faults", {"action": "DescribeVpcs", "kind": "throttle"})
         self.assertEc2Error("RequestLimitExceeded", self.ec2.describe_vpcs)
         self.ec2.describe_vpcs()
         self.ec2.describe_subnets()
-        self.assertEqual(admin("GET", "/_shim/calls"),
+        calls = admin("GET", "/_shim/calls")
+        self.assertEqual({k: calls[k] for k in ("total", "by_action", "throttled")},
                          {"total": 3, "by_action": {"DescribeVpcs": 2, "DescribeSubnets": 1}, "throttled": 1})
+        # Who called: boto3 says so in its user agent.
+        self.assertTrue(any("Boto3" in a for a in calls["user_agents"]), calls["user_agents"])
         admin("POST", "/_shim/calls/reset")
         self.assertEqual(admin("GET", "/_shim/calls")["total"], 0)
 

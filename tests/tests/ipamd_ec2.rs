@@ -692,3 +692,56 @@ fn an_untagged_eni_is_left_alone_with_manage_untagged_eni_false() {
         }
     }
 }
+
+/// VPC_CNI_VERSION names the CNI in the EC2 user agent, as upstream's (`amazon-vpc-cni-k8s-<v>`).
+#[test]
+fn vpc_cni_version_is_in_the_ec2_user_agent() {
+    let n = node_with(
+        "t3.medium",
+        "10.0.1.0/24",
+        &[("VPC_CNI_VERSION", "v1.23.1")],
+        |_, _| {},
+    );
+    assert!(n.add("ua").success);
+    let agents = n.vpc.shim.calls()["user_agents"].clone();
+    assert!(
+        agents.as_array().unwrap().iter().any(|a| a
+            .as_str()
+            .unwrap_or("")
+            .contains("amazon-vpc-cni-k8s-v1.23.1")),
+        "{agents}"
+    );
+}
+
+/// HTTP_TIMEOUT bounds each EC2 request: a call slower than it is abandoned and retried (said in
+/// the log); with a longer limit the same slow call simply succeeds.
+#[test]
+fn http_timeout_bounds_each_ec2_request() {
+    for (timeout, cut) in [("10", true), ("30", false)] {
+        let n = node_with(
+            "t3.medium",
+            "10.0.1.0/24",
+            &[("HTTP_TIMEOUT", timeout)],
+            |shim, _| {
+                shim.fault(
+                    json!({"action": "DescribeNetworkInterfaces", "kind": "latency",
+                                  "latency_ms": 12000, "count": 1}),
+                );
+            },
+        );
+        eventually(60, "ipamd serving", || n.add("t0").success.then_some(()));
+        let log = n.node.ipamd().log_text();
+        let retried: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                l.contains("EC2 call failed; retrying") && l.contains("DescribeNetworkInterfaces")
+            })
+            .collect();
+        assert_eq!(!retried.is_empty(), cut, "HTTP_TIMEOUT={timeout}: {log}");
+        // The cause is named.
+        assert!(
+            retried.iter().all(|l| l.to_lowercase().contains("timeout")),
+            "{retried:?}"
+        );
+    }
+}

@@ -186,7 +186,7 @@ impl<E: Ec2> Guarded<E> {
                         self.policy.cap,
                         rand::rng().random::<f64>(),
                     );
-                    warn!(op, code = %e.code, attempt, retry_in_ms = d.as_millis() as u64, "EC2 call failed; retrying");
+                    warn!(op, code = %e.code, error = %e, attempt, retry_in_ms = d.as_millis() as u64, "EC2 call failed; retrying");
                     tokio::time::sleep(d).await;
                 }
                 Err(e) => {
