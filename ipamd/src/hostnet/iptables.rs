@@ -7,9 +7,7 @@
 //! `--state NEW` jump) replaces them within the same transaction.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::Ipv4Addr;
-use std::process::{Command, Stdio};
 
 /// `AWS_VPC_K8S_CNI_RANDOMIZESNAT`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -235,12 +233,23 @@ pub fn restore_script(table: &str, saved: &str, want: &TableRules) -> Option<Str
     Some(out)
 }
 
+/// A failed iptables call: the command's own error, and the restore input it was given (the
+/// rule that failed is in there).
 #[derive(Debug, thiserror::Error)]
-pub enum IptablesError {
-    #[error("run {cmd}: {source}")]
-    Spawn { cmd: String, source: std::io::Error },
-    #[error("{cmd} failed: {stderr}")]
-    Failed { cmd: String, stderr: String },
+pub struct IptablesError {
+    #[source]
+    source: cni_common::command::CommandError,
+    input: Option<String>,
+}
+
+impl std::fmt::Display for IptablesError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.source)?;
+        if let Some(i) = &self.input {
+            write!(f, " (input:\n{i})")?;
+        }
+        Ok(())
+    }
 }
 
 /// Which of the kernel's two iptables back-ends the node's rules live in. Rules written to the
@@ -315,34 +324,10 @@ impl Default for Iptables {
 
 /// Run `program args`, feeding it `input`; its stdout, or an error naming the command.
 fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String, IptablesError> {
-    let cmd = format!("{program} {}", args.join(" "));
-    let spawn = |source| IptablesError::Spawn {
-        cmd: cmd.clone(),
+    cni_common::command::run(program, args, input).map_err(|source| IptablesError {
         source,
-    };
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(spawn)?;
-    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
-        stdin.write_all(text.as_bytes()).map_err(spawn)?;
-    }
-    let out = child.wait_with_output().map_err(spawn)?;
-    if !out.status.success() {
-        let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        if let Some(text) = input {
-            stderr.push_str(&format!(" (input:\n{text})"));
-        }
-        return Err(IptablesError::Failed { cmd, stderr });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        input: input.map(str::to_string),
+    })
 }
 
 /// Upstream's rule keeping pods off other pods' node-local egress addresses (egress-cni's

@@ -7,9 +7,6 @@
 //! The table is written whole in one `nft -f` transaction. A reconcile rewrites it only when
 //! what the kernel lists differs from what the last write left (counters aside).
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
 /// Upstream's names.
 pub const TABLE: &str = "aws-cni";
 pub const BASE_CHAIN: &str = "nat-prerouting";
@@ -76,45 +73,10 @@ pub fn normalize(listing: &str) -> String {
         .join("\n")
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum NftError {
-    #[error("run nft {args}: {source}")]
-    Spawn {
-        args: String,
-        source: std::io::Error,
-    },
-    #[error("nft {args} failed: {stderr}")]
-    Failed { args: String, stderr: String },
-}
+pub use cni_common::command::CommandError as NftError;
 
 fn nft(args: &[&str], input: Option<&str>) -> Result<String, NftError> {
-    let joined = args.join(" ");
-    let spawn = |source| NftError::Spawn {
-        args: joined.clone(),
-        source,
-    };
-    let mut child = Command::new("nft")
-        .args(args)
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(spawn)?;
-    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
-        stdin.write_all(text.as_bytes()).map_err(spawn)?;
-    }
-    let out = child.wait_with_output().map_err(spawn)?;
-    if !out.status.success() {
-        return Err(NftError::Failed {
-            args: joined,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    cni_common::command::run("nft", args, input)
 }
 
 /// The table as the kernel lists it, normalized; None when there is none.
