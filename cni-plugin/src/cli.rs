@@ -10,7 +10,53 @@ use crate::config::{self, CniEnv, NetConf};
 use crate::error::{CniError, Code};
 use crate::{commands, logging, version};
 
+/// What differs between the plugins this process entry runs (`aws-cni`, `egress-cni`): the
+/// configuration they parse, where they log, the span their lines carry, and the commands.
+pub trait Plugin {
+    type Conf;
+    fn parse(stdin: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Self::Conf, CniError>;
+    /// (`pluginLogFile`, `pluginLogLevel`).
+    fn log_to(conf: &Self::Conf) -> (&str, &str);
+    fn span(env: &CniEnv) -> tracing::Span;
+    /// The command's stdout (`Ok(None)`: nothing to print).
+    fn run(
+        env: &CniEnv,
+        conf: &Self::Conf,
+    ) -> impl std::future::Future<Output = Result<Option<String>, CniError>>;
+}
+
+/// `aws-cni`.
+pub struct AwsCni;
+
+impl Plugin for AwsCni {
+    type Conf = NetConf;
+    fn parse(stdin: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<NetConf, CniError> {
+        NetConf::parse(stdin, env)
+    }
+    fn log_to(conf: &NetConf) -> (&str, &str) {
+        (&conf.plugin_log_file, &conf.plugin_log_level)
+    }
+    fn span(env: &CniEnv) -> tracing::Span {
+        tracing::info_span!(
+            "cni",
+            command = %env.command,
+            container = %env.container_id,
+            ifname = %env.ifname,
+            pod = %format!("{}/{}", env.args.pod_namespace, env.args.pod_name),
+        )
+    }
+    async fn run(env: &CniEnv, conf: &NetConf) -> Result<Option<String>, CniError> {
+        commands::run(env, conf).await
+    }
+}
+
 pub fn main() -> ExitCode {
+    run_plugin::<AwsCni>()
+}
+
+/// Read the environment and stdin, answer VERSION, run the command; print the result or the
+/// error JSON in the version the runtime asked for; the exit code.
+pub fn run_plugin<P: Plugin>() -> ExitCode {
     let env = |k: &str| std::env::var(k).ok();
     let mut stdin = Vec::new();
     let read = std::io::stdin().read_to_end(&mut stdin);
@@ -35,11 +81,12 @@ pub fn main() -> ExitCode {
         println!("{}", version::version_reply(requested.as_deref()));
         return ExitCode::SUCCESS;
     }
-    let conf = match NetConf::parse(&stdin, &env) {
+    let conf = match P::parse(&stdin, &env) {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    logging::init(&conf.plugin_log_file, &conf.plugin_log_level);
+    let (file, level) = P::log_to(&conf);
+    logging::init(file, level);
 
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -48,14 +95,8 @@ pub fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(CniError::new(Code::Io, format!("start runtime: {e}"))),
     };
-    let span = tracing::info_span!(
-        "cni",
-        command = %cni_env.command,
-        container = %cni_env.container_id,
-        ifname = %cni_env.ifname,
-        pod = %format!("{}/{}", cni_env.args.pod_namespace, cni_env.args.pod_name),
-    );
-    let out = rt.block_on(commands::run(&cni_env, &conf).instrument(span.clone()));
+    let span = P::span(&cni_env);
+    let out = rt.block_on(P::run(&cni_env, &conf).instrument(span.clone()));
     let _e = span.enter();
     match out {
         Ok(stdout) => {
