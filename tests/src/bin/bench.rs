@@ -218,10 +218,15 @@ fn wall(cmd: &[&str], env: &[(&str, &str)], n: usize) -> Vec<f64> {
 }
 
 fn rss_kb(pid: u32) -> u64 {
+    status_kb(pid, "VmRSS:")
+}
+
+/// A `/proc/<pid>/status` figure in kB (`VmRSS:`, `RssAnon:`, ...).
+fn status_kb(pid: u32, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.starts_with(key))
         .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         .unwrap_or(0)
 }
@@ -587,6 +592,18 @@ fn main() {
     let rss_before = rss_kb(pid);
     grpc_churn(&sock, "cycle", n(5000, 200), false);
     let rss_after = rss_kb(pid);
+    // What the RSS is made of: the binary's code pages (shared, page cache) and the process's
+    // own memory.
+    let (anon, file) = (status_kb(pid, "RssAnon:"), status_kb(pid, "RssFile:"));
+    r.row(
+        "footprint",
+        "ipamd RSS after the churn: own memory (RssAnon) / code pages (RssFile), MB",
+        format!("{:.1} / {:.1}", anon as f64 / 1024.0, file as f64 / 1024.0),
+        None,
+        None,
+        None,
+    );
+    r.set("ipamd_rss_split_kb", json!({"anon": anon, "file": file}));
     r.row(
         "footprint",
         "ipamd RSS idle, MB",
