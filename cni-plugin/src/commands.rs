@@ -451,24 +451,7 @@ async fn status(conf: &NetConf) -> Result<()> {
 }
 
 async fn gc(conf: &NetConf) -> Result<()> {
-    // GC exists from CNI 1.1.0, and its whole meaning is the list of attachments to keep: a
-    // config without it (an older runtime, a hand-written call) must not read as "keep none".
-    if conf.version < Version(1, 1, 0) {
-        return Err(CniError::new(
-            Code::IncompatibleVersion,
-            format!(
-                "GC needs cniVersion 1.1.0 or later, config has {}",
-                conf.cni_version
-            ),
-        ));
-    }
-    let Some(valid) = conf.valid_attachments.clone() else {
-        return Err(CniError::new(
-            Code::InvalidConfig,
-            "GC needs cni.dev/valid-attachments (the attachments to keep); refusing to collect everything",
-        ));
-    };
-    let valid: HashSet<Attachment> = valid.into_iter().collect();
+    let valid = crate::config::gc_keep(conf.version, &conf.cni_version, &conf.valid_attachments)?;
     let store = StateStore::new(&conf.state_dir, &conf.name);
     let host = host_netlink()?;
     let mut cleaned = HashSet::new();

@@ -75,6 +75,29 @@ struct RawConf {
 }
 
 /// Only the version, for VERSION where the rest of the config may be absent.
+/// GC's list of attachments to keep, as a set. GC exists from CNI 1.1.0, and its whole meaning
+/// is that list: a config without it (an older runtime, a hand-written call) must not read as
+/// "keep none". Shared by both plugins.
+pub fn gc_keep(
+    version: Version,
+    cni_version: &str,
+    valid: &Option<Vec<Attachment>>,
+) -> Result<std::collections::HashSet<Attachment>> {
+    if version < Version(1, 1, 0) {
+        return Err(CniError::new(
+            Code::IncompatibleVersion,
+            format!("GC needs cniVersion 1.1.0 or later, config has {cni_version}"),
+        ));
+    }
+    let Some(valid) = valid else {
+        return Err(CniError::new(
+            Code::InvalidConfig,
+            "GC needs cni.dev/valid-attachments (the attachments to keep); refusing to collect everything",
+        ));
+    };
+    Ok(valid.iter().cloned().collect())
+}
+
 pub fn requested_version(stdin: &[u8]) -> Option<String> {
     #[derive(Deserialize)]
     struct V {

@@ -342,28 +342,12 @@ fn status(conf: &NetConf) -> Result<()> {
 
 /// Reservations, chains and pairs of attachments the runtime no longer knows.
 async fn gc(conf: &NetConf) -> Result<()> {
-    if conf.version < Version(1, 1, 0) {
-        return Err(CniError::new(
-            Code::IncompatibleVersion,
-            format!(
-                "GC needs cniVersion 1.1.0 or later, config has {}",
-                conf.cni_version
-            ),
-        ));
-    }
-    // A missing list must never read as "keep nothing".
-    let Some(valid) = conf.valid_attachments.clone() else {
-        return Err(CniError::new(
-            Code::InvalidConfig,
-            "GC needs cni.dev/valid-attachments (the attachments to keep); refusing to collect everything",
-        ));
-    };
+    let valid = aws_cni::config::gc_keep(conf.version, &conf.cni_version, &conf.valid_attachments)?;
     let ipam = match conf.ipam() {
         Ok(i) => i,
         Err(_) if !conf.enabled => return Ok(()),
         Err(e) => return Err(e),
     };
-    let valid: HashSet<Attachment> = valid.into_iter().collect();
     let valid_ids: HashSet<&str> = valid.iter().map(|a| a.container_id.as_str()).collect();
     let store = Store::new(&ipam.data_dir, &conf.name);
     let all = store.list().map_err(|e| {

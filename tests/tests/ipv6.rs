@@ -93,6 +93,57 @@ fn ipv6_pods_reach_each_other_and_both_families_and_ipv4_pods_get_ipv6_egress() 
     assert_eq!(cidr["AddressFamily"], "6", "{eni}");
     assert!(cidr["IPAddresses"].get(a.as_str()).is_some(), "{eni}");
 
+    // The host side as upstream's: IPv6 forwarding, the primary ENI still taking the router's
+    // advertisements, and the REJECT of new connections to other pods' egress addresses (the
+    // IPv4 node with IPv6 egress has the IPv6 one).
+    let sysctl = |ns: &str, key: &str| {
+        integration::sh(&[
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "cat",
+            &format!("/proc/sys/net/ipv6/conf/{key}"),
+        ])
+        .trim()
+        .to_string()
+    };
+    assert_eq!(sysctl(&node_ns, "all/forwarding"), "1");
+    assert_eq!(sysctl(&node_ns, "eth0/accept_ra"), "2");
+    let forward = |ns: &str, cmd: &str| {
+        integration::sh(&[
+            "ip", "netns", "exec", ns, cmd, "-t", "filter", "-S", "FORWARD",
+        ])
+    };
+    assert!(
+        forward(&node_ns, "iptables").contains("-d 169.254.172.0/22 -m conntrack --ctstate NEW -m comment --comment \"Block Node Local Pod access via IPv4\" -j REJECT"),
+        "{}",
+        forward(&node_ns, "iptables")
+    );
+    let node3_ns = s.nodes[2].ns().to_string();
+    assert!(
+        forward(&node3_ns, "ip6tables").contains("-d fd00::ac:0/118"),
+        "{}",
+        forward(&node3_ns, "ip6tables")
+    );
+    // What the network policy agent is told: the node's IPv6 address.
+    let socket = s.nodes[0].node.ipamd().socket.clone();
+    let r = rt().block_on(async {
+        let ch = cni_common::grpc::connect(
+            &socket,
+            std::time::Duration::from_secs(2),
+            std::time::Duration::from_secs(2),
+        )
+        .await
+        .unwrap();
+        cni_proto::config_server_backend_client::ConfigServerBackendClient::new(ch)
+            .get_network_policy_configs(())
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    assert_eq!(Some(r.node_i_pv6), s.nodes[0].inst().ipv6.clone());
+
     // CHECK through the whole chain, then DEL removes the pod's host side and its egress.
     let p = s.pod(0, "a");
     s.nodes[0].cni.ok("check", &p.cid, &p.ns, "a", "");

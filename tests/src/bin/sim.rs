@@ -90,12 +90,7 @@ fn mark(ok: bool) -> &'static str {
 }
 
 fn run(keep: bool, mode: Mode) -> bool {
-    let dir = state_dir();
-    let left = teardown(&dir, PREFIX);
-    if !left.is_empty() {
-        println!("sim: cleared {} leftovers of an earlier run", left.len());
-    }
-    std::fs::create_dir_all(&dir).expect("state dir");
+    let dir = fresh_state_dir();
     let what = match mode {
         Mode::Default => "",
         Mode::CustomNetworking => {
@@ -269,27 +264,7 @@ fn run(keep: bool, mode: Mode) -> bool {
         r.unwrap_or_else(|e| e)
     );
 
-    println!();
-    if keep {
-        println!(
-            "sim: left running (state in {}); `sim down` removes it",
-            dir.display()
-        );
-        std::mem::forget(sim);
-    } else {
-        sim.down();
-        teardown(&dir, PREFIX);
-        println!("sim: torn down");
-    }
-    println!(
-        "sim: {}",
-        if all_ok {
-            "all checks passed"
-        } else {
-            "some checks FAILED"
-        }
-    );
-    all_ok
+    finish(sim, keep, all_ok)
 }
 
 /// Pods in the ENIConfigs' subnets with their security group; node 2's first ENI kept in the
@@ -451,12 +426,7 @@ fn in_net(ip: &str, cidr: &str) -> bool {
 /// The IPv6 cluster: two IPv6 nodes and one IPv4 node with IPv6 egress, in one VPC.
 fn run_ipv6(keep: bool) -> bool {
     use integration::vpc::{INTERNET_IP, INTERNET_IP6};
-    let dir = state_dir();
-    let left = teardown(&dir, PREFIX);
-    if !left.is_empty() {
-        println!("sim: cleared {} leftovers of an earlier run", left.len());
-    }
-    std::fs::create_dir_all(&dir).expect("state dir");
+    let dir = fresh_state_dir();
     println!("sim: starting the EC2 shim, the VPC router (IPv4 and IPv6) and three t3.medium nodes: two with ENABLE_IPv6, one IPv4 node with ENABLE_V6_EGRESS ...");
     let t0 = std::time::Instant::now();
     let v6 = || NodeSpec::new("t3.medium", &[]);
@@ -600,14 +570,31 @@ fn run_ipv6(keep: bool) -> bool {
         seen.unwrap_or_else(|e| e)
     );
 
+    finish(sim, keep, all_ok)
+}
+
+/// The state directory, cleared of whatever an earlier run left.
+fn fresh_state_dir() -> PathBuf {
+    let dir = state_dir();
+    let left = teardown(&dir, PREFIX);
+    if !left.is_empty() {
+        println!("sim: cleared {} leftovers of an earlier run", left.len());
+    }
+    std::fs::create_dir_all(&dir).expect("state dir");
+    dir
+}
+
+/// Leave the cluster running (`--keep`) or take it down; the verdict line; the verdict.
+fn finish(sim: Sim, keep: bool, all_ok: bool) -> bool {
     println!();
     if keep {
         println!(
             "sim: left running (state in {}); `sim down` removes it",
-            dir.display()
+            sim.dir.display()
         );
         std::mem::forget(sim);
     } else {
+        let dir = sim.dir.clone();
         sim.down();
         teardown(&dir, PREFIX);
         println!("sim: torn down");
