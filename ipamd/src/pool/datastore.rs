@@ -595,14 +595,36 @@ impl Datastore {
 
     /// Per-ENI statistics, for the pool manager and introspection.
     pub fn eni_stats(&self, id: &str) -> Option<Stats> {
-        self.enis.get(id)?;
+        let eni = self.enis.get(id)?;
         let mut s = Stats::default();
-        for a in self.addrs.values().filter(|a| a.eni == id) {
+        let mut count = |a: &Addr| {
             s.total += 1;
             match a.state {
                 AddrState::Assigned => s.assigned += 1,
                 AddrState::Cooldown(_) => s.cooldown += 1,
                 AddrState::Free => s.available += 1,
+            }
+        };
+        // The pool manager asks for every ENI at every check: an IPv4 ENI's own addresses are
+        // looked up, not the whole pool scanned; only an ENI with IPv6 prefixes needs the scan
+        // (its handed-out addresses are listed nowhere else).
+        let v4 = eni
+            .ips
+            .iter()
+            .copied()
+            .chain(eni.prefixes.iter().flat_map(|p| p.addresses()));
+        for ip in v4 {
+            if let Some(a) = self.addrs.get(&IpAddr::V4(ip)) {
+                count(a);
+            }
+        }
+        if !eni.ipv6_prefixes.is_empty() {
+            for (_, a) in self
+                .addrs
+                .iter()
+                .filter(|(ip, a)| ip.is_ipv6() && a.eni == id)
+            {
+                count(a);
             }
         }
         let fresh = self.v6_fresh_count(Some(id));
@@ -949,6 +971,9 @@ mod tests {
         let d = ds.assign(key("d"), PodMeta::default(), t(40)).unwrap();
         assert_eq!(d.ip, a.ip);
         assert_eq!(ds.stats().assigned, 3);
+        let es = ds.eni_stats("eni-0").unwrap();
+        assert_eq!((es.assigned, es.cooldown, es.total), (3, 0, (1 << 48) - 1));
+        assert_eq!(es.total, es.assigned + es.available);
         assert!(ds
             .add_ipv6_prefix("eni-0", "2600:1f14::1:0:0:0/96".parse().unwrap())
             .is_err());
@@ -1034,6 +1059,11 @@ mod tests {
                 prop_assert_eq!(s.total, s.assigned + s.cooldown + s.available);
                 prop_assert_eq!(ds.allocations().count(), s.assigned);
                 prop_assert_eq!(ds.cooldowns().count(), s.cooldown);
+                // Per ENI, the same pool: the figures add up to the whole.
+                let per: Vec<Stats> = ds.enis().filter_map(|e| ds.eni_stats(&e.id)).collect();
+                prop_assert_eq!(per.iter().map(|e| e.assigned).sum::<usize>(), s.assigned);
+                prop_assert_eq!(per.iter().map(|e| e.cooldown).sum::<usize>(), s.cooldown);
+                prop_assert_eq!(per.iter().map(|e| e.total).sum::<usize>(), s.total);
             }
             // Every released address comes back once its cooldown is over.
             for k in (0..40).map(|c| key(&format!("c{c}"))) {
