@@ -5,7 +5,10 @@ use std::sync::Mutex;
 
 use cni_common::logfile::{RotatingFile, DEFAULT_KEEP, DEFAULT_MAX_BYTES};
 
-use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 fn level(s: &str) -> LevelFilter {
     // tracing's parser takes upstream's level names in any case ("DEBUG", "Info", "off");
@@ -18,44 +21,42 @@ fn level(s: &str) -> LevelFilter {
 }
 
 /// ipamd's own events at the chosen level; the SDK, hyper and rustls only from WARN up (their
-/// DEBUG is several lines per HTTP request).
-fn filter(lvl: &str) -> EnvFilter {
+/// DEBUG is several lines per HTTP request). A static per-target filter: nothing to evaluate
+/// per event and no regex engine linked in for directives ipamd never takes from outside.
+fn filter(lvl: &str) -> Targets {
     let l = level(lvl);
-    EnvFilter::default()
-        .add_directive(LevelFilter::WARN.min(l).into())
-        .add_directive(
-            format!("ipamd={l}")
-                .parse()
-                .unwrap_or_else(|_| LevelFilter::INFO.into()),
-        )
+    Targets::new()
+        .with_default(LevelFilter::WARN.min(l))
+        .with_target("ipamd", l)
 }
 
 pub fn init(file: &str, lvl: &str) {
-    let b = tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(filter(lvl))
-        .with_current_span(true)
-        .with_span_list(false);
+    let filter = filter(lvl);
     match file {
-        "" | "stdout" => {
-            let _ = b.with_writer(std::io::stdout).try_init();
-        }
-        "stderr" => {
-            let _ = b.with_writer(std::io::stderr).try_init();
-        }
+        "" | "stdout" => install(std::io::stdout, filter),
+        "stderr" => install(std::io::stderr, filter),
         path => {
             match RotatingFile::open(std::path::Path::new(path), DEFAULT_MAX_BYTES, DEFAULT_KEEP) {
-                Ok(f) => {
-                    let _ = b.with_writer(Mutex::new(f)).try_init();
-                }
+                Ok(f) => install(Mutex::new(f), filter),
                 Err(e) => {
                     eprintln!("ipamd: cannot open log file {path}: {e}; logging to stdout");
-                    let _ = tracing_subscriber::fmt()
-                        .json()
-                        .with_env_filter(filter(lvl))
-                        .try_init();
+                    install(std::io::stdout, filter);
                 }
             }
         }
     }
+}
+
+fn install<W>(writer: W, filter: Targets)
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let _ = tracing_subscriber::fmt()
+        .json()
+        .with_current_span(true)
+        .with_span_list(false)
+        .with_writer(writer)
+        .finish()
+        .with(filter)
+        .try_init();
 }
