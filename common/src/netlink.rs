@@ -143,13 +143,14 @@ pub async fn rules_v4(handle: &Handle) -> Result<Vec<Rule>, rtnetlink::Error> {
 
 /// Every policy rule of one family (`v6`: IPv6).
 pub async fn rules(handle: &Handle, v6: bool) -> Result<Vec<Rule>, rtnetlink::Error> {
-    let msgs: Vec<RuleMessage> = handle
+    // Reduced as each message arrives: a node has a rule or two per pod.
+    handle
         .rule()
         .get(if v6 { IpVersion::V6 } else { IpVersion::V4 })
         .execute()
+        .map_ok(|m| Rule::from_msg(&m))
         .try_collect()
-        .await?;
-    Ok(msgs.iter().map(Rule::from_msg).collect())
+        .await
 }
 
 /// Add a rule; one already there is fine (both binaries converge, and may run again).

@@ -7,11 +7,13 @@ use std::net::{IpAddr, Ipv4Addr};
 use futures::TryStreamExt;
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressScope};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
-use netlink_packet_route::route::{RouteAttribute, RouteMessage, RouteScope};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteScope};
 use netlink_packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
 pub use cni_common::netlink::MAIN_TABLE;
+
+use super::link_dump::{DumpError as LinkDumpError, LinkBrief, LinkDumper};
 
 pub use cni_common::netlink::{
     errno, Rule as NodeRule, ENI_RULE_PRIORITY, EXTERNAL_SERVICE_RULE_PRIORITY,
@@ -25,6 +27,8 @@ pub enum LinkError {
         what: String,
         source: rtnetlink::Error,
     },
+    #[error("netlink list links: {0}")]
+    Dump(#[from] LinkDumpError),
     #[error("no link with MAC {0}")]
     NoLink(String),
     #[error("{0}")]
@@ -60,26 +64,7 @@ pub fn mac_string(mac: &[u8]) -> String {
 #[derive(Clone)]
 pub struct Links {
     handle: Handle,
-}
-
-fn link_name(l: &LinkMessage) -> String {
-    l.attributes
-        .iter()
-        .find_map(|a| match a {
-            LinkAttribute::IfName(n) => Some(n.clone()),
-            _ => None,
-        })
-        .unwrap_or_default()
-}
-
-fn link_mac(l: &LinkMessage) -> String {
-    l.attributes
-        .iter()
-        .find_map(|a| match a {
-            LinkAttribute::Address(m) => Some(mac_string(m)),
-            _ => None,
-        })
-        .unwrap_or_default()
+    dumper: LinkDumper,
 }
 
 fn link_mtu(l: &LinkMessage) -> Option<u32> {
@@ -94,27 +79,25 @@ impl Links {
     pub fn new() -> std::io::Result<Links> {
         let (conn, handle, _) = rtnetlink::new_connection()?;
         tokio::spawn(conn);
-        Ok(Links { handle })
+        Ok(Links {
+            handle,
+            dumper: LinkDumper::new()?,
+        })
     }
 
-    async fn all_links(&self) -> Result<Vec<LinkMessage>, LinkError> {
-        self.handle
-            .link()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl("list links"))
+    async fn all_links(&self) -> Result<Vec<LinkBrief>, LinkError> {
+        Ok(self.dumper.links().await?)
     }
 
     /// (index, name) of the link with this MAC.
     pub async fn link_by_mac(&self, mac: &str) -> Result<Option<(u32, String)>, LinkError> {
-        let links = self.all_links().await?;
         let mac = mac.to_ascii_lowercase();
-        Ok(links
-            .iter()
-            .find(|l| link_mac(l) == mac)
-            .map(|l| (l.header.index, link_name(l))))
+        Ok(self
+            .all_links()
+            .await?
+            .into_iter()
+            .find(|l| mac_string(&l.mac) == mac)
+            .map(|l| (l.index, l.name)))
     }
 
     async fn link(&self, index: u32) -> Result<LinkMessage, LinkError> {
@@ -136,54 +119,61 @@ impl Links {
     /// Every link name and every host route (/32, /128) of the main table, in one look. Any
     /// error is returned as such: the caller must not read a failed look as an empty host.
     pub async fn host_view(&self) -> Result<crate::pool::sweep::HostView, LinkError> {
-        let links = self.all_links().await?;
-        let mut routes: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl("list routes"))?;
-        let v6: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<std::net::Ipv6Addr>::new().build())
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl("list IPv6 routes"))?;
-        routes.extend(v6);
-        let names: std::collections::HashMap<u32, String> = links
-            .iter()
-            .map(|l| (l.header.index, link_name(l)))
+        let names: std::collections::HashMap<u32, String> = self
+            .all_links()
+            .await?
+            .into_iter()
+            .map(|l| (l.index, l.name))
             .collect();
         let mut view = crate::pool::sweep::HostView {
             links: names.values().cloned().collect(),
             ..Default::default()
         };
-        for r in routes {
-            let table = cni_common::netlink::route_table(&r);
-            if table != MAIN_TABLE {
-                continue;
+        // Each route is read as it arrives, as links are: only the main table's host routes
+        // are kept.
+        let mut host_route = |r: RouteMessage| {
+            if cni_common::netlink::route_table(&r) != MAIN_TABLE {
+                return;
             }
             let oif = r.attributes.iter().find_map(|a| match a {
                 RouteAttribute::Oif(i) => Some(*i),
                 _ => None,
             });
             let dst = r.attributes.iter().find_map(|a| match a {
-                RouteAttribute::Destination(netlink_packet_route::route::RouteAddress::Inet(
-                    ip,
-                )) if r.header.destination_prefix_length == 32 => Some(IpAddr::V4(*ip)),
-                RouteAttribute::Destination(netlink_packet_route::route::RouteAddress::Inet6(
-                    ip,
-                )) if r.header.destination_prefix_length == 128 => Some(IpAddr::V6(*ip)),
+                RouteAttribute::Destination(RouteAddress::Inet(ip))
+                    if r.header.destination_prefix_length == 32 =>
+                {
+                    Some(IpAddr::V4(*ip))
+                }
+                RouteAttribute::Destination(RouteAddress::Inet6(ip))
+                    if r.header.destination_prefix_length == 128 =>
+                {
+                    Some(IpAddr::V6(*ip))
+                }
                 _ => None,
             });
             if let (Some(ip), Some(oif)) = (dst, oif) {
                 let name = names.get(&oif).cloned().unwrap_or_default();
                 view.host_routes.insert(ip, name);
             }
+        };
+        let v4 = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute();
+        let mut v4 = std::pin::pin!(v4);
+        while let Some(r) = v4.try_next().await.map_err(nl("list routes"))? {
+            host_route(r);
+        }
+        let v6 = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<std::net::Ipv6Addr>::new().build())
+            .execute();
+        let mut v6 = std::pin::pin!(v6);
+        while let Some(r) = v6.try_next().await.map_err(nl("list IPv6 routes"))? {
+            host_route(r);
         }
         Ok(view)
     }
@@ -198,18 +188,14 @@ impl Links {
     ) -> Result<Vec<String>, LinkError> {
         let mut gone = Vec::new();
         for l in self.all_links().await? {
-            let alias = l.attributes.iter().find_map(|a| match a {
-                LinkAttribute::IfAlias(s) => Some(s.as_str()),
-                _ => None,
-            });
-            let Some(at) = alias.and_then(cni_common::naming::retired_at) else {
+            let Some(at) = l.alias.as_deref().and_then(cni_common::naming::retired_at) else {
                 continue;
             };
             if now_secs.saturating_sub(at) < grace_secs {
                 continue;
             }
-            match self.handle.link().del(l.header.index).execute().await {
-                Ok(()) => gone.push(link_name(&l)),
+            match self.handle.link().del(l.index).execute().await {
+                Ok(()) => gone.push(l.name),
                 Err(e) if errno(&e) == Some(libc::ENODEV) => {}
                 Err(e) => return Err(nl("delete a retired host veth")(e)),
             }
@@ -315,13 +301,13 @@ impl Links {
                     .build(),
             )
             .execute()
+            // The kernel does not filter a dump by table unless asked strictly: every route
+            // of the node comes back, and only this table's are kept.
+            .try_filter(|r| std::future::ready(cni_common::netlink::route_table(r) == table))
             .try_collect()
             .await
             .map_err(nl("list routes"))?;
         for r in routes {
-            if cni_common::netlink::route_table(&r) != table {
-                continue;
-            }
             match self.handle.route().del(r).execute().await {
                 Err(e) if errno(&e) == Some(libc::ESRCH) => {}
                 r => r.map_err(nl(format!("flush table {table}")))?,

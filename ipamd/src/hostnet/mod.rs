@@ -5,6 +5,7 @@
 //! the rtnetlink side. This module decides what to apply when.
 
 pub mod iptables;
+pub mod link_dump;
 pub mod links;
 pub mod nft;
 
