@@ -50,7 +50,11 @@ pub fn unique(prefix: &str) -> String {
 
 /// Path of a workspace binary: `$AWS_CNI_BIN_DIR/<name>` or next to the test executable's
 /// `deps/` directory (target/debug), where `cargo build --workspace --bins` puts it.
+/// `$AWS_CNI_IPAMD` names another `ipamd` (the benchmark measures the shipped build with it).
 pub fn bin(name: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os("AWS_CNI_IPAMD").filter(|_| name == "ipamd") {
+        return std::path::absolute(PathBuf::from(p)).expect("absolute path");
+    }
     if let Ok(d) = std::env::var("AWS_CNI_BIN_DIR") {
         let d = PathBuf::from(d);
         let d = if d.is_relative() {

@@ -411,7 +411,10 @@ fn main() {
     );
 
     // ---- the main node: ADD/DEL latency ----------------------------------------------------
-    eprintln!("bench: starting the VPC and a warm m5.4xlarge node ...");
+    eprintln!(
+        "bench: ipamd is {}; starting the VPC and a warm m5.4xlarge node ...",
+        integration::bin("ipamd").display()
+    );
     let vpc = Vpc::start_named(top.path(), 0, "bn");
     let main_dir = top.path().join("main");
     std::fs::create_dir_all(&main_dir).expect("dir");
