@@ -178,3 +178,43 @@ fn del_leaves_the_veth_to_ipamd_and_the_same_pod_can_come_back_at_once() {
     assert!(pod.links().is_empty(), "pod links left: {:?}", pod.links());
     assert!(t.elapsed() < std::time::Duration::from_secs(30));
 }
+
+#[test]
+fn the_reaper_reads_a_dump_of_hundreds_of_links_and_takes_only_the_retired_one() {
+    // 400 veth pairs: ipamd's link dump spans many netlink datagrams. Among them one pair
+    // retired long ago (the plugin's name and alias), which ipamd's reaper must find and delete,
+    // and nothing else.
+    let node = Netns::node("lrd");
+    let dir = tempfile::tempdir().unwrap();
+    let batch = dir.path().join("links.batch");
+    let mut lines: String = (0..400)
+        .map(|i| format!("link add kv{i} type veth peer name kp{i}\n"))
+        .collect();
+    let retired = cni_common::naming::retired_name(999_999);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let alias = cni_common::naming::retired_alias(now - 3600, "cid-old/eth0");
+    lines.push_str(&format!(
+        "link add {retired} type veth peer name kpold\nlink set {retired} alias \"{alias}\"\n"
+    ));
+    std::fs::write(&batch, lines).unwrap();
+    let out = node.exec(&["ip", "-batch", batch.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(node.links_now().len(), 802);
+
+    let _d = Ipamd::standalone(dir.path(), Some(&node.name), "t3.medium", &enis(1, 5), &[]);
+    // `links()` waits (up to 15 s) until no retired link is left.
+    let left = node.links();
+    assert_eq!(left.len(), 800, "{} links left", left.len());
+    assert!(
+        !left.iter().any(|l| l == "kpold"),
+        "the retired pair's peer is left"
+    );
+    assert!((0..400).all(|i| left.contains(&format!("kv{i}")) && left.contains(&format!("kp{i}"))));
+}
