@@ -129,8 +129,8 @@ impl Links {
             links: names.values().cloned().collect(),
             ..Default::default()
         };
-        // Each route is read as it arrives, as links are: only the main table's host routes
-        // are kept.
+        // Routes are reduced one by one, not collected: only the main table's host routes are
+        // kept. (rtnetlink parses them, but a route message is small.)
         let mut host_route = |r: RouteMessage| {
             if cni_common::netlink::route_table(&r) != MAIN_TABLE {
                 return;
