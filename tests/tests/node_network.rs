@@ -482,13 +482,23 @@ fn earlier_layouts_and_duplicates_are_replaced_and_foreign_rules_kept() {
 /// it; then ipamd started on it. The node, its namespace's name, and the VPC and directory that
 /// must outlive it.
 fn node_prepared(prepare: impl FnOnce(&str)) -> (VpcNode, String, Vpc, tempfile::TempDir) {
+    node_prepared_with(&|_| Vec::new(), prepare)
+}
+
+/// As [`node_prepared`], ipamd's environment made from the test's directory.
+fn node_prepared_with(
+    env: &dyn Fn(&std::path::Path) -> Vec<(String, String)>,
+    prepare: impl FnOnce(&str),
+) -> (VpcNode, String, Vpc, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let vpc = Vpc::start(dir.path(), 0);
     let inst = vpc.shim.instance("t3.medium", "10.0.1.0/24");
     let mut node = vpc.add_node(dir.path(), &inst, 0);
     let ns = node.ns.name.clone();
     prepare(&ns);
-    node.start_ipamd(dir.path(), &[]);
+    let env = env(dir.path());
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    node.start_ipamd(dir.path(), &env);
     (node, ns, vpc, dir)
 }
 
@@ -529,6 +539,62 @@ fn rules_go_to_the_iptables_backend_the_node_uses() {
     assert!(saved("iptables-legacy").contains("-j AWS-CONNMARK-CHAIN-0"));
     let tables = in_ns(&ns, &["nft", "list", "tables"]);
     assert!(!tables.contains("table ip aws-cni"), "{tables}");
+}
+
+/// A legacy node that upstream's nf_tables connmark table is left on, where `nft` fails the
+/// first time ipamd runs it: the failure is not taken for "no table". ipamd says so, and the
+/// next reconcile looks again and removes the table.
+#[test]
+fn a_failed_look_for_the_nf_tables_table_is_retried_not_taken_for_absence() {
+    let env = |dir: &std::path::Path| {
+        let bin = dir.join("failing-nft");
+        std::fs::create_dir_all(&bin).unwrap();
+        let once = dir.join("nft-failed-once");
+        let real = sh(&["sh", "-c", "command -v nft"]).trim().to_string();
+        let script = bin.join("nft");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\nif [ ! -e {o} ]; then touch {o}; echo 'nft: planted failure' >&2; exit 1; fi\nexec {real} \"$@\"\n",
+                o = once.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        vec![("PATH".to_string(), path)]
+    };
+    let (node, ns, _vpc, dir) = node_prepared_with(&env, |ns| {
+        in_ns(
+            ns,
+            &[
+                "iptables-legacy",
+                "-t",
+                "mangle",
+                "-N",
+                "KUBE-IPTABLES-HINT",
+            ],
+        );
+        in_ns(ns, &["nft", "add", "table", "ip", "aws-cni"]);
+    });
+    eventually(30, "the table removed at a later reconcile", || {
+        let tables = in_ns(&ns, &["nft", "list", "tables"]);
+        (!tables.contains("table ip aws-cni")).then_some(())
+    });
+    assert!(
+        dir.path().join("nft-failed-once").exists(),
+        "the planted failure ran"
+    );
+    let log = node.ipamd().log_text();
+    assert!(
+        log.contains("nf_tables connmark table not removed") && log.contains("planted failure"),
+        "{log}"
+    );
 }
 
 /// A node that upstream's ipamd ran on in nf_tables mode keeps its connmark table

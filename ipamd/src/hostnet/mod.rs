@@ -180,14 +180,17 @@ impl NodeNetwork {
             Ok((ipt.apply("nat", &nat)?, ipt.apply("mangle", &mangle)?))
         })
         .await?;
+        // Looked for once; a look that failed is tried again at the next reconcile.
         let removed = if connmark_in_nft
-            || self
-                .nft_cleared
-                .swap(true, std::sync::atomic::Ordering::AcqRel)
+            || self.nft_cleared.load(std::sync::atomic::Ordering::Acquire)
         {
             Ok(false)
         } else {
             let gone = tokio::task::spawn_blocking(nft::remove).await?;
+            if gone.is_ok() {
+                self.nft_cleared
+                    .store(true, std::sync::atomic::Ordering::Release);
+            }
             if let Ok(true) = gone {
                 if let Ok(mut w) = self.nft_written.lock() {
                     *w = None;
@@ -290,7 +293,11 @@ impl NodeNetwork {
             .lock()
             .map_err(|_| anyhow::anyhow!("nft state lock poisoned"))?
             .clone();
-        let now = tokio::task::spawn_blocking(nft::listed).await?;
+        // A listing that cannot be read counts as different: the table is written again.
+        let now = tokio::task::spawn_blocking(nft::listed)
+            .await?
+            .ok()
+            .flatten();
         let same_spec = last
             .as_ref()
             .is_some_and(|(w, listing)| *w == want && now.as_ref() == Some(listing));

@@ -79,11 +79,19 @@ fn nft(args: &[&str], input: Option<&str>) -> Result<String, NftError> {
     cni_common::command::run("nft", args, input)
 }
 
-/// The table as the kernel lists it, normalized; None when there is none.
-pub fn listed() -> Option<String> {
-    nft(&["list", "table", "ip", TABLE], None)
-        .ok()
-        .map(|l| normalize(&l))
+/// Whether `nft list tables ip` output names the table.
+fn has_table(tables: &str) -> bool {
+    let want = format!("table ip {TABLE}");
+    tables.lines().any(|l| l.trim() == want)
+}
+
+/// The table as the kernel lists it, normalized; None when the listing of tables shows none.
+/// An `nft` that fails is an error, not an absent table.
+pub fn listed() -> Result<Option<String>, NftError> {
+    if !has_table(&nft(&["list", "tables", "ip"], None)?) {
+        return Ok(None);
+    }
+    nft(&["list", "table", "ip", TABLE], None).map(|l| Some(normalize(&l)))
 }
 
 /// Write `c` (replacing the table whole); the normalized listing it left.
@@ -95,7 +103,7 @@ pub fn apply(c: &Connmark) -> Result<String, NftError> {
 /// Remove the table (a node moved to external SNAT, or to the legacy back-end); whether there
 /// was one.
 pub fn remove() -> Result<bool, NftError> {
-    if listed().is_none() {
+    if listed()?.is_none() {
         return Ok(false);
     }
     nft(&["delete", "table", "ip", TABLE], None)?;
@@ -119,6 +127,13 @@ mod tests {
         ));
         assert!(s.contains("fib daddr type local return\n    iifname \"eni*\" counter jump snat-mark\n    counter meta mark set ct mark & 0x80"));
         assert!(s.contains("ip daddr 10.0.0.0/16 counter return\n    ip daddr 172.16.0.0/12 counter return\n    counter ct mark set ct mark | 0x80"));
+    }
+
+    #[test]
+    fn the_table_is_found_in_the_list_of_tables_only_by_its_name() {
+        assert!(has_table("table ip filter\ntable ip aws-cni\n"));
+        assert!(!has_table("table ip filter\ntable ip aws-cni-other\n"));
+        assert!(!has_table(""));
     }
 
     #[test]
