@@ -74,7 +74,6 @@ struct RawConf {
     valid_attachments: Option<Vec<Attachment>>,
 }
 
-/// Only the version, for VERSION where the rest of the config may be absent.
 /// GC's list of attachments to keep, as a set. GC exists from CNI 1.1.0, and its whole meaning
 /// is that list: a config without it (an older runtime, a hand-written call) must not read as
 /// "keep none". Shared by both plugins.
@@ -98,6 +97,7 @@ pub fn gc_keep(
     Ok(valid.iter().cloned().collect())
 }
 
+/// Only the version, for VERSION where the rest of the config may be absent.
 pub fn requested_version(stdin: &[u8]) -> Option<String> {
     #[derive(Deserialize)]
     struct V {

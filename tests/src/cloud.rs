@@ -464,8 +464,18 @@ impl Drop for FakeImds {
     }
 }
 
-/// Poll `f` until it returns Some or `secs` pass.
-pub fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+/// Poll `f` every 100 ms until it returns Some or `secs` pass.
+pub fn eventually<T>(secs: u64, what: &str, f: impl FnMut() -> Option<T>) -> T {
+    eventually_every(Duration::from_millis(100), secs, what, f)
+}
+
+/// [`eventually`] polling every `every` (a benchmark timing what takes milliseconds).
+pub fn eventually_every<T>(
+    every: Duration,
+    secs: u64,
+    what: &str,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         if let Some(v) = f() {
@@ -474,6 +484,6 @@ pub fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) ->
         if Instant::now() > deadline {
             panic!("timed out after {secs}s waiting for {what}");
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(every);
     }
 }
