@@ -661,19 +661,28 @@ fn main() {
         (status(&bsock) >= big_n as i32).then_some(())
     });
     grpc_churn(&bsock, "hold", big_n, true);
+    let bpid = big.ipamd().pid().unwrap_or(0);
+    let (big_rss, big_anon, big_file) = (
+        rss_kb(bpid),
+        status_kb(bpid, "RssAnon:"),
+        status_kb(bpid, "RssFile:"),
+    );
     r.row(
         "footprint",
-        &format!("ipamd RSS with {big_n} pods (m5.24xlarge), MB"),
+        &format!("ipamd RSS with {big_n} pods (m5.24xlarge): total (own / code), MB"),
         format!(
-            "{:.1}",
-            rss_kb(big.ipamd().pid().unwrap_or(0)) as f64 / 1024.0
+            "{:.1} ({:.1} / {:.1})",
+            big_rss as f64 / 1024.0,
+            big_anon as f64 / 1024.0,
+            big_file as f64 / 1024.0
         ),
         None,
         None,
         None,
     );
     r.set("footprint_kb", json!({"idle": rss_idle, "cpu_idle_pct": idle_cpu, "pods15": rss15,
-        "churn_before": rss_before, "churn_after": rss_after, "big": rss_kb(big.ipamd().pid().unwrap_or(0))}));
+        "churn_before": rss_before, "churn_after": rss_after, "big": big_rss,
+        "big_split": {"anon": big_anon, "file": big_file}}));
     drop(big);
 
     // ---- start-up on a fresh node ------------------------------------------------------
