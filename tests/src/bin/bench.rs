@@ -680,9 +680,12 @@ fn main() {
         None,
         None,
     );
-    r.set("footprint_kb", json!({"idle": rss_idle, "cpu_idle_pct": idle_cpu, "pods15": rss15,
+    r.set(
+        "footprint_kb",
+        json!({"idle": rss_idle, "cpu_idle_pct": idle_cpu, "pods15": rss15,
         "churn_before": rss_before, "churn_after": rss_after, "big": big_rss,
-        "big_split": {"anon": big_anon, "file": big_file}}));
+        "big_split": {"anon": big_anon, "file": big_file}}),
+    );
     drop(big);
 
     // ---- start-up on a fresh node ------------------------------------------------------
