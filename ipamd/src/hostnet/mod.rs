@@ -293,11 +293,9 @@ impl NodeNetwork {
             .lock()
             .map_err(|_| anyhow::anyhow!("nft state lock poisoned"))?
             .clone();
-        // A listing that cannot be read counts as different: the table is written again.
-        let now = tokio::task::spawn_blocking(nft::listed)
-            .await?
-            .ok()
-            .flatten();
+        // A listing that cannot be read (no table, or nft failing) counts as different: the
+        // table is written again.
+        let now = tokio::task::spawn_blocking(nft::listed).await?.ok();
         let same_spec = last
             .as_ref()
             .is_some_and(|(w, listing)| *w == want && now.as_ref() == Some(listing));

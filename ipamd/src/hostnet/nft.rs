@@ -85,25 +85,22 @@ fn has_table(tables: &str) -> bool {
     tables.lines().any(|l| l.trim() == want)
 }
 
-/// The table as the kernel lists it, normalized; None when the listing of tables shows none.
-/// An `nft` that fails is an error, not an absent table.
-pub fn listed() -> Result<Option<String>, NftError> {
-    if !has_table(&nft(&["list", "tables", "ip"], None)?) {
-        return Ok(None);
-    }
-    nft(&["list", "table", "ip", TABLE], None).map(|l| Some(normalize(&l)))
+/// The table as the kernel lists it, normalized. An absent table is an error too: a caller
+/// comparing it with what it wrote writes it again either way.
+pub fn listed() -> Result<String, NftError> {
+    nft(&["list", "table", "ip", TABLE], None).map(|l| normalize(&l))
 }
 
 /// Write `c` (replacing the table whole); the normalized listing it left.
 pub fn apply(c: &Connmark) -> Result<String, NftError> {
     nft(&["-f", "-"], Some(&script(c)))?;
-    nft(&["list", "table", "ip", TABLE], None).map(|l| normalize(&l))
+    listed()
 }
 
 /// Remove the table (a node moved to external SNAT, or to the legacy back-end); whether there
-/// was one.
+/// was one. Absence is read from the list of tables: an `nft` that fails is an error.
 pub fn remove() -> Result<bool, NftError> {
-    if listed()?.is_none() {
+    if !has_table(&nft(&["list", "tables", "ip"], None)?) {
         return Ok(false);
     }
     nft(&["delete", "table", "ip", TABLE], None)?;
