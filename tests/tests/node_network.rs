@@ -509,21 +509,26 @@ fn in_ns(ns: &str, cmd: &[&str]) -> String {
     sh(&argv)
 }
 
+/// The marker chain kubelet leaves on a node whose iptables back-end is legacy.
+fn mark_legacy(ns: &str) {
+    in_ns(
+        ns,
+        &[
+            "iptables-legacy",
+            "-t",
+            "mangle",
+            "-N",
+            "KUBE-IPTABLES-HINT",
+        ],
+    );
+}
+
 /// A node whose kubelet uses the legacy iptables back-end (its marker chain is there): ipamd's
 /// SNAT and connmark rules go to legacy too, where kube-proxy's are, not to nf_tables.
 #[test]
 fn rules_go_to_the_iptables_backend_the_node_uses() {
     let (_node, ns, _vpc, _dir) = node_prepared(|ns| {
-        in_ns(
-            ns,
-            &[
-                "iptables-legacy",
-                "-t",
-                "mangle",
-                "-N",
-                "KUBE-IPTABLES-HINT",
-            ],
-        );
+        mark_legacy(ns);
     });
     let saved = |front: &str| in_ns(&ns, &[&format!("{front}-save"), "-t", "nat"]);
     eventually(30, "SNAT rules in the legacy back-end", || {
@@ -570,16 +575,7 @@ fn a_failed_look_for_the_nf_tables_table_is_retried_not_taken_for_absence() {
         vec![("PATH".to_string(), path)]
     };
     let (node, ns, _vpc, dir) = node_prepared_with(&env, |ns| {
-        in_ns(
-            ns,
-            &[
-                "iptables-legacy",
-                "-t",
-                "mangle",
-                "-N",
-                "KUBE-IPTABLES-HINT",
-            ],
-        );
+        mark_legacy(ns);
         in_ns(ns, &["nft", "add", "table", "ip", "aws-cni"]);
     });
     eventually(30, "the table removed at a later reconcile", || {
