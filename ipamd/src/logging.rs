@@ -51,12 +51,83 @@ fn install<W>(writer: W, filter: Targets)
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
-    let _ = tracing_subscriber::fmt()
+    let _ = subscriber(writer, filter).try_init();
+}
+
+fn subscriber<W>(writer: W, filter: Targets) -> impl tracing::Subscriber + Send + Sync
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    // The formatter's own ceiling is INFO unless told otherwise, which would drop DEBUG
+    // before `filter` sees it: `filter` alone decides.
+    tracing_subscriber::fmt()
         .json()
+        .with_max_level(LevelFilter::TRACE)
         .with_current_span(true)
         .with_span_list(false)
         .with_writer(writer)
         .finish()
         .with(filter)
-        .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .map_err(|_| std::io::Error::other("poisoned"))?
+                .extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn logged(lvl: &str) -> String {
+        let buf = Buf::default();
+        let w = buf.clone();
+        let sub = subscriber(move || w.clone(), filter(lvl));
+        tracing::subscriber::with_default(sub, || {
+            tracing::debug!(target: "ipamd::pool", "ipamd debug");
+            tracing::info!(target: "ipamd::pool", "ipamd info");
+            tracing::info!(target: "hyper::client", "dependency info");
+            tracing::warn!(target: "hyper::client", "dependency warn");
+        });
+        let out = buf
+            .0
+            .lock()
+            .map(|b| String::from_utf8_lossy(&b).into_owned());
+        out.unwrap_or_default()
+    }
+
+    #[test]
+    fn debug_level_writes_ipamds_debug_lines_and_only_warnings_of_dependencies() {
+        let out = logged("DEBUG");
+        assert!(out.contains("ipamd debug"), "{out}");
+        assert!(out.contains("ipamd info"), "{out}");
+        assert!(!out.contains("dependency info"), "{out}");
+        assert!(out.contains("dependency warn"), "{out}");
+    }
+
+    #[test]
+    fn info_level_drops_debug_lines() {
+        let out = logged("info");
+        assert!(!out.contains("ipamd debug"), "{out}");
+        assert!(out.contains("ipamd info"), "{out}");
+    }
+
+    #[test]
+    fn upstream_level_names() {
+        assert_eq!(level("Fatal"), LevelFilter::ERROR);
+        assert_eq!(level("warn"), LevelFilter::WARN);
+        assert_eq!(level("nonsense"), LevelFilter::DEBUG);
+    }
 }

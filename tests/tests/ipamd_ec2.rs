@@ -123,6 +123,13 @@ fn fresh_node_reaches_warm_target_and_reports_ready() {
         None,
         "{calls}"
     );
+    // The rig runs ipamd at upstream's default level, DEBUG: each EC2 call is a line.
+    let log = n.node.ipamd().log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(r#""level":"DEBUG""#) && l.contains("AssignPrivateIpAddresses")),
+        "no DEBUG line for the EC2 call in:\n{log}"
+    );
 }
 
 #[test]
