@@ -29,6 +29,15 @@ else
   echo "FAIL bench --smoke (target/bench-smoke.log)" | tee -a "$mlog"
   tail -20 target/bench-smoke.log
 fi
+# The start-up comparison, one round, against the same binary (both paths of the mode run).
+if AWS_CNI_BASELINE_IPAMD=target/debug/ipamd target/debug/bench --startup 1 \
+  --out target/bench/startup-smoke.json > target/bench-startup-smoke.log 2>&1; then
+  echo "bench --startup 1: ran"
+else
+  rc=1
+  echo "FAIL bench --startup 1 (target/bench-startup-smoke.log)" | tee -a "$mlog"
+  tail -20 target/bench-startup-smoke.log
+fi
 # The fleet simulation in smoke mode (4 nodes against an account-wide EC2 budget).
 if target/debug/fleet --smoke --out target/bench/fleet-smoke.json > target/fleet-smoke.log 2>&1; then
   echo "fleet --smoke: ran"

@@ -36,7 +36,18 @@ impl Ipamd {
     /// Start ipamd without waiting for its socket (many at once; then [`Ipamd::wait_ready`]).
     /// It dies with the calling thread.
     pub fn spawn(dir: &Path, netns: Option<&str>, env: &[(&str, &str)], wrapper: &[&str]) -> Ipamd {
-        let mut cmd = Ipamd::command(dir, netns, env, wrapper);
+        Ipamd::spawn_bin(&crate::bin("ipamd"), dir, netns, env, wrapper)
+    }
+
+    /// As [`Ipamd::spawn`], of the ipamd binary at `bin` (the bench compares two builds).
+    pub fn spawn_bin(
+        bin: &Path,
+        dir: &Path,
+        netns: Option<&str>,
+        env: &[(&str, &str)],
+        wrapper: &[&str],
+    ) -> Ipamd {
+        let mut cmd = Ipamd::command(bin, dir, netns, env, wrapper);
         let child = crate::die_with_parent(&mut cmd)
             .spawn()
             .expect("spawn ipamd");
@@ -56,7 +67,7 @@ impl Ipamd {
         env: &[(&str, &str)],
         args: &[&str],
     ) -> std::process::Output {
-        let mut cmd = Ipamd::command(dir, netns, env, &[]);
+        let mut cmd = Ipamd::command(&crate::bin("ipamd"), dir, netns, env, &[]);
         cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = crate::die_with_parent(&mut cmd)
             .spawn()
@@ -73,16 +84,21 @@ impl Ipamd {
         panic!("ipamd did not exit");
     }
 
-    fn command(dir: &Path, netns: Option<&str>, env: &[(&str, &str)], wrapper: &[&str]) -> Command {
+    fn command(
+        bin: &Path,
+        dir: &Path,
+        netns: Option<&str>,
+        env: &[(&str, &str)],
+        wrapper: &[&str],
+    ) -> Command {
         let socket = dir.join("ipamd.sock");
         let checkpoint = dir.join("ipam.json");
         let log = dir.join("ipamd.log");
-        let bin = crate::bin("ipamd");
         let mut argv: Vec<std::ffi::OsString> = wrapper.iter().map(|a| a.into()).collect();
         if let Some(ns) = netns {
             argv.extend(["ip", "netns", "exec", ns].map(std::ffi::OsString::from));
         }
-        argv.push(bin.into_os_string());
+        argv.push(bin.as_os_str().to_owned());
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..]);
         cmd.env_clear()

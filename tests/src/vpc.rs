@@ -515,6 +515,13 @@ impl VpcNode {
         self.ipamd = Some(Ipamd::spawn(dir, Some(&self.ns.name), &refs, &[]));
     }
 
+    /// As [`VpcNode::spawn_ipamd`], of the ipamd binary at `bin`.
+    pub fn spawn_ipamd_bin(&mut self, bin: &Path, dir: &Path, env: &[(&str, &str)]) {
+        let all = self.env(env);
+        let refs: Vec<(&str, &str)> = all.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.ipamd = Some(Ipamd::spawn_bin(bin, dir, Some(&self.ns.name), &refs, &[]));
+    }
+
     /// Start ipamd inside the node (state files under `dir`).
     pub fn start_ipamd(&mut self, dir: &Path, env: &[(&str, &str)]) -> &Ipamd {
         let all = self.env(env);

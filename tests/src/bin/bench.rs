@@ -5,6 +5,11 @@
 //! ratio, and next to the kernel floor where there is one. Figures go to stdout as one table and
 //! to a JSON file (default target/bench/results.json). `--smoke` runs a few iterations of
 //! everything, to keep the benchmark from rotting; its figures mean nothing.
+//!
+//! `bench --startup N [--keep DIR]`: only ipamd's start-up and its fill of an empty pool, N
+//! rounds, each round on fresh nodes, alternating with the ipamd at `AWS_CNI_BASELINE_IPAMD`
+//! when it is set (another build or version), with medians and ratios: the figures are tens to
+//! hundreds of milliseconds, too close to measure once. `--keep` copies every ipamd log there.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -54,6 +59,15 @@ impl Report {
     }
     fn set(&mut self, key: &str, v: Value) {
         self.json.insert(key.to_string(), v);
+    }
+    fn write(&self, out: &Path) {
+        if let Some(d) = out.parent() {
+            let _ = std::fs::create_dir_all(d);
+        }
+        let _ = std::fs::write(
+            out,
+            serde_json::to_string_pretty(&Value::Object(self.json.clone())).unwrap_or_default(),
+        );
     }
     fn print(&self) {
         println!();
@@ -373,6 +387,22 @@ fn main() {
     let n = |full: usize, quick: usize| if smoke { quick } else { full };
     let mut r = Report::default();
     let top = tempfile::tempdir().expect("tempdir");
+    if let Some(rounds) = args
+        .iter()
+        .position(|a| a == "--startup")
+        .map(|i| args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(5))
+    {
+        let keep = args
+            .iter()
+            .position(|a| a == "--keep")
+            .and_then(|i| args.get(i + 1))
+            .map(PathBuf::from);
+        let _tmpfs = Tmpfs::mount(top.path());
+        startup_rounds(&mut r, top.path(), rounds, keep.as_deref());
+        r.print();
+        r.write(&out);
+        return;
+    }
     // Everything both CNIs write (our state, checkpoint and logs; host-local's leases; libcni's
     // cache) on tmpfs, as /var/run is on a node: this machine's /tmp and /run are disk.
     let _tmpfs = Tmpfs::mount(top.path());
@@ -895,13 +925,7 @@ fn main() {
     }
 
     r.print();
-    if let Some(d) = out.parent() {
-        let _ = std::fs::create_dir_all(d);
-    }
-    let _ = std::fs::write(
-        &out,
-        serde_json::to_string_pretty(&Value::Object(r.json)).unwrap_or_default(),
-    );
+    r.write(&out);
     println!(
         "\nbench: figures in {}{}",
         out.display(),
@@ -920,4 +944,108 @@ fn ours_version_p50(bin: &Path, n: impl Fn(usize, usize) -> usize) -> f64 {
         &[("CNI_COMMAND", "VERSION")],
         n(200, 5),
     ))[0]
+}
+
+/// Start-up and fill figures of this ipamd and, when `AWS_CNI_BASELINE_IPAMD` names one, of
+/// another, `rounds` times each in alternation (so drift in the machine hits both alike).
+fn startup_rounds(r: &mut Report, top: &Path, rounds: usize, keep: Option<&Path>) {
+    let ours = integration::bin("ipamd");
+    let baseline = std::env::var_os("AWS_CNI_BASELINE_IPAMD")
+        .map(|p| std::path::absolute(PathBuf::from(p)).expect("absolute path"));
+    let mut builds = vec![("ours", ours.clone())];
+    builds.extend(baseline.clone().map(|b| ("baseline", b)));
+    eprintln!("bench: start-up of {}", ours.display());
+    if let Some(b) = &baseline {
+        eprintln!("bench: against {}", b.display());
+    }
+    if let Some(k) = keep {
+        std::fs::create_dir_all(k).expect("--keep dir");
+    }
+    let vpc = Vpc::start_named(top, 0, "bs");
+    // measure -> build -> samples, ms
+    let mut got: std::collections::BTreeMap<(&str, &str), Vec<f64>> = Default::default();
+    let fine = Duration::from_millis(2);
+    for round in 0..rounds {
+        for (label, bin) in &builds {
+            let dir = top.join(format!("{label}-{round}-start"));
+            std::fs::create_dir_all(&dir).expect("dir");
+            let mut node = vpc.add_node(&dir, &instance(&vpc, "t3.medium"), 0);
+            let t0 = Instant::now();
+            node.spawn_ipamd_bin(bin, &dir, &[]);
+            let sock = node.ipamd().socket.clone();
+            eventually_every(fine, 60, "gRPC serving", || {
+                std::os::unix::net::UnixStream::connect(&sock).ok()
+            });
+            got.entry(("start -> serving gRPC", label))
+                .or_default()
+                .push(ms(t0.elapsed()));
+            eventually_every(fine, 60, "a first address", || {
+                (status(&sock) > 0).then_some(())
+            });
+            got.entry(("start -> first address", label))
+                .or_default()
+                .push(ms(t0.elapsed()));
+            keep_log(keep, &node, &format!("{label}-{round}-start"));
+            drop(node);
+            for discovery in [true, false] {
+                let what = if discovery {
+                    "empty -> 100 addresses"
+                } else {
+                    "empty -> 100, no discovery"
+                };
+                let name = format!("{label}-{round}-fill{}", if discovery { "" } else { "-nd" });
+                let dir = top.join(&name);
+                std::fs::create_dir_all(&dir).expect("dir");
+                let mut node = vpc.add_node(&dir, &instance(&vpc, "m5.4xlarge"), 0);
+                let mut env = vec![("MINIMUM_IP_TARGET", "100")];
+                if !discovery {
+                    env.push(("ENABLE_SUBNET_DISCOVERY", "false"));
+                }
+                let t0 = Instant::now();
+                node.spawn_ipamd_bin(bin, &dir, &env);
+                let sock = node.ipamd().socket.clone();
+                eventually_every(Duration::from_millis(5), 180, "100 addresses", || {
+                    std::os::unix::net::UnixStream::connect(&sock).ok()?;
+                    (status(&sock) >= 100).then_some(())
+                });
+                got.entry((what, label)).or_default().push(ms(t0.elapsed()));
+                keep_log(keep, &node, &name);
+            }
+        }
+    }
+    let mut json = serde_json::Map::new();
+    let measures: Vec<&str> = got.keys().map(|(m, _)| *m).collect();
+    let mut seen = std::collections::BTreeSet::new();
+    for m in measures.into_iter().filter(|m| seen.insert(*m)) {
+        let median = |label: &str| got.get(&(m, label)).map(|v| pct(v.clone())[0]);
+        let (o, b) = (median("ours"), median("baseline"));
+        let spread = |label: &str| {
+            got.get(&(m, label)).map_or(String::new(), |v| {
+                let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = v.iter().copied().fold(0.0, f64::max);
+                format!("{:.0} ({lo:.0}-{hi:.0})", median(label).unwrap_or(0.0))
+            })
+        };
+        r.row(
+            "startup",
+            &format!("{m}, ms"),
+            spread("ours"),
+            b.map(|_| spread("baseline")),
+            o.zip(b).map(|(o, b)| o / b),
+            None,
+        );
+        json.insert(
+            m.to_string(),
+            json!({"ours": got.get(&(m, "ours")), "baseline": got.get(&(m, "baseline"))}),
+        );
+    }
+    r.set("startup_rounds", Value::Object(json));
+    eprintln!("bench: medians of {rounds} rounds (lowest-highest)");
+}
+
+/// A copy of the node's ipamd log in `keep`, named `name`.log.
+fn keep_log(keep: Option<&Path>, node: &VpcNode, name: &str) {
+    if let Some(k) = keep {
+        let _ = std::fs::copy(&node.ipamd().log, k.join(format!("{name}.log")));
+    }
 }
