@@ -293,17 +293,20 @@ impl NodeNetwork {
             .lock()
             .map_err(|_| anyhow::anyhow!("nft state lock poisoned"))?
             .clone();
-        // A listing that cannot be read (no table, or nft failing) counts as different: the
-        // table is written again.
-        let now = tokio::task::spawn_blocking(nft::listed).await?.ok();
-        let same_spec = last
-            .as_ref()
-            .is_some_and(|(w, listing)| *w == want && now.as_ref() == Some(listing));
-        if same_spec {
-            return Ok(());
-        }
         let w2 = want.clone();
-        let listing = tokio::task::spawn_blocking(move || nft::apply(&w2)).await??;
+        let listing = match &last {
+            // Nothing written yet by this ipamd: nothing to compare a listing with.
+            None => tokio::task::spawn_blocking(move || nft::apply_first(&w2)).await??,
+            Some((w, listing)) => {
+                // A listing that cannot be read (no table, or nft failing) counts as
+                // different: the table is written again.
+                let now = tokio::task::spawn_blocking(nft::listed).await?.ok();
+                if *w == want && now.as_ref() == Some(listing) {
+                    return Ok(());
+                }
+                tokio::task::spawn_blocking(move || nft::apply(&w2)).await??
+            }
+        };
         info!(exempt = ?want.exempt, "nf_tables connmark table written (table ip aws-cni)");
         if let Ok(mut w) = self.nft_written.lock() {
             *w = Some((want, listing));

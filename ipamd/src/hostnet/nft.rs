@@ -26,15 +26,26 @@ pub struct Connmark {
 /// The `nft -f` input that replaces the table with `c` atomically (declaring it first makes
 /// the delete valid when it does not exist yet).
 pub fn script(c: &Connmark) -> String {
+    format!(
+        "table ip {TABLE} {{}}\ndelete table ip {TABLE}\n{}",
+        body(c)
+    )
+}
+
+/// The `nft -f` input that makes the table from nothing: `create` refuses (and the whole
+/// transaction with it) when the table exists, so it never adds to one.
+pub fn create_script(c: &Connmark) -> String {
+    format!("create table ip {TABLE}\n{}", body(c))
+}
+
+fn body(c: &Connmark) -> String {
     let mark = format!("{:#x}", c.mark);
     let mut returns = String::new();
     for cidr in &c.exempt {
         returns.push_str(&format!("    ip daddr {cidr} counter return\n"));
     }
     format!(
-        "table ip {TABLE} {{}}\n\
-         delete table ip {TABLE}\n\
-         table ip {TABLE} {{\n\
+        "table ip {TABLE} {{\n\
          \x20 chain {BASE_CHAIN} {{\n\
          \x20   type nat hook prerouting priority -90; policy accept;\n\
          \x20   fib daddr type local return\n\
@@ -97,6 +108,16 @@ pub fn apply(c: &Connmark) -> Result<String, NftError> {
     listed()
 }
 
+/// As [`apply`], for the first write of a start: on a fresh node the table is made from
+/// nothing, because the replace's delete makes the kernel wait out a grace period (about
+/// 10 ms of ipamd's start); a table left from before is replaced as by [`apply`].
+pub fn apply_first(c: &Connmark) -> Result<String, NftError> {
+    if nft(&["-f", "-"], Some(&create_script(c))).is_err() {
+        nft(&["-f", "-"], Some(&script(c)))?;
+    }
+    listed()
+}
+
 /// Remove the table (a node moved to external SNAT, or to the legacy back-end); whether there
 /// was one. Absence is read from the list of tables: an `nft` that fails is an error.
 pub fn remove() -> Result<bool, NftError> {
@@ -124,6 +145,16 @@ mod tests {
         ));
         assert!(s.contains("fib daddr type local return\n    iifname \"eni*\" counter jump snat-mark\n    counter meta mark set ct mark & 0x80"));
         assert!(s.contains("ip daddr 10.0.0.0/16 counter return\n    ip daddr 172.16.0.0/12 counter return\n    counter ct mark set ct mark | 0x80"));
+        let created = create_script(&Connmark {
+            veth_prefix: "eni".into(),
+            mark: 0x80,
+            exempt: vec!["10.0.0.0/16".into(), "172.16.0.0/12".into()],
+        });
+        assert_eq!(
+            created.strip_prefix("create table ip aws-cni\n"),
+            s.strip_prefix("table ip aws-cni {}\ndelete table ip aws-cni\n"),
+            "the same table either way"
+        );
     }
 
     #[test]
