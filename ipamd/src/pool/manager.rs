@@ -182,13 +182,13 @@ impl<E: Ec2> Manager<E> {
     }
 
     pub async fn run(mut self) {
-        if self.leak_cleanup {
-            self.cleanup_leaked().await;
-        }
         let mut tick = tokio::time::interval(self.timing.pool_check);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_reconcile = Instant::now();
-        let mut last_leak = Instant::now();
+        // The first sweep for leaked ENIs comes right after the first pass over the pool, not
+        // before it: a fresh node's first pods do not wait for its DescribeNetworkInterfaces
+        // (upstream sweeps in the background, after a random delay of up to 5 minutes).
+        let mut last_leak: Option<Instant> = None;
         loop {
             let placement = self.placement.clone();
             tokio::select! {
@@ -210,9 +210,11 @@ impl<E: Ec2> Manager<E> {
                 self.reconcile().instrument(info_span!("reconcile")).await;
                 last_reconcile = Instant::now();
             }
-            if self.leak_cleanup && last_leak.elapsed() >= self.timing.leak_cleanup {
+            if self.leak_cleanup
+                && last_leak.is_none_or(|t| t.elapsed() >= self.timing.leak_cleanup)
+            {
                 self.cleanup_leaked().await;
-                last_leak = Instant::now();
+                last_leak = Some(Instant::now());
             }
         }
     }
