@@ -2,6 +2,7 @@
 //! `AWS_EC2_METADATA_SERVICE_ENDPOINT`). IMDS lags EC2 after attach and assign, so ipamd reads
 //! it for identity and discovery only; EC2 decides what an ENI holds.
 
+use std::future::Future;
 use std::net::Ipv4Addr;
 
 use aws_config::imds::client::error::ImdsError;
@@ -91,62 +92,90 @@ impl Imds {
         }
     }
 
-    async fn get(&self, path: &str) -> Result<String, MetadataError> {
-        self.get_opt(path).await?.ok_or_else(|| MetadataError {
-            path: path.to_string(),
-            message: "not found (404)".into(),
-        })
-    }
-
-    /// A missing path (404) is `None`: IMDS omits e.g. ipv4-prefix when an ENI has no prefix.
-    async fn get_opt(&self, path: &str) -> Result<Option<String>, MetadataError> {
-        let full = format!("/latest/meta-data/{path}");
-        match self.client.get(&full).await {
-            Ok(v) => Ok(Some(v.as_ref().to_string())),
-            Err(ImdsError::ErrorResponse(r)) if r.response().status().as_u16() == 404 => Ok(None),
-            Err(e) => Err(MetadataError {
-                path: full,
-                message: aws_smithy_types::error::display::DisplayErrorContext(&e).to_string(),
-            }),
+    // Not `async fn`: the futures own their paths, so callers can start several at once
+    // with paths made on the spot.
+    fn get(&self, path: &str) -> impl Future<Output = Result<String, MetadataError>> + '_ {
+        let path = path.to_string();
+        let value = self.get_opt(&path);
+        async move {
+            value.await?.ok_or_else(|| MetadataError {
+                path,
+                message: "not found (404)".into(),
+            })
         }
     }
 
+    /// A missing path (404) is `None`: IMDS omits e.g. ipv4-prefix when an ENI has no prefix.
+    fn get_opt(
+        &self,
+        path: &str,
+    ) -> impl Future<Output = Result<Option<String>, MetadataError>> + '_ {
+        let full = format!("/latest/meta-data/{path}");
+        async move {
+            match self.client.get(&full).await {
+                Ok(v) => Ok(Some(v.as_ref().to_string())),
+                Err(ImdsError::ErrorResponse(r)) if r.response().status().as_u16() == 404 => {
+                    Ok(None)
+                }
+                Err(e) => Err(MetadataError {
+                    path: full,
+                    message: aws_smithy_types::error::display::DisplayErrorContext(&e).to_string(),
+                }),
+            }
+        }
+    }
+
+    /// The keys are read at once, not one after another: each is a round trip, and a node
+    /// with many ENIs has hundreds of them.
     pub async fn instance(&self) -> Result<InstanceMeta, MetadataError> {
-        let instance_id = self.get("instance-id").await?;
-        let instance_type = self.get("instance-type").await?;
-        let availability_zone = self.get("placement/availability-zone").await?;
-        let region = match self.get_opt("placement/region").await? {
+        let (
+            instance_id,
+            instance_type,
+            availability_zone,
+            region,
+            primary_mac,
+            local_ipv4,
+            interfaces,
+        ) = futures::try_join!(
+            self.get("instance-id"),
+            self.get("instance-type"),
+            self.get("placement/availability-zone"),
+            self.get_opt("placement/region"),
+            self.get("mac"),
+            self.get_opt("local-ipv4"),
+            self.interfaces(),
+        )?;
+        let region = match region {
             Some(r) => r,
             None => availability_zone
                 .trim_end_matches(|c: char| c.is_ascii_alphabetic())
                 .to_string(),
         };
-        let primary_mac = self.get("mac").await?.trim().to_string();
-        let local_ipv4 = self
-            .get_opt("local-ipv4")
-            .await?
-            .and_then(|s| s.trim().parse().ok());
-        let interfaces = self.interfaces().await?;
         Ok(InstanceMeta {
             instance_id: instance_id.trim().to_string(),
             instance_type: instance_type.trim().to_string(),
             availability_zone: availability_zone.trim().to_string(),
             region,
-            primary_mac,
-            local_ipv4,
+            primary_mac: primary_mac.trim().to_string(),
+            local_ipv4: local_ipv4.and_then(|s| s.trim().parse().ok()),
             interfaces,
         })
     }
 
-    /// Every attached interface, sorted by device number.
+    /// Every attached interface, sorted by device number (a few interfaces read at a time,
+    /// each interface's keys at once).
     pub async fn interfaces(&self) -> Result<Vec<ImdsEni>, MetadataError> {
         let macs = self.get("network/interfaces/macs/").await?;
-        let mut out = Vec::new();
-        for mac in macs.lines().map(|l| l.trim().trim_end_matches('/')) {
-            if mac.is_empty() {
-                continue;
-            }
-            out.push(self.interface(mac).await?);
+        let macs: Vec<&str> = macs
+            .lines()
+            .map(|l| l.trim().trim_end_matches('/'))
+            .filter(|m| !m.is_empty())
+            .collect();
+        let mut out = Vec::with_capacity(macs.len());
+        for some in macs.chunks(INTERFACES_AT_ONCE) {
+            out.extend(
+                futures::future::try_join_all(some.iter().map(|m| self.interface(m))).await?,
+            );
         }
         out.sort_by_key(|e| (e.network_card, e.device_number));
         Ok(out)
@@ -161,14 +190,6 @@ impl Imds {
                 message: format!("not a number: {s:?}"),
             })
         };
-        let device_number = num(
-            self.get(&field("device-number")).await?,
-            field("device-number"),
-        )?;
-        let network_card = match self.get_opt(&field("network-card")).await? {
-            Some(s) => num(s, field("network-card"))?,
-            None => 0,
-        };
         let lines = |s: Option<String>| -> Vec<String> {
             s.unwrap_or_default()
                 .lines()
@@ -176,29 +197,33 @@ impl Imds {
                 .filter(|l| !l.is_empty())
                 .collect()
         };
-        let ips = lines(self.get_opt(&field("local-ipv4s")).await?)
-            .iter()
-            .filter_map(|l| l.parse().ok())
-            .collect();
-        let prefixes = lines(self.get_opt(&field("ipv4-prefix")).await?)
-            .iter()
-            .filter_map(|l| parse_prefix(l))
-            .collect();
+        let (device, card, ips, prefixes, id, subnet_id, subnet_cidr, vpc_id, vpc_cidrs, sgs) = futures::try_join!(
+            self.get(&field("device-number")),
+            self.get_opt(&field("network-card")),
+            self.get_opt(&field("local-ipv4s")),
+            self.get_opt(&field("ipv4-prefix")),
+            self.get(&field("interface-id")),
+            self.get(&field("subnet-id")),
+            self.get(&field("subnet-ipv4-cidr-block")),
+            self.get(&field("vpc-id")),
+            self.get_opt(&field("vpc-ipv4-cidr-blocks")),
+            self.get_opt(&field("security-group-ids")),
+        )?;
         Ok(ImdsEni {
             mac: mac.to_string(),
-            id: self.get(&field("interface-id")).await?.trim().to_string(),
-            device_number,
-            network_card,
-            subnet_id: self.get(&field("subnet-id")).await?.trim().to_string(),
-            subnet_cidr: {
-                let v = self.get(&field("subnet-ipv4-cidr-block")).await?;
-                crate::cidr::parse_v4(&v).ok_or_else(|| MetadataError {
-                    path: field("subnet-ipv4-cidr-block"),
-                    message: format!("{:?} is not an IPv4 CIDR", v.trim()),
-                })?
+            id: id.trim().to_string(),
+            device_number: num(device, field("device-number"))?,
+            network_card: match card {
+                Some(s) => num(s, field("network-card"))?,
+                None => 0,
             },
-            vpc_id: self.get(&field("vpc-id")).await?.trim().to_string(),
-            vpc_cidrs: lines(self.get_opt(&field("vpc-ipv4-cidr-blocks")).await?)
+            subnet_id: subnet_id.trim().to_string(),
+            subnet_cidr: crate::cidr::parse_v4(&subnet_cidr).ok_or_else(|| MetadataError {
+                path: field("subnet-ipv4-cidr-block"),
+                message: format!("{:?} is not an IPv4 CIDR", subnet_cidr.trim()),
+            })?,
+            vpc_id: vpc_id.trim().to_string(),
+            vpc_cidrs: lines(vpc_cidrs)
                 .iter()
                 .filter_map(|c| {
                     let n = crate::cidr::parse_v4(c);
@@ -208,12 +233,18 @@ impl Imds {
                     n
                 })
                 .collect(),
-            ips,
-            prefixes,
-            security_groups: lines(self.get_opt(&field("security-group-ids")).await?),
+            ips: lines(ips).iter().filter_map(|l| l.parse().ok()).collect(),
+            prefixes: lines(prefixes)
+                .iter()
+                .filter_map(|l| parse_prefix(l))
+                .collect(),
+            security_groups: lines(sgs),
         })
     }
 }
+
+/// Interfaces read at once: each is ten keys, so up to 40 requests in flight.
+const INTERFACES_AT_ONCE: usize = 4;
 
 /// What IMDS says of an interface's IPv6 side (IPv6 clusters read it for the primary only).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
