@@ -534,6 +534,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let started = std::time::Instant::now();
     let init = crate::metrics::InProgress::start("nodeInit");
+    // The node's iptables back-end (two saves) is looked up while IMDS and EC2 answer.
+    let iptables = cfg
+        .node_file
+        .is_none()
+        .then(|| tokio::task::spawn_blocking(crate::hostnet::iptables::Iptables::detect));
     let found = match &cfg.node_file {
         Some(p) => node::load_node_file(p)
             .map_err(anyhow::Error::from)
@@ -716,9 +721,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         // The node's networking comes before the first pod: host rules and SNAT, then every
         // secondary ENI already attached (a restart finds them in place and changes nothing).
         let net = Arc::new(
-            NodeNetwork::new(cfg.net.clone(), &c.primary_mac, c.primary_ip)
-                .await
-                .with_context(|| format!("find the primary ENI's link (MAC {})", c.primary_mac))?,
+            NodeNetwork::new(
+                cfg.net.clone(),
+                &c.primary_mac,
+                c.primary_ip,
+                match iptables {
+                    Some(d) => d.await.unwrap_or_default(),
+                    None => Default::default(),
+                },
+            )
+            .await
+            .with_context(|| format!("find the primary ENI's link (MAC {})", c.primary_mac))?,
         );
         if cfg.ipv6 {
             net.setup_host_ipv6()

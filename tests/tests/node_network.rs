@@ -233,6 +233,21 @@ fn rules_routes_and_iptables_survive_restart_and_follow_settings() {
     assert_eq!(our_lines(&s.iptables("mangle")).len(), 3);
     assert_eq!(s.connmark_table().matches("snat-mark").count(), 2);
 
+    // Someone else's edit of the table is undone by the next reconcile.
+    in_ns(
+        s.ns(),
+        &["nft", "flush", "chain", "ip", "aws-cni", "snat-mark"],
+    );
+    assert!(!s
+        .connmark_table()
+        .contains("ct mark set ct mark | 0x00000080"));
+    eventually(20, "the flushed connmark chain written again", || {
+        s.connmark_table()
+            .contains("ct mark set ct mark | 0x00000080")
+            .then_some(())
+    });
+    assert_eq!(s.connmark_table().matches("snat-mark").count(), 2);
+
     // The VPC gains a CIDR: the reconcile adds it to both chains.
     s.vpc.shim.post(
         "/_shim/vpc-cidr",

@@ -69,17 +69,19 @@ pub struct NodeNetwork {
     links: Links,
     iptables: Iptables,
     /// The connmark table as the last write left it (nf_tables nodes), normalized.
-    nft_written: std::sync::Mutex<Option<(nft::Connmark, String)>>,
+    nft_written: std::sync::Arc<std::sync::Mutex<Option<(nft::Connmark, String)>>>,
     /// The nf_tables connmark table was looked for (iptables connmark nodes: once).
     nft_cleared: std::sync::atomic::AtomicBool,
 }
 
 impl NodeNetwork {
-    /// Find the primary ENI's link by its MAC.
+    /// Find the primary ENI's link by its MAC. `iptables`: the back-end [`Iptables::detect`] found (the daemon starts that look
+    /// early, beside its IMDS and EC2 reads).
     pub async fn new(
         cfg: NetConfig,
         primary_mac: &str,
         primary_ip: Ipv4Addr,
+        iptables: Iptables,
     ) -> Result<NodeNetwork, LinkError> {
         let links = Links::new()?;
         let (_, primary_if) = links
@@ -104,9 +106,7 @@ impl NodeNetwork {
             primary_if,
             primary_mac: primary_mac.to_ascii_lowercase(),
             links,
-            iptables: tokio::task::spawn_blocking(Iptables::detect)
-                .await
-                .unwrap_or_default(),
+            iptables,
             nft_written: Default::default(),
             nft_cleared: Default::default(),
         })
@@ -294,19 +294,27 @@ impl NodeNetwork {
             .map_err(|_| anyhow::anyhow!("nft state lock poisoned"))?
             .clone();
         let w2 = want.clone();
-        let listing = match &last {
+        let Some((w, listing)) = last else {
             // Nothing written yet by this ipamd: nothing to compare a listing with.
-            None => tokio::task::spawn_blocking(move || nft::apply_first(&w2)).await??,
-            Some((w, listing)) => {
-                // A listing that cannot be read (no table, or nft failing) counts as
-                // different: the table is written again.
-                let now = tokio::task::spawn_blocking(nft::listed).await?.ok();
-                if *w == want && now.as_ref() == Some(listing) {
-                    return Ok(());
+            tokio::task::spawn_blocking(move || nft::apply_first(&w2)).await??;
+            info!(exempt = ?want.exempt, "nf_tables connmark table written (table ip aws-cni)");
+            // What the write left is read for the next reconcile, off the start's path. Not
+            // read, the next reconcile writes the table again.
+            let slot = self.nft_written.clone();
+            tokio::task::spawn_blocking(move || {
+                if let (Ok(listing), Ok(mut w)) = (nft::listed(), slot.lock()) {
+                    w.get_or_insert((want, listing));
                 }
-                tokio::task::spawn_blocking(move || nft::apply(&w2)).await??
-            }
+            });
+            return Ok(());
         };
+        // A listing that cannot be read (no table, or nft failing) counts as different: the
+        // table is written again.
+        let now = tokio::task::spawn_blocking(nft::listed).await?.ok();
+        if w == want && now.as_ref() == Some(&listing) {
+            return Ok(());
+        }
+        let listing = tokio::task::spawn_blocking(move || nft::apply(&w2)).await??;
         info!(exempt = ?want.exempt, "nf_tables connmark table written (table ip aws-cni)");
         if let Ok(mut w) = self.nft_written.lock() {
             *w = Some((want, listing));

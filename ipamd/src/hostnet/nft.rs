@@ -108,14 +108,15 @@ pub fn apply(c: &Connmark) -> Result<String, NftError> {
     listed()
 }
 
-/// As [`apply`], for the first write of a start: on a fresh node the table is made from
-/// nothing, because the replace's delete makes the kernel wait out a grace period (about
-/// 10 ms of ipamd's start); a table left from before is replaced as by [`apply`].
-pub fn apply_first(c: &Connmark) -> Result<String, NftError> {
+/// As [`apply`], for the first write of a start, without the listing: on a fresh node the
+/// table is made from nothing, because the replace's delete makes the kernel wait out a grace
+/// period (about 10 ms of ipamd's start); a table left from before is replaced as by
+/// [`apply`].
+pub fn apply_first(c: &Connmark) -> Result<(), NftError> {
     if nft(&["-f", "-"], Some(&create_script(c))).is_err() {
         nft(&["-f", "-"], Some(&script(c)))?;
     }
-    listed()
+    Ok(())
 }
 
 /// Remove the table (a node moved to external SNAT, or to the legacy back-end); whether there
