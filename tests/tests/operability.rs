@@ -191,3 +191,22 @@ fn introspection_and_metrics_match_the_pool() {
     );
     s.down();
 }
+
+/// ipamd's binaries are linked with packed relative relocations (ipamd/build.rs): a classic
+/// relocation table is read whole at every start and stays resident (1.5 MB).
+#[test]
+fn ipamd_is_linked_with_packed_relative_relocations() {
+    let bin = integration::bin("ipamd");
+    let out = std::process::Command::new("readelf")
+        .args(["--dynamic", "--wide"])
+        .arg(&bin)
+        .output()
+        .expect("run readelf (binutils)");
+    assert!(out.status.success(), "readelf {}: {out:?}", bin.display());
+    let dynamic = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        dynamic.lines().any(|l| l.contains("(RELR)")),
+        "no DT_RELR in {}:\n{dynamic}",
+        bin.display()
+    );
+}
