@@ -104,11 +104,13 @@ fn custom_networking_places_enis_by_eniconfig_and_survives_an_api_outage() {
     while started.elapsed() < std::time::Duration::from_secs(62) {
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
-    // Back: the watches resume, and a relabel moves node 2's next ENI only.
+    // Back: the watches resume, and a relabel moves node 2's next ENI only. The watches'
+    // backoff (kube's default, as client-go's: up to 30 s doubled by jitter) may have put
+    // their next try up to a minute after the last failed one.
     let kube = s.vpc.kube.as_ref().unwrap();
     let node2 = s.nodes[1].inst().id.clone();
     kube.label_node(&node2, &format!("{ZONE_LABEL}=alt"));
-    eventually(40, "node 2 follows its new ENIConfig", || {
+    eventually(80, "node 2 follows its new ENIConfig", || {
         (eni_configs(&s, 1)["MyENI"] == "alt").then_some(())
     });
     for n in 0..5 {
