@@ -86,7 +86,7 @@ impl Imds {
             client: Client::builder()
                 .configure(
                     &aws_config::provider_config::ProviderConfig::default()
-                        .with_http_client(super::http_client()),
+                        .with_http_client(super::http_client_keeping(IDLE_CONNECTIONS)),
                 )
                 .build(),
         }
@@ -243,8 +243,13 @@ impl Imds {
     }
 }
 
-/// Interfaces read at once: each is ten keys, so up to 40 requests in flight.
-const INTERFACES_AT_ONCE: usize = 4;
+/// Interfaces read at once: each is ten keys, so up to 20 requests in flight (IMDS allows
+/// 1,024 packets a second per ENI).
+const INTERFACES_AT_ONCE: usize = 2;
+
+/// Connections kept open to IMDS between reads: the reconcile reads it every minute, and a
+/// connection per key kept for the next one would be memory for nothing.
+const IDLE_CONNECTIONS: usize = 2;
 
 /// What IMDS says of an interface's IPv6 side (IPv6 clusters read it for the primary only).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -278,12 +278,20 @@ pub trait Ec2: Send + Sync + 'static {
 /// The one HTTP client ipamd's SDK clients share: hyper with rustls on ring (the SDK's default
 /// features, and their second TLS stack, are off to keep the build lean).
 pub fn http_client() -> aws_sdk_ec2::config::SharedHttpClient {
+    https(aws_smithy_http_client::Builder::new())
+}
+
+/// As [`http_client`], keeping at most `idle` connections per host open between requests.
+pub fn http_client_keeping(idle: usize) -> aws_sdk_ec2::config::SharedHttpClient {
+    https(aws_smithy_http_client::Builder::new().pool_max_idle_per_host(idle))
+}
+
+fn https(b: aws_smithy_http_client::Builder) -> aws_sdk_ec2::config::SharedHttpClient {
     use aws_smithy_http_client::tls;
-    aws_smithy_http_client::Builder::new()
-        .tls_provider(tls::Provider::Rustls(
-            tls::rustls_provider::CryptoMode::Ring,
-        ))
-        .build_https()
+    b.tls_provider(tls::Provider::Rustls(
+        tls::rustls_provider::CryptoMode::Ring,
+    ))
+    .build_https()
 }
 
 pub use crate::cidr::parse_prefix;
