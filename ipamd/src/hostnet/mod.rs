@@ -75,8 +75,8 @@ pub struct NodeNetwork {
 }
 
 impl NodeNetwork {
-    /// Find the primary ENI's link by its MAC. `iptables`: the back-end [`Iptables::detect`] found (the daemon starts that look
-    /// early, beside its IMDS and EC2 reads).
+    /// Find the primary ENI's link by its MAC. `iptables`: the back-end [`Iptables::detect`]
+    /// found (the daemon starts that look early, beside its IMDS and EC2 reads).
     pub async fn new(
         cfg: NetConfig,
         primary_mac: &str,
@@ -177,7 +177,11 @@ impl NodeNetwork {
         let (nat, mangle) = iptables::desired(&spec);
         let ipt = self.iptables.clone();
         let applied = tokio::task::spawn_blocking(move || -> anyhow::Result<(bool, bool)> {
-            Ok((ipt.apply("nat", &nat)?, ipt.apply("mangle", &mangle)?))
+            let changed = ipt.apply(&[("nat", &nat), ("mangle", &mangle)])?;
+            Ok((
+                changed.first() == Some(&true),
+                changed.get(1) == Some(&true),
+            ))
         })
         .await?;
         // Looked for once; a look that failed is tried again at the next reconcile.
