@@ -113,17 +113,25 @@ pub enum DumpError {
 #[derive(Clone)]
 pub struct LinkDumper {
     handle: netlink_proto::ConnectionHandle<Brief>,
+    /// The kernel runs one dump at a time on a socket and refuses another meanwhile (EBUSY):
+    /// the clones sharing this socket (the sweeper's look at the host, the veth reaper) take
+    /// turns.
+    turn: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl LinkDumper {
     pub fn new() -> std::io::Result<LinkDumper> {
         let (conn, handle, _) = netlink_proto::new_connection::<Brief>(NETLINK_ROUTE)?;
         tokio::spawn(conn);
-        Ok(LinkDumper { handle })
+        Ok(LinkDumper {
+            handle,
+            turn: Default::default(),
+        })
     }
 
     /// Every link of the namespace.
     pub async fn links(&self) -> Result<Vec<LinkBrief>, DumpError> {
+        let _turn = self.turn.lock().await;
         let mut req = LinkMessage::default();
         // Without statistics: the kernel neither gathers nor sends what is never read.
         req.attributes
