@@ -377,7 +377,7 @@ fn a_background_task_that_stops_is_noticed_and_ipamd_exits() {
 /// The sweeper's look at the host and the veth reaper dump links on one netlink socket; the
 /// kernel refuses a second dump on a socket while one runs (EBUSY), which cost the sweep its
 /// pass whenever their ticks met (every 10 s in the simulated cluster). Dumps sharing the
-/// socket now take turns.
+/// socket now take turns, as do the route and rule dumps on the other socket.
 #[test]
 fn link_dumps_sharing_a_socket_take_turns() {
     rt().block_on(async {
@@ -390,6 +390,22 @@ fn link_dumps_sharing_a_socket_take_turns() {
         for h in all {
             let links = h.await.unwrap().expect("a link dump refused");
             assert!(!links.is_empty());
+        }
+        // The same for the route and rule dumps of one `Links` shared by its clones.
+        let links = ipamd::hostnet::links::Links::new().expect("netlink sockets");
+        let mut all = Vec::new();
+        for i in 0..32 {
+            let l = links.clone();
+            all.push(tokio::spawn(async move {
+                if i % 2 == 0 {
+                    l.rules().await.map(|_| ())
+                } else {
+                    l.host_view().await.map(|_| ())
+                }
+            }));
+        }
+        for h in all {
+            h.await.unwrap().expect("a route or rule dump refused");
         }
     });
 }

@@ -65,6 +65,9 @@ pub fn mac_string(mac: &[u8]) -> String {
 pub struct Links {
     handle: Handle,
     dumper: LinkDumper,
+    /// The kernel runs one dump at a time on a socket and refuses another meanwhile (EBUSY):
+    /// the route, rule and address dumps of the clones sharing `handle` take turns.
+    dumps: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 fn link_mtu(l: &LinkMessage) -> Option<u32> {
@@ -82,6 +85,7 @@ impl Links {
         Ok(Links {
             handle,
             dumper: LinkDumper::new()?,
+            dumps: Default::default(),
         })
     }
 
@@ -157,6 +161,7 @@ impl Links {
                 view.host_routes.insert(ip, name);
             }
         };
+        let _turn = self.dumps.lock().await;
         let v4 = self
             .handle
             .route()
@@ -225,9 +230,12 @@ impl Links {
         ip: Ipv4Addr,
         len: u8,
     ) -> Result<(), LinkError> {
-        let msgs = cni_common::netlink::link_addresses(&self.handle, index)
-            .await
-            .map_err(nl("list addresses"))?;
+        let msgs = {
+            let _turn = self.dumps.lock().await;
+            cni_common::netlink::link_addresses(&self.handle, index)
+                .await
+                .map_err(nl("list addresses"))?
+        };
         let mut present = false;
         for m in msgs.into_iter().filter(|m| {
             m.header.index == index
@@ -292,6 +300,7 @@ impl Links {
 
     /// Every route in `table` goes (ENI removed).
     pub async fn flush_table(&self, table: u32) -> Result<(), LinkError> {
+        let turn = self.dumps.lock().await;
         let routes: Vec<RouteMessage> = self
             .handle
             .route()
@@ -307,6 +316,7 @@ impl Links {
             .try_collect()
             .await
             .map_err(nl("list routes"))?;
+        drop(turn);
         for r in routes {
             match self.handle.route().del(r).execute().await {
                 Err(e) if errno(&e) == Some(libc::ESRCH) => {}
@@ -317,6 +327,7 @@ impl Links {
     }
 
     pub async fn rules(&self) -> Result<Vec<NodeRule>, LinkError> {
+        let _turn = self.dumps.lock().await;
         cni_common::netlink::rules_v4(&self.handle)
             .await
             .map_err(nl("list rules"))
