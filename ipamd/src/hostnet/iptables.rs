@@ -393,15 +393,15 @@ impl Iptables {
     /// restore of those that do (each table's section commits atomically). Whether each
     /// table changed, in order. One save instead of one per table: this runs at every
     /// reconcile.
-    pub fn apply(&self, tables: &[(&str, &TableRules)]) -> Result<Vec<bool>, IptablesError> {
+    pub fn apply<const N: usize>(
+        &self,
+        tables: [(&str, &TableRules); N],
+    ) -> Result<[bool; N], IptablesError> {
         let saved = run(&self.save, &[], None)?;
-        let mut script = String::new();
-        let mut changed = Vec::with_capacity(tables.len());
-        for (table, want) in tables {
-            let s = restore_script(table, section(&saved, table), want);
-            changed.push(s.is_some());
-            script.push_str(&s.unwrap_or_default());
-        }
+        let scripts =
+            tables.map(|(table, want)| restore_script(table, section(&saved, table), want));
+        let changed = scripts.each_ref().map(Option::is_some);
+        let script: String = scripts.into_iter().flatten().collect();
         if !script.is_empty() {
             run(&self.restore, &["--noflush", "-w"], Some(&script))?;
         }

@@ -177,11 +177,8 @@ impl NodeNetwork {
         let (nat, mangle) = iptables::desired(&spec);
         let ipt = self.iptables.clone();
         let applied = tokio::task::spawn_blocking(move || -> anyhow::Result<(bool, bool)> {
-            let changed = ipt.apply(&[("nat", &nat), ("mangle", &mangle)])?;
-            Ok((
-                changed.first() == Some(&true),
-                changed.get(1) == Some(&true),
-            ))
+            let [nat, mangle] = ipt.apply([("nat", &nat), ("mangle", &mangle)])?;
+            Ok((nat, mangle))
         })
         .await?;
         // Looked for once; a look that failed is tried again at the next reconcile.
