@@ -510,9 +510,7 @@ impl VpcNode {
 
     /// Start ipamd inside the node without waiting for it (see [`Ipamd::wait_ready_for`]).
     pub fn spawn_ipamd(&mut self, dir: &Path, env: &[(&str, &str)]) {
-        let all = self.env(env);
-        let refs: Vec<(&str, &str)> = all.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        self.ipamd = Some(Ipamd::spawn(dir, Some(&self.ns.name), &refs, &[]));
+        self.spawn_ipamd_bin(&crate::bin("ipamd"), dir, env);
     }
 
     /// As [`VpcNode::spawn_ipamd`], of the ipamd binary at `bin`.

@@ -723,20 +723,7 @@ fn main() {
     std::fs::create_dir_all(&fdir).expect("dir");
     let inst = instance(&vpc, "t3.medium");
     let mut fresh = vpc.add_node(&fdir, &inst, 0);
-    let t0 = Instant::now();
-    fresh.spawn_ipamd(&fdir, &[]);
-    let fsock = fresh.ipamd().socket.clone();
-    // Both polled every 2 ms, not at the rig's usual 20 and 100 ms: the figures are tens of
-    // milliseconds.
-    let fine = Duration::from_millis(2);
-    eventually_every(fine, 60, "gRPC serving", || {
-        std::os::unix::net::UnixStream::connect(&fsock).ok()
-    });
-    let serving = ms(t0.elapsed());
-    eventually_every(fine, 60, "a first address", || {
-        (status(&fsock) > 0).then_some(())
-    });
-    let first = ms(t0.elapsed());
+    let (serving, first) = time_start(&mut fresh, &integration::bin("ipamd"), &fdir);
     r.row(
         "startup",
         "ipamd start -> serving gRPC, ms",
@@ -829,18 +816,7 @@ fn main() {
         let inst = instance(&vpc, "m5.4xlarge");
         let mut f = vpc.add_node(&d, &inst, 0);
         vpc.shim.reset_calls();
-        let t0 = Instant::now();
-        let mut env = vec![("MINIMUM_IP_TARGET", "100")];
-        if !discovery {
-            env.push(("ENABLE_SUBNET_DISCOVERY", "false"));
-        }
-        f.start_ipamd(&d, &env);
-        let s = f.ipamd().socket.clone();
-        // Polled every 5 ms: the figure is hundreds of milliseconds.
-        eventually_every(Duration::from_millis(5), 180, "100 addresses", || {
-            (status(&s) >= 100).then_some(())
-        });
-        let took = ms(t0.elapsed());
+        let took = time_fill(&mut f, &integration::bin("ipamd"), &d, discovery);
         let (total, by) = calls(&vpc);
         r.row(
             "ec2",
@@ -966,27 +942,18 @@ fn startup_rounds(r: &mut Report, top: &Path, rounds: usize, keep: Option<&Path>
     let vpc = Vpc::start_named(top, 0, "bs");
     // measure -> build -> samples, ms
     let mut got: std::collections::BTreeMap<(&str, &str), Vec<f64>> = Default::default();
-    let fine = Duration::from_millis(2);
     for round in 0..rounds {
         for (label, bin) in &builds {
             let dir = top.join(format!("{label}-{round}-start"));
             std::fs::create_dir_all(&dir).expect("dir");
             let mut node = vpc.add_node(&dir, &instance(&vpc, "t3.medium"), 0);
-            let t0 = Instant::now();
-            node.spawn_ipamd_bin(bin, &dir, &[]);
-            let sock = node.ipamd().socket.clone();
-            eventually_every(fine, 60, "gRPC serving", || {
-                std::os::unix::net::UnixStream::connect(&sock).ok()
-            });
+            let (serving, first) = time_start(&mut node, bin, &dir);
             got.entry(("start -> serving gRPC", label))
                 .or_default()
-                .push(ms(t0.elapsed()));
-            eventually_every(fine, 60, "a first address", || {
-                (status(&sock) > 0).then_some(())
-            });
+                .push(serving);
             got.entry(("start -> first address", label))
                 .or_default()
-                .push(ms(t0.elapsed()));
+                .push(first);
             keep_log(keep, &node, &format!("{label}-{round}-start"));
             drop(node);
             for discovery in [true, false] {
@@ -999,18 +966,8 @@ fn startup_rounds(r: &mut Report, top: &Path, rounds: usize, keep: Option<&Path>
                 let dir = top.join(&name);
                 std::fs::create_dir_all(&dir).expect("dir");
                 let mut node = vpc.add_node(&dir, &instance(&vpc, "m5.4xlarge"), 0);
-                let mut env = vec![("MINIMUM_IP_TARGET", "100")];
-                if !discovery {
-                    env.push(("ENABLE_SUBNET_DISCOVERY", "false"));
-                }
-                let t0 = Instant::now();
-                node.spawn_ipamd_bin(bin, &dir, &env);
-                let sock = node.ipamd().socket.clone();
-                eventually_every(Duration::from_millis(5), 180, "100 addresses", || {
-                    std::os::unix::net::UnixStream::connect(&sock).ok()?;
-                    (status(&sock) >= 100).then_some(())
-                });
-                got.entry((what, label)).or_default().push(ms(t0.elapsed()));
+                let took = time_fill(&mut node, bin, &dir, discovery);
+                got.entry((what, label)).or_default().push(took);
                 keep_log(keep, &node, &name);
             }
         }
@@ -1043,6 +1000,41 @@ fn startup_rounds(r: &mut Report, top: &Path, rounds: usize, keep: Option<&Path>
     }
     r.set("startup_rounds", Value::Object(json));
     eprintln!("bench: medians of {rounds} rounds (lowest-highest)");
+}
+
+/// Start the ipamd at `bin` on a fresh `node`: ms to serving gRPC and to its first allocatable
+/// address, both polled every 2 ms (not at the rig's usual 20 and 100 ms: the figures are tens
+/// of milliseconds).
+fn time_start(node: &mut VpcNode, bin: &Path, dir: &Path) -> (f64, f64) {
+    let fine = Duration::from_millis(2);
+    let t0 = Instant::now();
+    node.spawn_ipamd_bin(bin, dir, &[]);
+    let sock = node.ipamd().socket.clone();
+    eventually_every(fine, 60, "gRPC serving", || {
+        std::os::unix::net::UnixStream::connect(&sock).ok()
+    });
+    let serving = ms(t0.elapsed());
+    eventually_every(fine, 60, "a first address", || {
+        (status(&sock) > 0).then_some(())
+    });
+    (serving, ms(t0.elapsed()))
+}
+
+/// Start the ipamd at `bin` on a fresh `node` with MINIMUM_IP_TARGET=100 (and subnet discovery
+/// on or off): ms until it holds 100 addresses, polled every 5 ms (the figure is hundreds).
+fn time_fill(node: &mut VpcNode, bin: &Path, dir: &Path, discovery: bool) -> f64 {
+    let mut env = vec![("MINIMUM_IP_TARGET", "100")];
+    if !discovery {
+        env.push(("ENABLE_SUBNET_DISCOVERY", "false"));
+    }
+    let t0 = Instant::now();
+    node.spawn_ipamd_bin(bin, dir, &env);
+    let sock = node.ipamd().socket.clone();
+    eventually_every(Duration::from_millis(5), 180, "100 addresses", || {
+        std::os::unix::net::UnixStream::connect(&sock).ok()?;
+        (status(&sock) >= 100).then_some(())
+    });
+    ms(t0.elapsed())
 }
 
 /// A copy of the node's ipamd log in `keep`, named `name`.log.
