@@ -356,7 +356,16 @@ fn leaked_enis_are_deleted_at_start() {
     for kept in &ids[1..] {
         assert!(have.contains(kept), "{kept} must stay");
     }
-    assert!(n.node.ipamd().log_text().contains("deleted leaked ENI"));
+    let log = n.node.ipamd().log_text();
+    let deleted = log.find("deleted leaked ENI").expect("the deletion logged");
+    // The sweep follows the first fill: a fresh node's first pods do not wait for it.
+    let assigned = log
+        .find("assigned secondary IPs")
+        .expect("the first fill logged");
+    assert!(
+        assigned < deleted,
+        "the sweep ran before the first fill:\n{log}"
+    );
 }
 
 #[test]
