@@ -414,6 +414,7 @@ async fn cloud_node(cfg: &Config) -> anyhow::Result<(NodeInfo, InstanceLimits, C
     };
     let mut cloud = CloudNode {
         instance_id: meta.instance_id.clone(),
+        primary_mac: meta.primary_mac.clone(),
         vpc_id: primary.vpc_id.clone(),
         subnet_id: primary.subnet_id.clone(),
         subnet_cidr: primary.subnet_cidr,

@@ -636,18 +636,20 @@ fn accepted_calls_that_assign_nothing_back_off_and_recover() {
 /// DISABLE_NETWORK_RESOURCE_PROVISIONING and ENABLE_IMDS_ONLY_MODE: ipamd serves the addresses
 /// someone else attached (here a second ENI with three addresses, made through the EC2 API) and
 /// never asks EC2 to grow or shrink the pool; in IMDS-only mode it does not even describe ENIs.
+/// Addresses someone assigns later are served after a reconcile (IMDS-only: from IMDS alone).
 #[test]
 fn without_provisioning_attached_addresses_serve_and_ec2_is_not_asked_to_grow() {
     for (var, describes) in [
         ("DISABLE_NETWORK_RESOURCE_PROVISIONING", true),
         ("ENABLE_IMDS_ONLY_MODE", false),
     ] {
+        let mut eni = String::new();
         let n = node_with(
             "t3.medium",
             "10.0.1.0/24",
             &[(var, "true"), ("IPAMD_RECONCILE_INTERVAL", "1")],
             |shim, inst| {
-                let eni = shim.create_eni(inst, &[], "attached by someone else", 3);
+                eni = shim.create_eni(inst, &[], "attached by someone else", 3);
                 shim.attach_eni(inst, &eni, 1);
                 // Only ipamd's calls from here on.
                 shim.reset_calls();
@@ -674,6 +676,26 @@ fn without_provisioning_attached_addresses_serve_and_ec2_is_not_asked_to_grow() 
         }
         if !describes {
             assert_eq!(count("DescribeNetworkInterfaces"), 0, "{var}: {calls}");
+        }
+        n.vpc.shim.boto3(&format!(
+            "c.assign_private_ip_addresses(NetworkInterfaceId='{eni}',SecondaryPrivateIpAddressCount=2)"
+        ));
+        n.vpc.shim.reset_calls();
+        eventually(20, "the addresses assigned later served", || {
+            n.add("p3").success.then_some(())
+        });
+        assert!(n.add("p4").success, "{var}");
+        let calls = n.vpc.shim.calls();
+        let count = |a: &str| calls["by_action"][a].as_u64().unwrap_or(0);
+        if !describes {
+            assert_eq!(count("DescribeNetworkInterfaces"), 0, "{var}: {calls}");
+            assert!(
+                n.node
+                    .ipamd()
+                    .log_text()
+                    .contains("ENABLE_IMDS_ONLY_MODE: taking IMDS's view"),
+                "{var}"
+            );
         }
     }
 }

@@ -165,12 +165,7 @@ impl Imds {
     /// Every attached interface, sorted by device number (a few interfaces read at a time,
     /// each interface's keys at once).
     pub async fn interfaces(&self) -> Result<Vec<ImdsEni>, MetadataError> {
-        let macs = self.get("network/interfaces/macs/").await?;
-        let macs: Vec<&str> = macs
-            .lines()
-            .map(|l| l.trim().trim_end_matches('/'))
-            .filter(|m| !m.is_empty())
-            .collect();
+        let macs = self.macs().await?;
         let mut out = Vec::with_capacity(macs.len());
         for some in macs.chunks(INTERFACES_AT_ONCE) {
             out.extend(
@@ -181,66 +176,127 @@ impl Imds {
         Ok(out)
     }
 
-    async fn interface(&self, mac: &str) -> Result<ImdsEni, MetadataError> {
-        let base = format!("network/interfaces/macs/{mac}");
-        let field = |name: &str| format!("{base}/{name}");
-        let num = |s: String, path: String| {
-            s.trim().parse::<u32>().map_err(|_| MetadataError {
-                path,
-                message: format!("not a number: {s:?}"),
+    /// What a reconcile compares with the pool, of every attached interface: 4 keys each where
+    /// [`Imds::interfaces`] reads 10. The reconcile runs every interval for the daemon's life,
+    /// and these reads were most of an idle ipamd's CPU.
+    pub async fn addresses(&self) -> Result<Vec<ImdsAddresses>, MetadataError> {
+        let macs = self.macs().await?;
+        let mut out = Vec::with_capacity(macs.len());
+        for some in macs.chunks(INTERFACES_AT_ONCE) {
+            out.extend(
+                futures::future::try_join_all(some.iter().map(|m| self.addresses_of(m))).await?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// The IPv4 CIDRs of the VPC of the interface with MAC `mac`.
+    pub async fn vpc_cidrs(&self, mac: &str) -> Result<Vec<ipnet::Ipv4Net>, MetadataError> {
+        let found = self
+            .get_opt(&format!(
+                "network/interfaces/macs/{mac}/vpc-ipv4-cidr-blocks"
+            ))
+            .await?;
+        Ok(lines(found)
+            .iter()
+            .filter_map(|c| {
+                let n = crate::cidr::parse_v4(c);
+                if n.is_none() {
+                    tracing::warn!(cidr = %c, "IMDS lists a VPC CIDR that is not IPv4; ignored");
+                }
+                n
             })
-        };
-        let lines = |s: Option<String>| -> Vec<String> {
-            s.unwrap_or_default()
-                .lines()
-                .map(|l| l.trim().to_string())
-                .filter(|l| !l.is_empty())
-                .collect()
-        };
-        let (device, card, ips, prefixes, id, subnet_id, subnet_cidr, vpc_id, vpc_cidrs, sgs) = futures::try_join!(
-            self.get(&field("device-number")),
+            .collect())
+    }
+
+    async fn macs(&self) -> Result<Vec<String>, MetadataError> {
+        let macs = self.get("network/interfaces/macs/").await?;
+        Ok(macs
+            .lines()
+            .map(|l| l.trim().trim_end_matches('/'))
+            .filter(|m| !m.is_empty())
+            .map(str::to_string)
+            .collect())
+    }
+
+    async fn addresses_of(&self, mac: &str) -> Result<ImdsAddresses, MetadataError> {
+        let field = |name: &str| format!("network/interfaces/macs/{mac}/{name}");
+        let (id, card, ips, prefixes) = futures::try_join!(
+            self.get(&field("interface-id")),
             self.get_opt(&field("network-card")),
             self.get_opt(&field("local-ipv4s")),
             self.get_opt(&field("ipv4-prefix")),
-            self.get(&field("interface-id")),
+        )?;
+        Ok(ImdsAddresses {
+            mac: mac.to_string(),
+            id: id.trim().to_string(),
+            network_card: match card {
+                Some(s) => number(s, field("network-card"))?,
+                None => 0,
+            },
+            ips: lines(ips).iter().filter_map(|l| l.parse().ok()).collect(),
+            prefixes: lines(prefixes)
+                .iter()
+                .filter_map(|l| parse_prefix(l))
+                .collect(),
+        })
+    }
+
+    async fn interface(&self, mac: &str) -> Result<ImdsEni, MetadataError> {
+        let field = |name: &str| format!("network/interfaces/macs/{mac}/{name}");
+        let (addresses, device, subnet_id, subnet_cidr, vpc_id, vpc_cidrs, sgs) = futures::try_join!(
+            self.addresses_of(mac),
+            self.get(&field("device-number")),
             self.get(&field("subnet-id")),
             self.get(&field("subnet-ipv4-cidr-block")),
             self.get(&field("vpc-id")),
-            self.get_opt(&field("vpc-ipv4-cidr-blocks")),
+            self.vpc_cidrs(mac),
             self.get_opt(&field("security-group-ids")),
         )?;
         Ok(ImdsEni {
-            mac: mac.to_string(),
-            id: id.trim().to_string(),
-            device_number: num(device, field("device-number"))?,
-            network_card: match card {
-                Some(s) => num(s, field("network-card"))?,
-                None => 0,
-            },
+            mac: addresses.mac,
+            id: addresses.id,
+            device_number: number(device, field("device-number"))?,
+            network_card: addresses.network_card,
             subnet_id: subnet_id.trim().to_string(),
             subnet_cidr: crate::cidr::parse_v4(&subnet_cidr).ok_or_else(|| MetadataError {
                 path: field("subnet-ipv4-cidr-block"),
                 message: format!("{:?} is not an IPv4 CIDR", subnet_cidr.trim()),
             })?,
             vpc_id: vpc_id.trim().to_string(),
-            vpc_cidrs: lines(vpc_cidrs)
-                .iter()
-                .filter_map(|c| {
-                    let n = crate::cidr::parse_v4(c);
-                    if n.is_none() {
-                        tracing::warn!(cidr = %c, "IMDS lists a VPC CIDR that is not IPv4; ignored");
-                    }
-                    n
-                })
-                .collect(),
-            ips: lines(ips).iter().filter_map(|l| l.parse().ok()).collect(),
-            prefixes: lines(prefixes)
-                .iter()
-                .filter_map(|l| parse_prefix(l))
-                .collect(),
+            vpc_cidrs,
+            ips: addresses.ips,
+            prefixes: addresses.prefixes,
             security_groups: lines(sgs),
         })
     }
+}
+
+/// What a reconcile needs of one interface ([`Imds::addresses`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImdsAddresses {
+    pub mac: String,
+    pub id: String,
+    pub network_card: u32,
+    /// The ENI's primary address first, as IMDS lists them.
+    pub ips: Vec<Ipv4Addr>,
+    pub prefixes: Vec<Prefix>,
+}
+
+/// The non-empty lines of a key's value; none for a missing key.
+fn lines(s: Option<String>) -> Vec<String> {
+    s.unwrap_or_default()
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+fn number(s: String, path: String) -> Result<u32, MetadataError> {
+    s.trim().parse::<u32>().map_err(|_| MetadataError {
+        path,
+        message: format!("not a number: {s:?}"),
+    })
 }
 
 /// Interfaces read at once: each is ten keys, so up to 20 requests in flight (IMDS allows
@@ -277,13 +333,7 @@ impl Imds {
     /// The IPv6 keys of one interface; each is absent (404) where the interface, subnet or
     /// VPC has no IPv6.
     pub async fn ipv6_of(&self, mac: &str) -> Result<ImdsIpv6, MetadataError> {
-        let list = |s: Option<String>| -> Vec<String> {
-            s.unwrap_or_default()
-                .lines()
-                .map(|l| l.trim().to_string())
-                .filter(|l| !l.is_empty())
-                .collect()
-        };
+        let list = lines;
         let base = format!("network/interfaces/macs/{mac}");
         let nets = |v: Vec<String>, what: &str| -> Vec<ipnet::Ipv6Net> {
             v.iter()

@@ -34,6 +34,8 @@ pub const ADD_WAIT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Default)]
 pub struct CloudNode {
     pub instance_id: String,
+    /// The primary ENI's MAC: whose VPC CIDRs a reconcile reads.
+    pub primary_mac: String,
     pub vpc_id: String,
     pub subnet_id: String,
     pub subnet_cidr: ipnet::Ipv4Net,
@@ -801,23 +803,20 @@ impl<E: Ec2> Manager<E> {
         Ok(())
     }
 
-    /// IMDS is free to read; only when it disagrees with the pool is EC2 asked, and only EC2's
-    /// answer changes the pool (IMDS lags attach and assign, upstream #1967 and #3019).
+    /// IMDS costs no EC2 quota; only when it disagrees with the pool is EC2 asked, and only
+    /// EC2's answer changes the pool (IMDS lags attach and assign, upstream #1967 and #3019).
+    /// Of IMDS it reads only what it compares, and the VPC's CIDRs.
     pub async fn reconcile(&mut self) {
         let Some(imds) = &self.imds else { return };
-        let ifaces = match imds.interfaces().await {
-            Ok(i) => i,
+        let read = futures::try_join!(imds.addresses(), imds.vpc_cidrs(&self.node.primary_mac));
+        let (ifaces, vpc_cidrs) = match read {
+            Ok(r) => r,
             Err(e) => {
                 warn!(error = %e, "IMDS unreadable; skipping reconcile");
                 return;
             }
         };
-        if let Some(primary) = ifaces
-            .iter()
-            .find(|i| i.device_number == 0 && i.network_card == 0)
-        {
-            self.refresh_host(&primary.vpc_cidrs).await;
-        }
+        self.refresh_host(&vpc_cidrs).await;
         let differs = {
             let ds = self.shared.ds.lock().await;
             let imds_enis: HashSet<&str> = ifaces
@@ -851,8 +850,15 @@ impl<E: Ec2> Manager<E> {
         let _busy = crate::metrics::InProgress::start("nodeIPPoolReconcile");
         if self.imds_only {
             info!("IMDS differs from the pool; ENABLE_IMDS_ONLY_MODE: taking IMDS's view");
+            let full = match imds.interfaces().await {
+                Ok(i) => i,
+                Err(e) => {
+                    warn!(error = %e, "IMDS unreadable; pool left as it is");
+                    return;
+                }
+            };
             let id = self.node.instance_id.clone();
-            let enis: Vec<EniInfo> = ifaces.iter().map(|i| i.as_eni_info(&id)).collect();
+            let enis: Vec<EniInfo> = full.iter().map(|i| i.as_eni_info(&id)).collect();
             self.sync_from_ec2(&enis).await;
             return;
         }
