@@ -10,6 +10,9 @@
 //! rounds, each round on fresh nodes, alternating with the ipamd at `AWS_CNI_BASELINE_IPAMD`
 //! when it is set (another build or version), with medians and ratios: the figures are tens to
 //! hundreds of milliseconds, too close to measure once. `--keep` copies every ipamd log there.
+//! `--idle SECS` also measures each filled node's ipamd idle for SECS (its own CPU, % of a core),
+//! and `--bursts SIZE` times a burst of SIZE concurrent ADDs, then DELs, through the plugin
+//! (`AWS_CNI_SHIPPED` when set) on each filled node: p50 of each round, median of the rounds.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -397,8 +400,20 @@ fn main() {
             .position(|a| a == "--keep")
             .and_then(|i| args.get(i + 1))
             .map(PathBuf::from);
+        let idle = args
+            .iter()
+            .position(|a| a == "--idle")
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(Duration::from_secs_f64);
+        let bursts = args
+            .iter()
+            .position(|a| a == "--bursts")
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse::<usize>().ok());
         let _tmpfs = Tmpfs::mount(top.path());
-        startup_rounds(&mut r, top.path(), rounds, keep.as_deref());
+        let extra = Extra { keep, idle, bursts };
+        startup_rounds(&mut r, top.path(), rounds, &extra);
         r.print();
         r.write(&out);
         return;
@@ -926,7 +941,26 @@ fn ours_version_p50(bin: &Path, n: impl Fn(usize, usize) -> usize) -> f64 {
 
 /// Start-up and fill figures of this ipamd and, when `AWS_CNI_BASELINE_IPAMD` names one, of
 /// another, `rounds` times each in alternation (so drift in the machine hits both alike).
-fn startup_rounds(r: &mut Report, top: &Path, rounds: usize, keep: Option<&Path>) {
+/// What `--startup` measures besides start and fill, and where it keeps the logs.
+struct Extra {
+    keep: Option<PathBuf>,
+    idle: Option<Duration>,
+    bursts: Option<usize>,
+}
+
+fn startup_rounds(r: &mut Report, top: &Path, rounds: usize, extra: &Extra) {
+    let keep = extra.keep.as_deref();
+    let shipped = std::env::var("AWS_CNI_SHIPPED")
+        .ok()
+        .and_then(|p| PathBuf::from(p).canonicalize().ok())
+        .unwrap_or_else(|| integration::bin("aws-cni"));
+    let pods: Vec<Netns> = (0..extra.bursts.unwrap_or(0))
+        .map(|_| Netns::new("bsb"))
+        .collect();
+    let (add_burst, del_burst) = (
+        format!("ADD p50 in a burst of {}", pods.len()),
+        format!("DEL p50 in a burst of {}", pods.len()),
+    );
     let ours = integration::bin("ipamd");
     let baseline = std::env::var_os("AWS_CNI_BASELINE_IPAMD")
         .map(|p| std::path::absolute(PathBuf::from(p)).expect("absolute path"));
@@ -968,6 +1002,19 @@ fn startup_rounds(r: &mut Report, top: &Path, rounds: usize, keep: Option<&Path>
                 let mut node = vpc.add_node(&dir, &instance(&vpc, "m5.4xlarge"), 0);
                 let took = time_fill(&mut node, bin, &dir, discovery);
                 got.entry((what, label)).or_default().push(took);
+                if let Some(idle) = extra.idle.filter(|_| discovery) {
+                    got.entry(("idle CPU after the fill, % of a core", label))
+                        .or_default()
+                        .push(idle_cpu(&node, idle));
+                }
+                if discovery && !pods.is_empty() {
+                    let sock = node.ipamd().socket.clone();
+                    let c = CniClient::new(&node.ns.name, &dir, &sock).first_plugin_only(&dir);
+                    c.use_plugin(&shipped);
+                    let (a, d) = burst(&c, &node.ns, &pods, &format!("{label}{round}"));
+                    got.entry((&add_burst, label)).or_default().push(pct(a)[0]);
+                    got.entry((&del_burst, label)).or_default().push(pct(d)[0]);
+                }
                 keep_log(keep, &node, &name);
             }
         }
@@ -978,16 +1025,26 @@ fn startup_rounds(r: &mut Report, top: &Path, rounds: usize, keep: Option<&Path>
     for m in measures.into_iter().filter(|m| seen.insert(*m)) {
         let median = |label: &str| got.get(&(m, label)).map(|v| pct(v.clone())[0]);
         let (o, b) = (median("ours"), median("baseline"));
+        let percent = m.contains('%');
         let spread = |label: &str| {
             got.get(&(m, label)).map_or(String::new(), |v| {
                 let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
                 let hi = v.iter().copied().fold(0.0, f64::max);
-                format!("{:.0} ({lo:.0}-{hi:.0})", median(label).unwrap_or(0.0))
+                let mid = median(label).unwrap_or(0.0);
+                if percent {
+                    format!("{mid:.2} ({lo:.2}-{hi:.2})")
+                } else {
+                    format!("{mid:.0} ({lo:.0}-{hi:.0})")
+                }
             })
         };
         r.row(
             "startup",
-            &format!("{m}, ms"),
+            &if percent {
+                m.to_string()
+            } else {
+                format!("{m}, ms")
+            },
             spread("ours"),
             b.map(|_| spread("baseline")),
             o.zip(b).map(|(o, b)| o / b),
@@ -1035,6 +1092,17 @@ fn time_fill(node: &mut VpcNode, bin: &Path, dir: &Path, discovery: bool) -> f64
         (status(&sock) >= 100).then_some(())
     });
     ms(t0.elapsed())
+}
+
+/// The node's ipamd's own CPU over `idle`, % of a core, once its fill has settled (a second
+/// for the last EC2 answers and checkpoint writes). The kernel counts in 10 ms ticks, so a
+/// short window is coarse: take tens of seconds.
+fn idle_cpu(node: &VpcNode, idle: Duration) -> f64 {
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = node.ipamd().pid().unwrap_or(0);
+    let c0 = cpu_s(pid);
+    std::thread::sleep(idle);
+    (cpu_s(pid) - c0) / idle.as_secs_f64() * 100.0
 }
 
 /// A copy of the node's ipamd log in `keep`, named `name`.log.
