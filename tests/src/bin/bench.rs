@@ -12,7 +12,8 @@
 //! hundreds of milliseconds, too close to measure once. `--keep` copies every ipamd log there.
 //! `--idle SECS` also measures each filled node's ipamd idle for SECS (its own CPU, % of a core),
 //! and `--bursts SIZE` times a burst of SIZE concurrent ADDs, then DELs, through the plugin
-//! (`AWS_CNI_SHIPPED` when set) on each filled node: p50 of each round, median of the rounds.
+//! (`AWS_CNI_SHIPPED` when set) on each filled node, after 50 AddNetwork calls one at a time
+//! (ipamd's own part of an ADD, and its CPU): p50 of each round, median of the rounds.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -958,8 +959,8 @@ fn startup_rounds(r: &mut Report, top: &Path, rounds: usize, extra: &Extra) {
         .map(|_| Netns::new("bsb"))
         .collect();
     let (add_burst, del_burst) = (
-        format!("ADD p50 in a burst of {}", pods.len()),
-        format!("DEL p50 in a burst of {}", pods.len()),
+        format!("ADD p50 in a burst of {}, ms", pods.len()),
+        format!("DEL p50 in a burst of {}, ms", pods.len()),
     );
     let ours = integration::bin("ipamd");
     let baseline = std::env::var_os("AWS_CNI_BASELINE_IPAMD")
@@ -982,19 +983,19 @@ fn startup_rounds(r: &mut Report, top: &Path, rounds: usize, extra: &Extra) {
             std::fs::create_dir_all(&dir).expect("dir");
             let mut node = vpc.add_node(&dir, &instance(&vpc, "t3.medium"), 0);
             let (serving, first) = time_start(&mut node, bin, &dir);
-            got.entry(("start -> serving gRPC", label))
+            got.entry(("start -> serving gRPC, ms", label))
                 .or_default()
                 .push(serving);
-            got.entry(("start -> first address", label))
+            got.entry(("start -> first address, ms", label))
                 .or_default()
                 .push(first);
             keep_log(keep, &node, &format!("{label}-{round}-start"));
             drop(node);
             for discovery in [true, false] {
                 let what = if discovery {
-                    "empty -> 100 addresses"
+                    "empty -> 100 addresses, ms"
                 } else {
-                    "empty -> 100, no discovery"
+                    "empty -> 100, no discovery, ms"
                 };
                 let name = format!("{label}-{round}-fill{}", if discovery { "" } else { "-nd" });
                 let dir = top.join(&name);
@@ -1009,6 +1010,21 @@ fn startup_rounds(r: &mut Report, top: &Path, rounds: usize, extra: &Extra) {
                 }
                 if discovery && !pods.is_empty() {
                     let sock = node.ipamd().socket.clone();
+                    // ipamd's own part of an ADD: the AddNetwork round trip one at a time, and
+                    // ipamd's CPU for each ADD and DEL, on the full pool (50 calls: fewer than
+                    // it holds, so none waits for an address).
+                    let pid = node.ipamd().pid().unwrap_or(0);
+                    let c0 = cpu_ns(pid);
+                    let g = pct(grpc_churn(&sock, &format!("{label}{round}g"), 50, false));
+                    let per = (cpu_ns(pid) - c0) as f64 / 50.0 / 1000.0;
+                    got.entry(("AddNetwork gRPC p50, 1 at a time, µs", label))
+                        .or_default()
+                        .push(g[0] * 1000.0);
+                    got.entry(("ipamd CPU per AddNetwork + DelNetwork, µs", label))
+                        .or_default()
+                        .push(per);
+                    // The churn's addresses out of cooldown (the rig's 2 s) before the burst.
+                    std::thread::sleep(Duration::from_millis(2500));
                     let c = CniClient::new(&node.ns.name, &dir, &sock).first_plugin_only(&dir);
                     c.use_plugin(&shipped);
                     let (a, d) = burst(&c, &node.ns, &pods, &format!("{label}{round}"));
@@ -1040,11 +1056,7 @@ fn startup_rounds(r: &mut Report, top: &Path, rounds: usize, extra: &Extra) {
         };
         r.row(
             "startup",
-            &if percent {
-                m.to_string()
-            } else {
-                format!("{m}, ms")
-            },
+            m,
             spread("ours"),
             b.map(|_| spread("baseline")),
             o.zip(b).map(|(o, b)| o / b),
@@ -1092,6 +1104,19 @@ fn time_fill(node: &mut VpcNode, bin: &Path, dir: &Path, discovery: bool) -> f64
         (status(&sock) >= 100).then_some(())
     });
     ms(t0.elapsed())
+}
+
+/// Nanoseconds process `pid`'s live threads have run (the scheduler's own count, not 10 ms
+/// ticks); a thread that ends in between takes its share with it, so measure short spans.
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// The node's ipamd's own CPU over `idle`, % of a core, once its fill has settled (a second
