@@ -165,13 +165,9 @@ impl Imds {
     /// Every attached interface, sorted by device number (a few interfaces read at a time,
     /// each interface's keys at once).
     pub async fn interfaces(&self) -> Result<Vec<ImdsEni>, MetadataError> {
-        let macs = self.macs().await?;
-        let mut out = Vec::with_capacity(macs.len());
-        for some in macs.chunks(INTERFACES_AT_ONCE) {
-            out.extend(
-                futures::future::try_join_all(some.iter().map(|m| self.interface(m))).await?,
-            );
-        }
+        let mut out = self
+            .each_interface(|mac| async move { self.interface(&mac).await })
+            .await?;
         out.sort_by_key(|e| (e.network_card, e.device_number));
         Ok(out)
     }
@@ -180,12 +176,22 @@ impl Imds {
     /// [`Imds::interfaces`] reads 10. The reconcile runs every interval for the daemon's life,
     /// and these reads were most of an idle ipamd's CPU.
     pub async fn addresses(&self) -> Result<Vec<ImdsAddresses>, MetadataError> {
+        self.each_interface(|mac| async move { self.addresses_of(&mac).await })
+            .await
+    }
+
+    /// `read` of every attached interface's MAC, a few interfaces at a time.
+    async fn each_interface<T, F>(
+        &self,
+        read: impl Fn(String) -> F,
+    ) -> Result<Vec<T>, MetadataError>
+    where
+        F: Future<Output = Result<T, MetadataError>>,
+    {
         let macs = self.macs().await?;
         let mut out = Vec::with_capacity(macs.len());
         for some in macs.chunks(INTERFACES_AT_ONCE) {
-            out.extend(
-                futures::future::try_join_all(some.iter().map(|m| self.addresses_of(m))).await?,
-            );
+            out.extend(futures::future::try_join_all(some.iter().cloned().map(&read)).await?);
         }
         Ok(out)
     }
