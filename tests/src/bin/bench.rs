@@ -1018,7 +1018,8 @@ fn startup_rounds(r: &mut Report, top: &Path, rounds: usize, extra: &Extra) {
                     // that a periodic job (reconcile, readiness) landing in the window weighs
                     // little; the fill ran without a cooldown, so each DEL's address serves the
                     // next ADD and none waits. Not straight after the fill: its last EC2
-                    // answers and checkpoint writes would count as the calls'.
+                    // answers and checkpoint writes would count as the calls' (an idle
+                    // window, when measured, has already waited longer).
                     if extra.idle.is_none() {
                         std::thread::sleep(Duration::from_secs(1));
                     }
@@ -1101,10 +1102,11 @@ fn time_start(node: &mut VpcNode, bin: &Path, dir: &Path) -> (f64, f64) {
     (serving, ms(t0.elapsed()))
 }
 
-/// Start the ipamd at `bin` on a fresh `node` with MINIMUM_IP_TARGET=100 (and subnet discovery
-/// on or off): ms until it holds 100 addresses, polled every 5 ms (the figure is hundreds).
+/// Start the ipamd at `bin` on a fresh `node` with MINIMUM_IP_TARGET=100, no cooldown (the
+/// sequential calls after the fill reuse each released address at once; the fill itself
+/// releases none) and subnet discovery on or off: ms until it holds 100 addresses, polled
+/// every 5 ms (the figure is hundreds).
 fn time_fill(node: &mut VpcNode, bin: &Path, dir: &Path, discovery: bool) -> f64 {
-    // No cooldown: the sequential calls after the fill reuse each released address at once.
     let mut env = vec![("MINIMUM_IP_TARGET", "100"), ("IP_COOLDOWN_PERIOD", "0")];
     if !discovery {
         env.push(("ENABLE_SUBNET_DISCOVERY", "false"));
