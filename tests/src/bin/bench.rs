@@ -1032,6 +1032,14 @@ fn startup_rounds(r: &mut Report, top: &Path, rounds: usize, extra: &Extra) {
                         false,
                     ));
                     let per = (cpu_ns(pid) - c0) as f64 / SEQ_CALLS as f64 / 1000.0;
+                    if per == 0.0 {
+                        // The pid that answered is not the one that worked: a wrapper script
+                        // that runs the daemon as its child instead of exec'ing it.
+                        eprintln!(
+                            "bench: {label}'s pid {pid} used no CPU over {SEQ_CALLS} calls; a \
+                             wrapper given as ipamd must exec it"
+                        );
+                    }
                     got.entry(("AddNetwork gRPC p50, 1 at a time, µs", label))
                         .or_default()
                         .push(g[0] * 1000.0);
