@@ -12,8 +12,9 @@
 //! hundreds of milliseconds, too close to measure once. `--keep` copies every ipamd log there.
 //! `--idle SECS` also measures each filled node's ipamd idle for SECS (its own CPU, % of a core),
 //! and `--bursts SIZE` times a burst of SIZE concurrent ADDs, then DELs, through the plugin
-//! (`AWS_CNI_SHIPPED` when set) on each filled node, after 50 AddNetwork calls one at a time
-//! (ipamd's own part of an ADD, and its CPU): p50 of each round, median of the rounds.
+//! (`AWS_CNI_SHIPPED` when set) on each filled node, after 1,000 AddNetwork + DelNetwork pairs
+//! one at a time (ipamd's own part of an ADD, and its CPU): p50 of each round, median of the
+//! rounds. The side that goes first swaps every round: use an even N against a baseline.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -981,7 +982,13 @@ fn startup_rounds(r: &mut Report, top: &Path, rounds: usize, extra: &Extra) {
     // measure -> build -> samples, ms
     let mut got: std::collections::BTreeMap<(&str, &str), Vec<f64>> = Default::default();
     for round in 0..rounds {
-        for (label, bin) in &builds {
+        // Who goes first swaps every round: the same binary on both sides read 1.05-1.11 of
+        // itself when it always went first (one run, three rounds), against noise of a few %.
+        let mut order: Vec<&(&str, PathBuf)> = builds.iter().collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for (label, bin) in order {
             let dir = top.join(format!("{label}-{round}-start"));
             std::fs::create_dir_all(&dir).expect("dir");
             let mut node = vpc.add_node(&dir, &instance(&vpc, "t3.medium"), 0);
