@@ -146,6 +146,18 @@ fn sequential(c: &CniClient, pod: &Netns, tag: &str, n: usize) -> (Vec<f64>, Vec
     (adds, dels)
 }
 
+/// The sides of a round in the order they run, the first side first in even rounds and last in
+/// odd ones: whichever place in a round is slower (the same ipamd on both sides of `--startup`
+/// read 1.05-1.11 of itself when it always went first: one run, three rounds) then costs both
+/// sides alike over an even number of rounds.
+fn in_turn<T>(sides: &[T], round: usize) -> Vec<&T> {
+    let mut order: Vec<&T> = sides.iter().collect();
+    if round % 2 == 1 {
+        order.reverse();
+    }
+    order
+}
+
 /// `n` pods at once: every ADD started together, then every DEL: (add ms each, del ms each).
 fn burst(c: &CniClient, node: &Netns, pods: &[Netns], tag: &str) -> (Vec<f64>, Vec<f64>) {
     // Each burst starts and ends with the node at rest: no host veth of an earlier DEL still
@@ -558,26 +570,19 @@ fn main() {
     drop(v6_node);
     for size in [n(30, 3), n(100, 5)] {
         let pods: Vec<Netns> = (0..size).map(|_| Netns::new("bnb")).collect();
-        // Three rounds in alternating order, every call's time pooled per side: one round of a
+        // Four rounds in alternating order, every call's time pooled per side: one round of a
         // CPU-bound burst on two cores moves by a third between runs on either side.
         let (mut a, mut d, mut x, mut y) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for round in 0..n(3, 1) {
-            let mut ours_round = || {
-                let (ra, rd) = burst(&ours, &main.ns, &pods, &format!("o{size}r{round}"));
-                a.extend(ra);
-                d.extend(rd);
-            };
-            let mut base_round = || {
-                let (rx, ry) = burst(&base, &main.ns, &pods, &format!("b{size}r{round}"));
-                x.extend(rx);
-                y.extend(ry);
-            };
-            if round % 2 == 0 {
-                ours_round();
-                base_round();
-            } else {
-                base_round();
-                ours_round();
+        for round in 0..n(4, 1) {
+            for &is_ours in in_turn(&[true, false], round) {
+                let (c, adds, dels, tag) = if is_ours {
+                    (&ours, &mut a, &mut d, "o")
+                } else {
+                    (&base, &mut x, &mut y, "b")
+                };
+                let (ra, rd) = burst(c, &main.ns, &pods, &format!("{tag}{size}r{round}"));
+                adds.extend(ra);
+                dels.extend(rd);
             }
         }
         let (a, d, x, y) = (pct(a), pct(d), pct(x), pct(y));
@@ -974,6 +979,9 @@ fn startup_rounds(r: &mut Report, top: &Path, rounds: usize, extra: &Extra) {
     eprintln!("bench: start-up of {}", ours.display());
     if let Some(b) = &baseline {
         eprintln!("bench: against {}", b.display());
+        if rounds % 2 == 1 {
+            eprintln!("bench: {rounds} rounds: ours goes first once more than the baseline; give an even number");
+        }
     }
     if let Some(k) = keep {
         std::fs::create_dir_all(k).expect("--keep dir");
@@ -982,13 +990,7 @@ fn startup_rounds(r: &mut Report, top: &Path, rounds: usize, extra: &Extra) {
     // measure -> build -> samples, ms
     let mut got: std::collections::BTreeMap<(&str, &str), Vec<f64>> = Default::default();
     for round in 0..rounds {
-        // Who goes first swaps every round: the same binary on both sides read 1.05-1.11 of
-        // itself when it always went first (one run, three rounds), against noise of a few %.
-        let mut order: Vec<&(&str, PathBuf)> = builds.iter().collect();
-        if round % 2 == 1 {
-            order.reverse();
-        }
-        for (label, bin) in order {
+        for (label, bin) in in_turn(&builds, round) {
             let dir = top.join(format!("{label}-{round}-start"));
             std::fs::create_dir_all(&dir).expect("dir");
             let mut node = vpc.add_node(&dir, &instance(&vpc, "t3.medium"), 0);
