@@ -1168,3 +1168,19 @@ fn keep_log(keep: Option<&Path>, node: &VpcNode, name: &str) {
         let _ = std::fs::copy(&node.ipamd().log, k.join(format!("{name}.log")));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::in_turn;
+
+    #[test]
+    fn each_side_goes_first_as_often_over_even_rounds() {
+        let sides = ["ours", "baseline"];
+        let firsts: Vec<&str> = (0..4).map(|r| *in_turn(&sides, r)[0]).collect();
+        assert_eq!(firsts, ["ours", "baseline", "ours", "baseline"]);
+        // Every side runs in every round.
+        assert!((0..4).all(|r| in_turn(&sides, r).len() == 2));
+        // One side alone (no baseline) just runs.
+        assert_eq!(in_turn(&["ours"], 1), [&"ours"]);
+    }
+}
